@@ -1,0 +1,29 @@
+# Every target sets up what it needs: a .venv with qatool installed in editable mode.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/qatool demo
+
+# The benchmark's peer is PyTorch (CPU build, from the local wheel); qatool itself never imports it.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) bench/engine_speed.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

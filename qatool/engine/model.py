@@ -1,0 +1,151 @@
+"""The executor: runs a Graph forward (training or eval mode) and backward, on numpy.
+
+The graph is compiled once into a list of steps (one Op per node, in topological order). Forward walks the list
+with a dict of live values; each op keeps what its backward needs. Backward walks the list in reverse over the
+steps that lie on a path from a parameter to an output, accumulating gradients per value name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ModelError, QatoolError
+from ..ir.graph import Graph
+from ..ir.roles import read_roles
+from ..ops import Context, Op, make_op
+
+
+@dataclass
+class Step:
+    op: Op
+    inputs: list[str]
+    outputs: list[str]
+    on_grad_path: bool  # some input depends on a parameter
+
+
+class Model:
+    """A graph ready to run. `params` and `state` are the live arrays the engine computes with."""
+
+    def __init__(self, graph: Graph, seed: int = 0):
+        self.graph = graph
+        trainable, state = read_roles(graph)
+        for name in trainable + state:
+            graph.initializers[name] = np.ascontiguousarray(graph.initializers[name], dtype=np.float32)
+        self.params: dict[str, np.ndarray] = {k: graph.initializers[k] for k in trainable}
+        self.state: dict[str, np.ndarray] = {k: graph.initializers[k] for k in state}
+        self.constants: dict[str, np.ndarray] = {
+            k: (v.astype(np.float32) if v.dtype == np.float64 else v)
+            for k, v in graph.initializers.items()
+            if k not in self.params and k not in self.state
+        }
+        self.input_names = graph.input_names
+        self.output_names = graph.output_names
+        self.ctx = Context(rng=np.random.default_rng(seed))
+        self._steps = self._compile(graph)
+        self._last_forward = False
+
+    def _compile(self, graph: Graph) -> list[Step]:
+        graph.toposort()
+        requires_grad = set(self.params)
+        steps = []
+        for node in graph.nodes:
+            op = make_op(node, graph.opset)
+            needs = [bool(i) and i in requires_grad for i in node.inputs]
+            op.needs_grad = needs
+            on_path = any(needs) and op.differentiable
+            if on_path:
+                requires_grad.update(o for o in node.outputs if o)
+            steps.append(Step(op, list(node.inputs), list(node.outputs), on_path))
+        return steps
+
+    # ---- running ---------------------------------------------------------------------------------------------
+    def forward(self, feeds: dict[str, np.ndarray], training: bool = False) -> list[np.ndarray]:
+        """Run the graph; returns the graph outputs in order. Training mode: BN batch statistics, Dropout on."""
+        env: dict[str, np.ndarray | None] = {"": None}
+        env.update(self.constants)
+        env.update(self.params)
+        env.update(self.state)
+        for name in self.input_names:
+            if name not in feeds:
+                raise ModelError(f"missing input {name!r}; the model's inputs are {self.input_names}")
+            x = np.asarray(feeds[name])
+            env[name] = x.astype(np.float32) if x.dtype == np.float64 else x
+        self.ctx.training = training
+        for step in self._steps:
+            xs = [env[i] for i in step.inputs]
+            try:
+                out = step.op.forward(self.ctx, *xs)
+            except QatoolError:
+                raise
+            except (ValueError, IndexError, TypeError) as e:
+                node = step.op.node
+                raise ModelError(f"node {node.name!r} ({node.op_type}) failed: {e}") from e
+            if not isinstance(out, tuple):
+                out = (out,)
+            for name, value in zip(step.outputs, out):
+                if name:
+                    env[name] = value
+        self._last_forward = True
+        return [env[o] for o in self.output_names]
+
+    def backward(self, output_grads: list[np.ndarray | None]) -> dict[str, np.ndarray]:
+        """Gradients of the parameters for the last forward, given the gradients of the graph outputs."""
+        if not self._last_forward:
+            raise ModelError("backward() needs a forward() first")
+        if len(output_grads) != len(self.output_names):
+            raise ModelError(f"expected {len(self.output_names)} output gradients, got {len(output_grads)}")
+        grads: dict[str, np.ndarray] = {}
+        for name, g in zip(self.output_names, output_grads):
+            if g is not None:
+                _accumulate(grads, name, np.asarray(g, dtype=np.float32))
+        for step in reversed(self._steps):
+            if not step.on_grad_path:
+                continue
+            gouts = [grads.pop(o, None) if o else None for o in step.outputs]
+            if all(g is None for g in gouts):
+                continue
+            gins = step.op.backward(*gouts)
+            if not isinstance(gins, (tuple, list)):
+                gins = (gins,)
+            for name, g, need in zip(step.inputs, gins, step.op.needs_grad):
+                if need and g is not None:
+                    _accumulate(grads, name, g)
+        return {k: grads[k] if k in grads else np.zeros_like(v) for k, v in self.params.items()}
+
+    # ---- saving ----------------------------------------------------------------------------------------------
+    def to_graph(self) -> Graph:
+        """The graph with the current parameter and state values."""
+        self.graph.initializers.update(self.params)
+        self.graph.initializers.update(self.state)
+        return self.graph
+
+    def save(self, path: str | os.PathLike) -> None:
+        from ..ir.io import save_graph
+
+        save_graph(self.to_graph(), path)
+
+
+def _accumulate(grads: dict[str, np.ndarray], name: str, g: np.ndarray) -> None:
+    prev = grads.get(name)
+    grads[name] = g if prev is None else prev + g
+
+
+def load(path_or_graph, seed: int = 0) -> Model:
+    """Load any float ONNX model (a path, a ModelProto or a Graph), normalise it for training, and compile it."""
+    import onnx
+
+    from ..convert import normalize
+    from ..ir.graph import from_onnx
+    from ..ir.io import load_graph
+
+    if isinstance(path_or_graph, Graph):
+        graph = path_or_graph
+    elif isinstance(path_or_graph, onnx.ModelProto):
+        graph = from_onnx(path_or_graph)
+    else:
+        graph = load_graph(path_or_graph)
+    graph = normalize(graph, for_training=True).graph
+    return Model(graph, seed=seed)

@@ -1,0 +1,100 @@
+"""The op protocol and the registry keyed by ONNX op_type.
+
+One `Op` instance exists per graph node. Its forward computes the outputs from the inputs and saves on `self`
+only what backward needs; its backward turns output gradients into input gradients. They sit side by side in
+each op's class, a few lines each (tinygrad's `function.py`, micrograd's `engine.py`).
+
+Rules every op follows
+- Attributes are declared in `attrs` with their ONNX spec names and defaults; `__init__` sets them as
+  attributes of the instance (`self.alpha`), so forward/backward read plain Python values.
+- Ops compute in the dtype of their inputs (float32 in the engine, float64 in gradient checks): never
+  hard-code float32 and never let a float64 Python scalar upcast a float32 array (use `x.dtype.type(c)`).
+- `forward(ctx, *inputs)` receives `None` for omitted optional inputs and returns one array or a tuple.
+- `backward(*grad_outputs)` receives `None` for outputs without gradient and returns one entry per input:
+  an array shaped like that input, or None. It may skip inputs with `self.needs_grad[i]` False.
+- Ops without a gradient (shape logic) set `differentiable = False`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import ModelError, UnsupportedOpError
+from ..ir.graph import Node
+
+
+@dataclass
+class Context:
+    """What a forward pass needs beyond the inputs: the mode and the seeded generator (Dropout)."""
+
+    training: bool = False
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+
+
+class Op:
+    op_type: ClassVar[str] = ""
+    attrs: ClassVar[dict[str, Any]] = {}
+    differentiable: ClassVar[bool] = True
+
+    def __init__(self, node: Node, opset: int = 13):
+        self.node = node
+        self.opset = opset
+        self.needs_grad: list[bool] = [True] * len(node.inputs)
+        for key, default in self.attrs.items():
+            setattr(self, key, node.attrs.get(key, default))
+
+    def forward(self, ctx: Context, *inputs: np.ndarray | None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, *grad_outputs: np.ndarray | None):
+        raise ModelError(f"op {self.op_type} (node {self.node.name!r}) has no gradient")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.node.name!r})"
+
+
+REGISTRY: dict[str, type[Op]] = {}
+
+
+def register(*op_types: str):
+    """Class decorator: register an Op class under one or more ONNX op_types."""
+
+    def wrap(cls: type[Op]) -> type[Op]:
+        for t in op_types:
+            if t in REGISTRY:
+                raise AssertionError(f"op {t} registered twice")
+            REGISTRY[t] = cls
+        if not cls.op_type:
+            cls.op_type = op_types[0]
+        return cls
+
+    return wrap
+
+
+def make_op(node: Node, opset: int = 13) -> Op:
+    """Instantiate the Op for a node; an unknown op_type raises an error that names it and lists what exists."""
+    cls = REGISTRY.get(node.op_type) if node.domain in ("", "ai.onnx") else REGISTRY.get(f"{node.domain}.{node.op_type}")
+    if cls is None:
+        raise UnsupportedOpError(node.op_type if not node.domain else f"{node.domain}.{node.op_type}", node.name,
+                                 list(REGISTRY))
+    return cls(node, opset)
+
+
+# ---- helpers shared by op modules -----------------------------------------------------------------------------
+def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum `grad` over the axes that numpy broadcasting expanded to go from `shape` to `grad.shape`."""
+    if grad.shape == tuple(shape):
+        return grad
+    extra = grad.ndim - len(shape)
+    axes = tuple(range(extra)) + tuple(
+        i + extra for i, s in enumerate(shape) if s == 1 and grad.shape[i + extra] != 1
+    )
+    g = grad.sum(axis=axes, keepdims=True) if axes else grad
+    return g.reshape(shape)
+
+
+def normalize_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
