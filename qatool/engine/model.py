@@ -29,23 +29,27 @@ class Step:
 class Model:
     """A graph ready to run. `params` and `state` are the live arrays the engine computes with."""
 
-    def __init__(self, graph: Graph, seed: int = 0):
+    def __init__(self, graph: Graph, seed: int = 0, dtype: type = np.float32):
+        """`dtype` is the float type of every computation: float32, or float64 for gradient checks."""
         self.graph = graph
+        self.dtype = np.dtype(dtype)
         trainable, state = read_roles(graph)
         for name in trainable + state:
-            graph.initializers[name] = np.ascontiguousarray(graph.initializers[name], dtype=np.float32)
+            graph.initializers[name] = np.ascontiguousarray(graph.initializers[name], dtype=self.dtype)
         self.params: dict[str, np.ndarray] = {k: graph.initializers[k] for k in trainable}
         self.state: dict[str, np.ndarray] = {k: graph.initializers[k] for k in state}
         self.constants: dict[str, np.ndarray] = {
-            k: (v.astype(np.float32) if v.dtype == np.float64 else v)
-            for k, v in graph.initializers.items()
-            if k not in self.params and k not in self.state
+            k: self._as_float(v) for k, v in graph.initializers.items() if k not in self.params and k not in self.state
         }
         self.input_names = graph.input_names
         self.output_names = graph.output_names
         self.ctx = Context(rng=np.random.default_rng(seed))
         self._steps = self._compile(graph)
         self._last_forward = False
+
+    def _as_float(self, x: np.ndarray) -> np.ndarray:
+        """Float arrays in the model's dtype; everything else (int64 shapes, bools) as it is."""
+        return x.astype(self.dtype) if np.issubdtype(x.dtype, np.floating) and x.dtype != self.dtype else x
 
     def _compile(self, graph: Graph) -> list[Step]:
         graph.toposort()
@@ -71,8 +75,7 @@ class Model:
         for name in self.input_names:
             if name not in feeds:
                 raise ModelError(f"missing input {name!r}; the model's inputs are {self.input_names}")
-            x = np.asarray(feeds[name])
-            env[name] = x.astype(np.float32) if x.dtype == np.float64 else x
+            env[name] = self._as_float(np.asarray(feeds[name]))
         self.ctx.training = training
         for step in self._steps:
             xs = [env[i] for i in step.inputs]
@@ -100,7 +103,7 @@ class Model:
         grads: dict[str, np.ndarray] = {}
         for name, g in zip(self.output_names, output_grads):
             if g is not None:
-                _accumulate(grads, name, np.asarray(g, dtype=np.float32))
+                _accumulate(grads, name, np.asarray(g, dtype=self.dtype))
         for step in reversed(self._steps):
             if not step.on_grad_path:
                 continue
@@ -133,7 +136,7 @@ def _accumulate(grads: dict[str, np.ndarray], name: str, g: np.ndarray) -> None:
     grads[name] = g if prev is None else prev + g
 
 
-def load(path_or_graph, seed: int = 0) -> Model:
+def load(path_or_graph, seed: int = 0, dtype: type = np.float32) -> Model:
     """Load any float ONNX model (a path, a ModelProto or a Graph), normalise it for training, and compile it."""
     import onnx
 
@@ -148,4 +151,4 @@ def load(path_or_graph, seed: int = 0) -> Model:
     else:
         graph = load_graph(path_or_graph)
     graph = normalize(graph, for_training=True).graph
-    return Model(graph, seed=seed)
+    return Model(graph, seed=seed, dtype=dtype)

@@ -1,0 +1,144 @@
+"""Image data: an image folder (one sub-folder per class) or a list file of `relative/path label` lines."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import DataError
+from .preprocess import Preprocess
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # larger images are refused as decompression bombs
+
+
+@dataclass
+class ImageDataset:
+    samples: list[tuple[Path, int]]
+    classes: list[str]
+    source: Path
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, class_names: list[str] | None = None) -> ImageDataset:
+        """An image folder, or a list file whose paths are relative to the file's folder."""
+        p = Path(path)
+        if p.is_dir():
+            return cls.from_folder(p, class_names)
+        if p.is_file():
+            return cls.from_list_file(p)
+        raise DataError(f"data path not found: {p}")
+
+    @classmethod
+    def from_folder(cls, root: Path, class_names: list[str] | None = None) -> ImageDataset:
+        folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not folders:
+            raise DataError(f"{root} has no class sub-folders (expected one sub-folder of images per class)")
+        classes = class_names or folders
+        index = {c: i for i, c in enumerate(classes)}
+        unknown = [f for f in folders if f not in index]
+        if unknown:
+            raise DataError(f"sub-folders {unknown[:5]} of {root} are not in the labels file")
+        samples = [
+            (f, index[c])
+            for c in folders
+            for f in sorted((root / c).rglob("*"))
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not samples:
+            raise DataError(f"{root} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        return cls(samples, classes, root)
+
+    @classmethod
+    def from_list_file(cls, path: Path) -> ImageDataset:
+        samples = []
+        base = path.parent
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not a text list file of 'relative/path label' lines") from e
+        for lineno, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
+                raise DataError(f"{path}:{lineno}: expected 'relative/path label' with an integer label >= 0, "
+                                f"got {line!r}")
+            samples.append((base / parts[0], int(parts[1])))
+        if not samples:
+            raise DataError(f"{path} lists no images")
+        n = max(label for _, label in samples) + 1
+        return cls(samples, [str(i) for i in range(n)], path)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, pre: Preprocess) -> LoadedImages:
+        """Decode every image into memory (uint8); unreadable images are skipped and counted."""
+        h, w = pre.size
+        images = np.empty((len(self.samples), h, w, pre.channels), np.uint8)
+        labels = np.empty(len(self.samples), np.int64)
+        kept = 0
+        skipped: list[Path] = []
+        for path, label in self.samples:
+            arr = decode_image(path, pre)
+            if arr is None:
+                skipped.append(path)
+                continue
+            images[kept], labels[kept] = arr, label
+            kept += 1
+        if kept == 0:
+            raise DataError(f"none of the {len(self.samples)} images in {self.source} could be read")
+        return LoadedImages(images[:kept], labels[:kept], pre, skipped)
+
+
+@dataclass
+class LoadedImages:
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray  # (N,) int64
+    preprocess: Preprocess
+    skipped: list[Path] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.preprocess.normalize(self.images[index]), self.labels[index]
+
+    def batches(self, batch_size: int):
+        """Sequential batches (for evaluation)."""
+        for start in range(0, len(self), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(self)))
+            yield self.batch(idx)
+
+
+def decode_image(path: Path, pre: Preprocess) -> np.ndarray | None:
+    """(H, W, C) uint8 in the preprocessing's colour and size, or None when the file is not a readable image."""
+    mode = "L" if pre.color == "gray" else "RGB"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    return None
+                img = img.convert(mode)
+                h, w = pre.size
+                if img.size != (w, h):
+                    img = img.resize((w, h), Image.BILINEAR)
+                arr = np.asarray(img, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if pre.color == "bgr":
+        arr = arr[:, :, ::-1]
+    return arr

@@ -1,0 +1,146 @@
+"""The engine's public API on whole graphs: eval == onnxruntime, gradients == finite differences, BN/Dropout."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import qatool.engine
+from helpers import assert_close_rel, ort_run
+from qatool.errors import ModelError, UnsupportedOpError
+
+F = onnx.TensorProto.FLOAT
+
+
+def small_net(dropout=0.5, seed=0) -> onnx.ModelProto:
+    """Conv -> BN -> Clip(0,6) -> residual Add -> GlobalAveragePool -> Flatten -> Dropout -> Gemm."""
+    rng = np.random.default_rng(seed)
+    arr = lambda a, n: numpy_helper.from_array(np.asarray(a, np.float32), n)  # noqa: E731
+    inits = [
+        arr(rng.standard_normal((4, 2, 3, 3)) * 0.4, "w1"), arr(rng.standard_normal(4) * 0.1, "b1"),
+        arr(rng.uniform(0.5, 1.5, 4), "g"), arr(rng.normal(0, 0.1, 4), "beta"),
+        arr(rng.normal(0, 0.1, 4), "mean"), arr(rng.uniform(0.5, 1.5, 4), "var"),
+        arr(rng.standard_normal((4, 4, 1, 1)) * 0.5, "w2"),
+        arr(rng.standard_normal((3, 4)) * 0.5, "fc_w"), arr(rng.standard_normal(3) * 0.1, "fc_b"),
+        arr(0.0, "zero"), arr(6.0, "six"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("BatchNormalization", ["c1", "g", "beta", "mean", "var"], ["bn1"], momentum=0.8,
+                         name="bn1"),
+        helper.make_node("Clip", ["bn1", "zero", "six"], ["r1"], name="relu6"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+        helper.make_node("Add", ["c2", "r1"], ["res"], name="add"),
+        helper.make_node("GlobalAveragePool", ["res"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Dropout", ["flat", "ratio"], ["drop"], name="dropout"),
+        helper.make_node("Gemm", ["drop", "fc_w", "fc_b"], ["logits"], transB=1, name="fc"),
+    ]
+    inits.append(arr(dropout, "ratio"))
+    graph = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", F, ["N", 2, 5, 5])],
+                              [helper.make_tensor_value_info("logits", F, ["N", 3])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+X = np.random.default_rng(1).standard_normal((3, 2, 5, 5)).astype(np.float32)
+
+
+def test_eval_matches_onnxruntime():
+    proto = small_net()
+    model = qatool.engine.load(proto)
+    assert sorted(model.params) == sorted(["w1", "b1", "g", "beta", "w2", "fc_w", "fc_b"])
+    assert sorted(model.state) == ["mean", "var"]
+    (got,) = model.forward({"x": X}, training=False)
+    assert got.dtype == np.float32
+    assert_close_rel(got, ort_run(proto, {"x": X})[0], 1e-5, "engine vs onnxruntime")
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_whole_graph_gradients_match_finite_differences(training):
+    """d(sum(logits * G))/d(param) for every parameter, in float64, eval and training mode (Dropout off)."""
+    model = qatool.engine.load(small_net(dropout=0.0), dtype=np.float64)
+    x = X.astype(np.float64)
+    G = np.random.default_rng(2).standard_normal((3, 3))
+    state0 = {k: v.copy() for k, v in model.state.items()}
+
+    def loss():
+        for k, v in state0.items():  # training mode updates the running statistics: undo that
+            model.state[k][...] = v
+        return float(np.sum(model.forward({"x": x}, training=training)[0] * G))
+
+    loss()
+    grads = model.backward([G])
+    rng = np.random.default_rng(3)
+    eps = 1e-6
+    for name, p in model.params.items():
+        for j in rng.choice(p.size, size=min(p.size, 8), replace=False):
+            old = p.reshape(-1)[j]
+            p.reshape(-1)[j] = old + eps
+            up = loss()
+            p.reshape(-1)[j] = old - eps
+            down = loss()
+            p.reshape(-1)[j] = old
+            num = (up - down) / (2 * eps)
+            assert abs(num - grads[name].reshape(-1)[j]) <= 1e-6 + 1e-5 * abs(num), (name, j)
+
+
+def test_training_mode_updates_bn_running_statistics():
+    model = qatool.engine.load(small_net())
+    mean0, var0 = model.state["mean"].copy(), model.state["var"].copy()
+    model.forward({"x": X}, training=True)
+    c1 = _conv1(model, X)
+    batch_mean = c1.mean(axis=(0, 2, 3))
+    batch_var = c1.var(axis=(0, 2, 3), ddof=1)
+    np.testing.assert_allclose(model.state["mean"], 0.8 * mean0 + 0.2 * batch_mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(model.state["var"], 0.8 * var0 + 0.2 * batch_var, rtol=1e-4, atol=1e-6)
+    # The graph handed to save() carries the updated statistics.
+    assert model.to_graph().initializers["mean"] is model.state["mean"]
+
+
+def _conv1(model, x):
+    w, b = model.params["w1"].astype(np.float64), model.params["b1"].astype(np.float64)
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (3, 3), axis=(2, 3))
+    return np.einsum("nchwij,ocij->nohw", win, w) + b[None, :, None, None]
+
+
+def test_dropout_is_seeded_and_only_active_in_training():
+    a = qatool.engine.load(small_net(), seed=7)
+    b = qatool.engine.load(small_net(), seed=7)
+    c = qatool.engine.load(small_net(), seed=8)
+    ya = a.forward({"x": X}, training=True)[0]
+    np.testing.assert_array_equal(ya, b.forward({"x": X}, training=True)[0])
+    assert not np.array_equal(ya, c.forward({"x": X}, training=True)[0])
+    e1, e2 = a.forward({"x": X})[0], a.forward({"x": X})[0]
+    np.testing.assert_array_equal(e1, e2)
+
+
+def test_params_are_live_arrays():
+    model = qatool.engine.load(small_net())
+    before = model.forward({"x": X})[0].copy()
+    model.params["fc_b"] += 1.0
+    np.testing.assert_allclose(model.forward({"x": X})[0], before + 1.0, rtol=1e-5, atol=1e-5)
+
+
+def test_save_roundtrip(tmp_path):
+    model = qatool.engine.load(small_net())
+    model.params["fc_b"] += 0.5
+    model.save(tmp_path / "m.onnx")
+    again = qatool.engine.load(tmp_path / "m.onnx")
+    np.testing.assert_allclose(again.forward({"x": X})[0], model.forward({"x": X})[0], rtol=1e-6)
+
+
+def test_unsupported_op_is_named():
+    graph = helper.make_graph([helper.make_node("Einsum", ["x", "x"], ["y"], equation="ij,ij->i", name="mystery")],
+                              "g", [helper.make_tensor_value_info("x", F, [2, 2])],
+                              [helper.make_tensor_value_info("y", F, [2])])
+    with pytest.raises(UnsupportedOpError, match="'Einsum'.*'mystery'.*supported ops: .*Conv"):
+        qatool.engine.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+
+
+def test_missing_feed_and_backward_without_forward():
+    model = qatool.engine.load(small_net())
+    with pytest.raises(ModelError, match="missing input 'x'"):
+        model.forward({})
+    with pytest.raises(ModelError, match="forward"):
+        model.backward([np.zeros((3, 3), np.float32)])
