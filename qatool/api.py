@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 
 from .convert import ConvertResult, normalize_proto
-from .errors import ModelError, UsageError
+from .errors import DataError, ModelError, UsageError
 from .ir.graph import to_onnx
 from .ir.io import load_proto, save_proto
 
@@ -29,3 +29,160 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, for_t
         raise ModelError(f"internal: the converted model fails onnx.checker: {str(e).splitlines()[0]}") from e
     save_proto(model, output_path)
     return result
+
+
+# ---- train-quant ------------------------------------------------------------------------------------------------
+def _model_signature(graph) -> str:
+    """A fingerprint of a float training graph's structure (op types, names, parameter shapes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for n in graph.nodes:
+        h.update(f"{n.op_type}|{n.name}|{','.join(n.inputs)}|{','.join(n.outputs)};".encode())
+    for k in sorted(graph.initializers):
+        h.update(f"{k}:{graph.initializers[k].shape};".encode())
+    return h.hexdigest()[:16]
+
+
+def _output_classes(graph) -> int | None:
+    shape = graph.outputs[0].shape
+    if shape and len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0:
+        return shape[1]
+    return None
+
+
+def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, train=None, preprocess=None,
+                labels=None, resume=None, quiet: bool = False, echo=print) -> dict:
+    """QAT of a float (or convert --for-training) model on an image folder; writes qat.onnx, model_int8.onnx,
+    metrics.jsonl and report.json into `out_dir` and returns the report.
+
+    `quant` / `train` are QuantConfig / TrainConfig; `preprocess` a dict of size/color/mean/std overrides;
+    `labels` a file of class names, one per line, in index order; `resume` a qat.onnx to continue from.
+    """
+    import json
+
+    import numpy as np
+
+    from .eval.backends import agreement, engine_logits, ort_logits, ort_session, top1
+    from .quant.config import QuantConfig
+    from .train.checkpoint import load_checkpoint
+    from .train.config import TrainConfig
+    from .train.data import ImageDataset
+    from .train.loop import Phases, train as run_train
+    from .train.preprocess import METADATA_KEY, resolve_preprocess
+    from .train.session import QatSession
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the output folder {out}: {e.strerror or e}") from e
+    train_cfg = train or TrainConfig()
+    model_result = normalize_proto(load_proto(model_path), for_training=True)
+    float_graph = model_result.graph
+    ckpt = None
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        if ckpt.info.get("model_signature") != _model_signature(float_graph):
+            raise UsageError(f"--resume {resume} is a checkpoint of another model than {model_path}")
+        if quant is not None and quant.to_dict() != ckpt.quant.to_dict():
+            raise UsageError("the quantization settings differ from the checkpoint's; resume with the same settings")
+        quant_cfg = ckpt.quant
+    else:
+        quant_cfg = quant or QuantConfig()
+    signature = _model_signature(float_graph)
+
+    pre = resolve_preprocess(float_graph, preprocess)
+    float_graph.metadata[METADATA_KEY] = pre.to_json()
+    class_names = None
+    if labels:
+        try:
+            class_names = [ln.strip() for ln in Path(labels).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except OSError as e:
+            raise UsageError(f"cannot read the labels file {labels}: {e.strerror or e}") from e
+    train_set = ImageDataset.open(train_data, class_names)
+    n_classes = _output_classes(float_graph)
+    if n_classes is not None and train_set.num_classes > n_classes:
+        raise DataError(f"the training data has {train_set.num_classes} classes but the model has {n_classes} "
+                        "outputs")
+    echo(f"loading {len(train_set)} training images from {train_data}")
+    train_images = train_set.load(pre)
+    val_images = None
+    if val_data is not None:
+        val_images = ImageDataset.open(val_data, class_names or train_set.classes).load(pre)
+        echo(f"loaded {len(val_images)} validation images from {val_data}")
+    skipped = len(train_images.skipped) + (len(val_images.skipped) if val_images else 0)
+    if skipped:
+        echo(f"skipped {skipped} unreadable images")
+
+    # float accuracy before QAT: onnxruntime on the inference form of the float model
+    top1_float = ckpt.info.get("top1_float") if ckpt else None
+    if val_images is not None and top1_float is None:
+        infer = normalize_proto(to_onnx(float_graph), for_training=False).graph
+        top1_float = top1(ort_logits(ort_session(to_onnx(infer)), val_images), val_images.labels)
+        echo(f"float val top-1 (onnxruntime): {top1_float:.4f}")
+
+    session = QatSession.from_checkpoint(ckpt, train_cfg.seed) if ckpt else \
+        QatSession.create(float_graph, quant_cfg, train_cfg.seed)
+    if ckpt:
+        session.float_graph.metadata[METADATA_KEY] = pre.to_json()
+    plan = session.plan.report()
+    echo(f"quantized {len(plan['quantized_layers'])} layers ({len(plan['folded_batchnorm'])} with BN folded), "
+         f"{plan['quantized_activations']} activation quantizers; {len(plan['float_nodes'])} nodes stay float")
+    total = train_cfg.total_steps(len(train_images))
+    start = ckpt.step if ckpt else 0
+    if start > total:
+        raise UsageError(f"the checkpoint is at step {start}, beyond --steps {total}")
+    phases = Phases.resolve(total, quant_cfg.freeze_bn_after, quant_cfg.freeze_observers_after)
+    qat_path = out / "qat.onnx"
+    info = {"model_signature": signature, "top1_float": top1_float}
+
+    def save(step: int, arrays: dict) -> None:
+        session.save(qat_path, train_cfg.to_dict(), step, arrays, info)
+
+    echo(f"QAT: steps {start}..{total}, batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr}; "
+         f"BN freezes at step {phases.freeze_bn_after}, observers at {phases.freeze_observers_after}")
+    result = run_train(session, train_images, train_cfg, phases, start, total, ckpt.arrays if ckpt else None,
+                       save, out / "metrics.jsonl", quiet)
+
+    int8_path = out / "model_int8.onnx"
+    from .ir.io import save_graph
+
+    save_graph(session.export_int8(), int8_path)
+    val = {"top1_float": top1_float, "top1_qat": None, "top1_int8": None, "agreement_top1": None}
+    if val_images is not None:
+        sim = engine_logits(session.model, val_images, session.logits)
+        deployed = ort_logits(ort_session(str(int8_path)), val_images)
+        val.update(top1_qat=top1(sim, val_images.labels), top1_int8=top1(deployed, val_images.labels),
+                   agreement_top1=agreement(sim, deployed), images=len(val_images))
+        echo(f"val top-1: float {top1_float:.4f}, QAT simulation {val['top1_qat']:.4f}, "
+             f"int8 onnxruntime {val['top1_int8']:.4f}; agreement {val['agreement_top1']:.4f}")
+    report = {
+        "model": str(model_path),
+        "steps": result.steps,
+        "batch_size": train_cfg.batch_size,
+        "ms_per_step": round(result.ms_per_step, 3),
+        "final_loss": result.final_loss,
+        "skipped_images": skipped,
+        "config": {"quant": quant_cfg.to_dict(), "train": train_cfg.to_dict(),
+                   "preprocess": json.loads(pre.to_json()),
+                   "freeze_bn_after": phases.freeze_bn_after,
+                   "freeze_observers_after": phases.freeze_observers_after},
+        "val": val,
+        "placement": plan,
+        "outputs": {"checkpoint": str(qat_path), "int8_model": str(int8_path),
+                    "metrics": str(out / "metrics.jsonl")},
+    }
+    from .ir.io import atomic_write_bytes
+
+    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, default=_json_default) + "\n").encode())
+    echo(f"wrote {qat_path}, {int8_path}, {out / 'report.json'}")
+    return report
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

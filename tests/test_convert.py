@@ -71,12 +71,12 @@ def _conv_bn_model(consumers_of_conv=1):
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("BatchNormalization", ["c", "g", "beta", "m", "v"], ["y"], epsilon=1e-3),
              helper.make_node("Dropout", ["y"], ["z"])]
-    outputs = [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)]
+    outputs = [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [2, 4, 5, 5])]
     if consumers_of_conv > 1:
-        outputs.append(helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, None))
+        outputs.append(helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [2, 4, 5, 5]))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 5, 5])],
                               outputs, initializer=[w, b, *bn])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
 def test_bn_fold_count_and_numerics():
@@ -112,9 +112,9 @@ def test_constant_subgraph_folds_static_reshape():
     ]
     inits = [numpy_helper.from_array(np.array([0], np.int64), "ax"),
              numpy_helper.from_array(np.array([-1], np.int64), "neg1")]
-    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 12])],
                               initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     result = normalize_proto(model, for_training=True)
     assert result.graph.op_counts() == {"Reshape": 1}
     feeds = {"x": np.random.default_rng(0).standard_normal((5, 3, 4)).astype(np.float32)}

@@ -39,7 +39,7 @@ def small_net(dropout=0.5, seed=0) -> onnx.ModelProto:
     inits.append(arr(dropout, "ratio"))
     graph = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", F, ["N", 2, 5, 5])],
                               [helper.make_tensor_value_info("logits", F, ["N", 3])], initializer=inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
 X = np.random.default_rng(1).standard_normal((3, 2, 5, 5)).astype(np.float32)
@@ -135,7 +135,7 @@ def test_unsupported_op_is_named():
                               "g", [helper.make_tensor_value_info("x", F, [2, 2])],
                               [helper.make_tensor_value_info("y", F, [2])])
     with pytest.raises(UnsupportedOpError, match="'Einsum'.*'mystery'.*supported ops: .*Conv"):
-        qatool.engine.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+        qatool.engine.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8))
 
 
 def test_missing_feed_and_backward_without_forward():

@@ -46,6 +46,7 @@ class Model:
         self.ctx = Context(rng=np.random.default_rng(seed))
         self._steps = self._compile(graph)
         self._last_forward = False
+        self._last_outputs: list[str] = self.output_names
 
     def _as_float(self, x: np.ndarray) -> np.ndarray:
         """Float arrays in the model's dtype; everything else (int64 shapes, bools) as it is."""
@@ -66,8 +67,14 @@ class Model:
         return steps
 
     # ---- running ---------------------------------------------------------------------------------------------
-    def forward(self, feeds: dict[str, np.ndarray], training: bool = False) -> list[np.ndarray]:
-        """Run the graph; returns the graph outputs in order. Training mode: BN batch statistics, Dropout on."""
+    def forward(self, feeds: dict[str, np.ndarray], training: bool = False,
+                outputs: list[str] | None = None) -> list[np.ndarray]:
+        """Run the graph; returns the graph outputs in order. Training mode: BN batch statistics, Dropout on.
+
+        `outputs` names other values to return instead (e.g. the logits feeding a final Softmax); `backward`
+        then takes the gradients of those.
+        """
+        wanted = list(outputs) if outputs is not None else self.output_names
         env: dict[str, np.ndarray | None] = {"": None}
         env.update(self.constants)
         env.update(self.params)
@@ -92,16 +99,20 @@ class Model:
                 if name:
                     env[name] = value
         self._last_forward = True
-        return [env[o] for o in self.output_names]
+        self._last_outputs = wanted
+        try:
+            return [env[o] for o in wanted]
+        except KeyError as e:
+            raise ModelError(f"no value named {e.args[0]!r} in the graph") from None
 
     def backward(self, output_grads: list[np.ndarray | None]) -> dict[str, np.ndarray]:
         """Gradients of the parameters for the last forward, given the gradients of the graph outputs."""
         if not self._last_forward:
             raise ModelError("backward() needs a forward() first")
-        if len(output_grads) != len(self.output_names):
-            raise ModelError(f"expected {len(self.output_names)} output gradients, got {len(output_grads)}")
+        if len(output_grads) != len(self._last_outputs):
+            raise ModelError(f"expected {len(self._last_outputs)} output gradients, got {len(output_grads)}")
         grads: dict[str, np.ndarray] = {}
-        for name, g in zip(self.output_names, output_grads):
+        for name, g in zip(self._last_outputs, output_grads):
             if g is not None:
                 _accumulate(grads, name, np.asarray(g, dtype=self.dtype))
         for step in reversed(self._steps):

@@ -206,7 +206,8 @@ def from_onnx(model: onnx.ModelProto) -> Graph:
             opset = imp.version
         else:
             other[imp.domain] = imp.version
-    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    # copies: to_array may return read-only views of the proto buffer, and the engine updates arrays in place
+    inits = {t.name: np.array(numpy_helper.to_array(t)) for t in g.initializer}
     nodes = [
         Node(
             op_type=n.op_type,

@@ -28,10 +28,16 @@ from ..ir.graph import Node
 
 @dataclass
 class Context:
-    """What a forward pass needs beyond the inputs: the mode and the seeded generator (Dropout)."""
+    """What a forward pass needs beyond the inputs: the mode, the seeded generator (Dropout), and the QAT phase.
+
+    `bn_frozen`: BN-folded quantized layers use running statistics (the deployed numerics) even in training;
+    `observers_frozen`: activation observers stop updating their ranges.
+    """
 
     training: bool = False
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    bn_frozen: bool = False
+    observers_frozen: bool = False
 
 
 class Op:

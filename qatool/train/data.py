@@ -142,3 +142,28 @@ def decode_image(path: Path, pre: Preprocess) -> np.ndarray | None:
     if pre.color == "bgr":
         arr = arr[:, :, ::-1]
     return arr
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """The images of training step `step`: a fresh permutation per epoch, a pure function of (seed, step), so
+    a resumed run draws exactly the batches the uninterrupted run would have drawn."""
+    per_epoch = max(n // batch_size, 1)
+    epoch, pos = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[pos * batch_size:(pos + 1) * batch_size]
+
+
+def augment(images: np.ndarray, rng: np.random.Generator, flip: bool = True) -> np.ndarray:
+    """Random crop with zero padding (1/8 of the size on each side) and, if `flip`, random horizontal flips.
+    (N, H, W, C) uint8 in and out."""
+    n, h, w, _ = images.shape
+    ph, pw = max(1, h // 8), max(1, w // 8)
+    padded = np.zeros((n, h + 2 * ph, w + 2 * pw, images.shape[3]), images.dtype)
+    padded[:, ph:ph + h, pw:pw + w] = images
+    dy = rng.integers(0, 2 * ph + 1, n)
+    dx = rng.integers(0, 2 * pw + 1, n)
+    out = np.stack([padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    if flip:
+        mirror = rng.random(n) < 0.5
+        out[mirror] = out[mirror, :, ::-1]
+    return out

@@ -1,8 +1,15 @@
-"""Optimisers that update the engine's parameter arrays in place."""
+"""Optimisers that update the engine's parameter arrays in place, and learning-rate schedules.
+
+Their state (`state_arrays()` / `load_state_arrays()`) is plain float32 arrays, saved beside a checkpoint.
+"""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from ..errors import ConfigError
 
 
 class SGD:
@@ -26,3 +33,82 @@ class SGD:
             if wd:
                 v += wd * p
             p -= lr * v
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {f"velocity/{k}": v for k, v in self.velocity.items()}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        for k, v in self.velocity.items():
+            v[...] = arrays[f"velocity/{k}"]
+
+
+class Adam:
+    """Adam (Kingma & Ba) with L2 weight decay added to the gradient, PyTorch's `Adam` formulation."""
+
+    def __init__(self, params: dict[str, np.ndarray], lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        self.params = params
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.m = {k: np.zeros_like(v) for k, v in params.items()}
+        self.v = {k: np.zeros_like(v) for k, v in params.items()}
+        self.t = np.zeros((), np.int64)
+
+    def step(self, grads: dict[str, np.ndarray], lr: float | None = None) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        t = int(self.t)
+        step_size = np.float32((self.lr if lr is None else lr) / (1 - b1**t))
+        corr2 = np.float32(math.sqrt(1 - b2**t))
+        eps, wd = np.float32(self.eps), np.float32(self.weight_decay)
+        for name, p in self.params.items():
+            g = grads.get(name)
+            if g is None:
+                continue
+            if wd:
+                g = g + wd * p
+            m, v = self.m[name], self.v[name]
+            m *= np.float32(b1)
+            m += np.float32(1 - b1) * g
+            v *= np.float32(b2)
+            v += np.float32(1 - b2) * (g * g)
+            p -= step_size * m / (np.sqrt(v) / corr2 + eps)
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        out = {f"m/{k}": v for k, v in self.m.items()}
+        out.update({f"v/{k}": v for k, v in self.v.items()})
+        out["t"] = self.t
+        return out
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        for k in self.m:
+            self.m[k][...] = arrays[f"m/{k}"]
+            self.v[k][...] = arrays[f"v/{k}"]
+        self.t[...] = arrays["t"]
+
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine", "step")
+
+
+def make_optimizer(name: str, params: dict[str, np.ndarray], lr: float, momentum: float, weight_decay: float):
+    if name == "sgd":
+        return SGD(params, lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return Adam(params, lr, weight_decay=weight_decay)
+    raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+
+
+def learning_rate(step: int, total: int, base: float, schedule: str = "constant", warmup_steps: int = 0,
+                  step_size: int | None = None, step_gamma: float = 0.1) -> float:
+    """The learning rate at `step` (0-based) of `total`: linear warm-up, then constant / cosine / step decay."""
+    if warmup_steps and step < warmup_steps:
+        return base * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        span = max(total - warmup_steps, 1)
+        return base * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / span))
+    if schedule == "step":
+        size = step_size or max(total // 3, 1)
+        return base * step_gamma ** ((step - warmup_steps) // size)
+    raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")

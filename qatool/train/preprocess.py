@@ -63,3 +63,37 @@ class Preprocess:
         x -= mean
         x *= inv
         return np.ascontiguousarray(x)
+
+
+def resolve_preprocess(graph, overrides: dict | None = None) -> Preprocess:
+    """Preprocessing from explicit settings, else the model's metadata, else the model's input shape.
+
+    `overrides` may hold size (H, W), color, mean, std. The result must fit the model's image input.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    base: dict = {}
+    if METADATA_KEY in graph.metadata:
+        try:
+            stored = Preprocess.from_json(graph.metadata[METADATA_KEY])
+            base = {"size": stored.size, "color": stored.color, "mean": stored.mean, "std": stored.std}
+        except (ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"the model's {METADATA_KEY} metadata is malformed ({e}); give --size/--color") from e
+    inp = graph.inputs[0]
+    shape = inp.shape
+    if len(graph.inputs) != 1 or shape is None or len(shape) != 4:
+        raise UsageError(f"the model's input {inp.name!r} is not one image tensor (N, C, H, W): shape {shape}")
+    c, h, w = shape[1:]
+    if "size" not in overrides and "size" not in base:
+        if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+            raise UsageError(f"the model's input {inp.name!r} has dynamic height/width {shape}: give --size HxW")
+        base["size"] = (h, w)
+    if "color" not in overrides and "color" not in base:
+        base["color"] = "gray" if c == 1 else "rgb"
+    settings = {**base, **overrides}
+    pre = Preprocess(size=tuple(settings["size"]), color=settings["color"],
+                     mean=tuple(settings.get("mean", (0.0,))), std=tuple(settings.get("std", (1.0,))))
+    if isinstance(c, int) and c > 0 and c != pre.channels:
+        raise UsageError(f"the model expects {c} input channels but --color {pre.color} gives {pre.channels}")
+    if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0 and (h, w) != tuple(pre.size):
+        raise UsageError(f"the model's input is {h}x{w} but the preprocessing size is {pre.size[0]}x{pre.size[1]}")
+    return pre

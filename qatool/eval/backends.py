@@ -1,0 +1,54 @@
+"""Running a model over a data set: onnxruntime (any ONNX file) or qatool's engine (its simulation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ..errors import ModelError
+from ..train.data import LoadedImages
+
+
+def ort_session(model: onnx.ModelProto | str, threads: int | None = None,
+                level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                optimized_path: str | None = None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = level
+    if threads:
+        so.intra_op_num_threads = threads
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    try:
+        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for bad models
+        raise ModelError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from e
+
+
+def ort_logits(sess: ort.InferenceSession, data: LoadedImages, batch_size: int = 256) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x})[0] for x, _ in data.batches(batch_size)])
+
+
+def engine_logits(model, data: LoadedImages, output: str | None = None, batch_size: int = 256) -> np.ndarray:
+    """Eval-mode logits of an engine Model (`output` names another tensor than the first graph output)."""
+    name = model.input_names[0]
+    outs = [output] if output else None
+    return np.concatenate([model.forward({name: x}, training=False, outputs=outs)[0]
+                           for x, _ in data.batches(batch_size)])
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(logits.argmax(axis=1) == labels))
+
+
+def topk(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    k = min(k, logits.shape[1])
+    best = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    return float(np.mean((best == labels[:, None]).any(axis=1)))
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(a.argmax(axis=1) == b.argmax(axis=1)))

@@ -1,0 +1,179 @@
+"""The deployable int8 model, written from the QAT graph with the very functions the simulation used.
+
+Rewrites, on a copy of the engine's QAT graph (current parameters, BN statistics and quantizer state):
+- FakeQuant(x) -> t            becomes  QuantizeLinear(x) -> DequantizeLinear -> t (trained scale / zero point);
+- WeightQuant(W, [gamma, var]) becomes  an int8 initializer (W folded with its BN, per-channel scales, narrow
+                                        range) and a DequantizeLinear with `axis`;
+- FoldedBias(acc, ...) -> out  becomes  the layer's bias input: an int32 initializer with scale
+                                        s_input * s_weight and a DequantizeLinear; the layer writes `out`;
+- a Relu/Clip between a layer and its QuantizeLinear is removed when the Q's range already lies inside it
+  (the int8 kernel's saturation does the same); Dropout and Identity are removed;
+- each DequantizeLinear feeds exactly one consumer (onnxruntime's node-unit rule).
+The int8 weights and int32 biases are bit-identical to what the simulation fake-quantized.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+
+from ..convert import remove_inference_noops
+from ..errors import ModelError
+from ..ir.graph import Graph, Node
+from ..ir.roles import STATE_KEY, TRAINABLE_KEY
+from ..quant.ops import bn_fold_factor, folded_bias
+from ..quant.qparams import BIAS_GRID, activation_grid, channel_shape, quantize, weight_grid, weight_scales
+
+FLOAT_NODES_KEY = "qatool.float_nodes"
+
+
+def qat_to_int8(qat: Graph, float_nodes: list[dict] | None = None) -> Graph:
+    """The int8 QDQ graph of a QAT graph (which is left unchanged)."""
+    g = copy.deepcopy(qat)
+    weight_scale: dict[str, np.ndarray] = {}
+    producers = g.producers()
+    new_nodes: list[Node] = []
+    for node in g.nodes:
+        if node.domain != "qatool":
+            new_nodes.append(node)
+        elif node.op_type == "FakeQuant":
+            new_nodes += _activation_qdq(g, node)
+        elif node.op_type == "WeightQuant":
+            new_nodes.append(_weight_dq(g, node, weight_scale))
+        elif node.op_type == "FoldedBias":
+            _bias_into_layer(g, node, producers, weight_scale)
+        else:
+            raise ModelError(f"internal: unknown qatool op {node.op_type}")
+    g.nodes = new_nodes
+    g.other_opsets.pop("qatool", None)
+    _remove_redundant_activations(g)
+    remove_inference_noops(g)
+    g.toposort()
+    _requantize_pass_through(g)
+    _one_dequantize_per_consumer(g)
+    g.cleanup()
+    g.toposort()
+    for key in (TRAINABLE_KEY, STATE_KEY):
+        g.metadata.pop(key, None)
+    g.metadata[FLOAT_NODES_KEY] = json.dumps(float_nodes or [])
+    return g
+
+
+def _activation_qdq(g: Graph, node: Node) -> list[Node]:
+    x, scale, zero, span = node.inputs
+    s = g.initializers[scale]
+    if not g.initializers[span][0] <= g.initializers[span][1]:
+        raise ModelError(f"activation {node.outputs[0]!r} was never observed: train at least one step before export")
+    grid = activation_grid(int(node.attrs.get("bits", 8)), bool(node.attrs.get("symmetric", 0)))
+    t = node.outputs[0]
+    s_name, z_name = g.unique_name(f"{t}_scale"), g.unique_name(f"{t}_zero_point")
+    g.initializers[s_name] = np.asarray(s, np.float32).reshape(())
+    g.initializers[z_name] = np.asarray(g.initializers[zero], np.float32).astype(grid.storage).reshape(())
+    q = g.unique_name(f"{t}_quantized")
+    return [Node("QuantizeLinear", [x, s_name, z_name], [q], g.unique_name(f"{t}_QuantizeLinear")),
+            Node("DequantizeLinear", [q, s_name, z_name], [t], g.unique_name(f"{t}_DequantizeLinear"))]
+
+
+def _weight_dq(g: Graph, node: Node, weight_scale: dict[str, np.ndarray]) -> Node:
+    w = g.initializers[node.input(0)]
+    axis = int(node.attrs.get("axis", 0))
+    per_channel = bool(node.attrs.get("per_channel", 1))
+    grid = weight_grid(int(node.attrs.get("bits", 8)))
+    if node.input(1):
+        k = bn_fold_factor(g.initializers[node.input(1)], g.initializers[node.input(2)],
+                           float(node.attrs.get("epsilon", 1e-5)))
+        w = w * k.reshape(channel_shape(w.ndim, axis))
+    scale = weight_scales(w, axis if per_channel else None, grid)
+    q = quantize(w, scale, 0, grid, axis if per_channel else None)
+    w_q, s_out = node.outputs
+    weight_scale[s_out] = scale
+    base = node.input(0)
+    names = [g.unique_name(f"{base}_quantized"), g.unique_name(f"{base}_scale"), g.unique_name(f"{base}_zero_point")]
+    g.initializers[names[0]] = q
+    g.initializers[names[1]] = scale
+    g.initializers[names[2]] = np.zeros(scale.shape, grid.storage)
+    attrs = {"axis": axis} if per_channel else {}
+    return Node("DequantizeLinear", names, [w_q], g.unique_name(f"{base}_DequantizeLinear"), attrs)
+
+
+def _bias_into_layer(g: Graph, node: Node, producers: dict[str, Node], weight_scale: dict[str, np.ndarray]) -> None:
+    acc, b, gamma, beta, mean, var, s_in, s_w = (node.input(i) for i in range(8))
+    layer = producers[acc]
+    inits = g.initializers
+    bias = inits[b].reshape(-1) if b else None
+    if gamma:
+        k = bn_fold_factor(inits[gamma], inits[var], float(node.attrs.get("epsilon", 1e-5)))
+        bias = folded_bias(bias, k, inits[beta], inits[mean])
+    scale = (inits[s_in] * weight_scale[s_w]).astype(np.float32)
+    scale = np.broadcast_to(scale, bias.shape).copy()
+    q = quantize(bias, scale, 0, BIAS_GRID, 0)
+    base = f"{layer.name}_bias"
+    names = [g.unique_name(f"{base}_quantized"), g.unique_name(f"{base}_scale"), g.unique_name(f"{base}_zero_point")]
+    inits[names[0]], inits[names[1]], inits[names[2]] = q, scale, np.zeros(scale.shape, np.int32)
+    bias_out = g.unique_name(base)
+    g.nodes.append(Node("DequantizeLinear", names, [bias_out], g.unique_name(f"{base}_DequantizeLinear"),
+                        {"axis": 0}))
+    layer.inputs = [layer.input(0), layer.input(1), bias_out]
+    layer.outputs = [node.outputs[0]]
+
+
+def _remove_redundant_activations(g: Graph) -> None:
+    """Drop Relu/Clip feeding only a QuantizeLinear whose representable range lies inside the activation's."""
+    consumers = g.consumers()
+    for node in [n for n in g.nodes if n.op_type in ("Relu", "Clip")]:
+        users = consumers.get(node.outputs[0], [])
+        if len(users) != 1 or users[0].op_type != "QuantizeLinear" or node.outputs[0] in g.output_names:
+            continue
+        q = users[0]
+        s = float(g.initializers[q.input(1)])
+        zp_arr = g.initializers[q.input(2)]
+        info = np.iinfo(zp_arr.dtype)
+        zp = int(zp_arr)
+        lo, hi = (info.min - zp) * s, (info.max - zp) * s
+        if node.op_type == "Relu":
+            lo_act, hi_act = 0.0, np.inf
+        else:
+            lo_act = float(g.initializers[node.input(1)]) if node.input(1) else -np.inf
+            hi_act = float(g.initializers[node.input(2)]) if node.input(2) else np.inf
+        if lo >= lo_act and hi <= hi_act:
+            q.inputs = [node.input(0), *q.inputs[1:]]
+            g.nodes.remove(node)
+
+
+def _requantize_pass_through(g: Graph) -> None:
+    """After MaxPool/Reshape/Flatten/... of a dequantized tensor, quantize again with the same scale and zero
+    point, so the next quantized op reads a DequantizeLinear (onnxruntime then runs the op itself on int8)."""
+    from ..quant.prepare import PASS_THROUGH
+
+    producers, consumers = g.producers(), g.consumers()
+    for node in list(g.nodes):
+        dq = producers.get(node.input(0))
+        if node.op_type not in PASS_THROUGH or dq is None or dq.op_type != "DequantizeLinear" \
+                or "axis" in dq.attrs and g.initializers[dq.input(1)].ndim:
+            continue
+        out = node.outputs[0]
+        if any(u.op_type == "QuantizeLinear" for u in consumers.get(out, [])):
+            continue
+        new = g.unique_name(f"{out}_float")
+        q = g.unique_name(f"{out}_quantized")
+        node.outputs = [new, *node.outputs[1:]]
+        g.nodes.append(Node("QuantizeLinear", [new, dq.input(1), dq.input(2)], [q], g.unique_name(f"{out}_QuantizeLinear")))
+        g.nodes.append(Node("DequantizeLinear", [q, dq.input(1), dq.input(2)], [out],
+                            g.unique_name(f"{out}_DequantizeLinear")))
+        producers = g.producers()
+    g.toposort()
+
+
+def _one_dequantize_per_consumer(g: Graph) -> None:
+    consumers = g.consumers()
+    for dq in [n for n in g.nodes if n.op_type == "DequantizeLinear"]:
+        users = consumers.get(dq.outputs[0], [])
+        if dq.outputs[0] in g.output_names:
+            continue
+        for user in users[1:]:
+            out = g.unique_name(f"{dq.outputs[0]}_{user.name}")
+            g.nodes.append(Node("DequantizeLinear", list(dq.inputs), [out], g.unique_name(f"{dq.name}_{user.name}"),
+                                dict(dq.attrs)))
+            user.inputs = [out if i == dq.outputs[0] else i for i in user.inputs]

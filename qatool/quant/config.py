@@ -1,0 +1,55 @@
+"""Typed quantization settings (never a string-keyed options dict)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..errors import ConfigError
+
+SCALE_UPDATES = ("moving-average", "maximum")
+
+
+@dataclass
+class QuantConfig:
+    weight_bits: int = 8
+    activation_bits: int = 8
+    per_channel: bool = True  # weights per output channel (else per tensor)
+    symmetric_activations: bool = False  # signed, zero point 0 (else asymmetric unsigned)
+    scale_update: str = "moving-average"  # MNN's two methods: "moving-average" | "maximum"
+    observer_momentum: float = 0.9  # of the moving-average observer
+    freeze_bn_after: int | None = None  # step; None: 60% of the run
+    freeze_observers_after: int | None = None  # step; None: 80% of the run
+    exclude: list[str] = field(default_factory=list)  # node names or op types kept in float
+    reduce_range: bool = False  # 7-bit weights, for x86 CPUs without VNNI
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        for key in ("weight_bits", "activation_bits"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
+                raise ConfigError(f"{key} must be an integer from 2 to 8, got {v!r}")
+        if self.scale_update not in SCALE_UPDATES:
+            raise ConfigError(f"scale_update must be one of {', '.join(SCALE_UPDATES)}, got {self.scale_update!r}")
+        if not 0.0 <= float(self.observer_momentum) < 1.0:
+            raise ConfigError(f"observer_momentum must be in [0, 1), got {self.observer_momentum!r}")
+        for key in ("freeze_bn_after", "freeze_observers_after"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ConfigError(f"{key} must be a step number >= 0, got {v!r}")
+
+    @property
+    def effective_weight_bits(self) -> int:
+        return min(self.weight_bits, 7) if self.reduce_range else self.weight_bits
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown quantization setting(s): {', '.join(unknown)}")
+        return cls(**d)

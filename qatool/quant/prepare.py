@@ -1,0 +1,264 @@
+"""Placement of fake quantization: rules that only *mark* (`mark`), one pass that materialises (`insert`).
+
+The rules mirror what onnxruntime fuses into integer kernels (its QDQ selectors), so that what is simulated
+here is what runs after export:
+- every quantized Conv/Gemm/MatMul reads a quantized input and a per-channel fake-quantized weight (with a
+  following BatchNormalization folded into it), adds its bias on the int32 grid, and quantizes its output
+  after a following Relu/Clip (which the output's range makes redundant in the int8 model);
+- Add, Mul, Concat, GlobalAveragePool, AveragePool and Sigmoid read quantized inputs and quantize their output
+  (onnxruntime has QLinear kernels for them);
+- MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice, Identity and Dropout pass their input's
+  quantization through (no new observer);
+- anything else stays float; the plan says which nodes and why. The graph input is quantized by the first
+  quantized op that reads it, like every other float tensor a quantized op reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..ir.graph import Graph, Node
+from ..ir.roles import read_roles, write_roles
+from .config import QuantConfig
+
+WEIGHTED = ("Conv", "Gemm", "MatMul")
+ACTIVATION_QUANT = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid")
+PASS_THROUGH = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Identity",
+                "Dropout")
+FUSED_ACTIVATIONS = ("Relu", "Clip")
+DOMAIN = "qatool"
+
+
+@dataclass
+class Layer:
+    """A quantized Conv/Gemm/MatMul and what folds into it."""
+
+    node: Node
+    bn: Node | None
+    activation: Node | None
+    input_source: str  # the quantized tensor whose scale the layer's input carries
+
+
+@dataclass
+class Plan:
+    layers: list[Layer] = field(default_factory=list)
+    activation_ops: list[Node] = field(default_factory=list)
+    quantized: list[str] = field(default_factory=list)  # tensors that get their own FakeQuant, in order
+    source: dict[str, str] = field(default_factory=dict)  # tensor -> the quantized tensor it shares scale with
+    float_nodes: list[tuple[str, str, str]] = field(default_factory=list)  # (name, op_type, why)
+
+    def report(self) -> dict:
+        return {
+            "quantized_layers": [layer.node.name for layer in self.layers],
+            "folded_batchnorm": [layer.bn.name for layer in self.layers if layer.bn is not None],
+            "quantized_activations": len(self.quantized),
+            "float_nodes": [{"node": n, "op_type": t, "reason": why} for n, t, why in self.float_nodes],
+        }
+
+
+def _is_excluded(node: Node, config: QuantConfig) -> bool:
+    return node.name in config.exclude or node.op_type in config.exclude
+
+
+def _weighted_why_not(graph: Graph, node: Node, trainable: set[str]) -> str | None:
+    w = node.input(1)
+    if w not in graph.initializers or w not in trainable:
+        return "its weight is not a trainable initializer"
+    ndim = graph.initializers[w].ndim
+    if node.op_type == "Conv" and ndim < 3:
+        return "unexpected weight rank"
+    if node.op_type in ("Gemm", "MatMul") and ndim != 2:
+        return "its weight is not a matrix"
+    if node.op_type == "Gemm":
+        if node.attrs.get("transA", 0) or float(node.attrs.get("alpha", 1.0)) != 1.0:
+            return "Gemm with transA or alpha != 1"
+        c = node.input(2)
+        if c:
+            n_out = graph.initializers[w].shape[0 if node.attrs.get("transB", 0) else 1]
+            if c not in graph.initializers or graph.initializers[c].size != n_out:
+                return "its bias is not one constant value per output feature"
+            if float(node.attrs.get("beta", 1.0)) != 1.0:
+                return "Gemm with beta != 1"
+    if node.input(0) in graph.initializers:
+        return "its input is a constant"
+    return None
+
+
+def _sole_consumer(graph: Graph, consumers: dict[str, list[Node]], tensor: str, op_types: tuple[str, ...],
+                   config: QuantConfig) -> Node | None:
+    users = consumers.get(tensor, [])
+    if len(users) != 1 or tensor in graph.output_names:
+        return None
+    user = users[0]
+    if user.op_type not in op_types or _is_excluded(user, config):
+        return None
+    return user
+
+
+def _foldable_bn(graph: Graph, bn: Node | None) -> bool:
+    return (bn is not None and len([o for o in bn.outputs if o]) == 1
+            and all(bn.input(i) in graph.initializers for i in range(1, 5)))
+
+
+def _constant_clip(graph: Graph, clip: Node | None) -> bool:
+    return clip is not None and (clip.op_type == "Relu" or all(
+        not i or i in graph.initializers for i in clip.inputs[1:]))
+
+
+def mark(graph: Graph, config: QuantConfig) -> Plan:
+    """Decide where fake quantization goes; the graph is not changed."""
+    plan = Plan()
+    consumers = graph.consumers()
+    trainable = set(read_roles(graph)[0])
+    absorbed: set[int] = set()
+
+    def ensure_quantized(tensor: str) -> str:
+        if tensor not in plan.source:
+            plan.quantized.append(tensor)
+            plan.source[tensor] = tensor
+        return plan.source[tensor]
+
+    def quantize_output(node: Node) -> Node | None:
+        """Quantize the node's output, after a sole following Relu/Clip (returned, it is absorbed)."""
+        out = node.outputs[0]
+        act = _sole_consumer(graph, consumers, out, FUSED_ACTIVATIONS, config)
+        if not _constant_clip(graph, act):
+            act = None
+        if act is not None:
+            absorbed.add(id(act))
+            out = act.outputs[0]
+        ensure_quantized(out)
+        return act
+
+    for node in graph.nodes:
+        if id(node) in absorbed:
+            continue
+        if _is_excluded(node, config):
+            plan.float_nodes.append((node.name, node.op_type, "excluded by --exclude"))
+            continue
+        if node.op_type in WEIGHTED:
+            why = _weighted_why_not(graph, node, trainable)
+            if why:
+                plan.float_nodes.append((node.name, node.op_type, why))
+                continue
+            source = ensure_quantized(node.input(0))
+            bn = None
+            if node.op_type in ("Conv", "Gemm"):
+                bn = _sole_consumer(graph, consumers, node.outputs[0], ("BatchNormalization",), config)
+                bn = bn if _foldable_bn(graph, bn) else None
+            if bn is not None:
+                absorbed.add(id(bn))
+            act = quantize_output(bn if bn is not None else node)
+            plan.layers.append(Layer(node, bn, act, source))
+        elif node.op_type in ACTIVATION_QUANT:
+            data = [i for i in node.inputs if i]
+            if node.op_type == "AveragePool" or node.op_type == "GlobalAveragePool" or node.op_type == "Sigmoid":
+                data = data[:1]
+            if any(i in graph.initializers for i in data):
+                plan.float_nodes.append((node.name, node.op_type, "it has a constant operand"))
+                continue
+            for i in data:
+                ensure_quantized(i)
+            quantize_output(node)
+            plan.activation_ops.append(node)
+        elif node.op_type in PASS_THROUGH:
+            src = plan.source.get(node.input(0))
+            if src is None:
+                plan.float_nodes.append((node.name, node.op_type, "its input is float"))
+                continue
+            for o in node.outputs[:1]:
+                plan.source[o] = src
+        else:
+            plan.float_nodes.append((node.name, node.op_type, f"onnxruntime has no integer kernel for {node.op_type}"))
+    return plan
+
+
+# ---- materialise ----------------------------------------------------------------------------------------------
+@dataclass
+class QuantTensor:
+    """The state arrays of one activation FakeQuant."""
+
+    tensor: str
+    scale: str
+    zero_point: str
+    span: str
+
+
+def insert(graph: Graph, plan: Plan, config: QuantConfig) -> dict[str, QuantTensor]:
+    """Rewrite the graph: FakeQuant on every marked tensor, WeightQuant/FoldedBias on every layer."""
+    trainable, state = read_roles(graph)
+    graph.other_opsets[DOMAIN] = 1
+    producers = graph.producers()
+    quant: dict[str, QuantTensor] = {}
+    for t in plan.quantized:
+        q = QuantTensor(t, graph.unique_name(f"{t}.qscale"), graph.unique_name(f"{t}.qzero"),
+                        graph.unique_name(f"{t}.qspan"))
+        graph.initializers[q.scale] = np.ones((), np.float32)
+        graph.initializers[q.zero_point] = np.zeros((), np.float32)
+        graph.initializers[q.span] = np.array([np.inf, -np.inf], np.float32)
+        attrs = {"bits": config.activation_bits, "symmetric": int(config.symmetric_activations),
+                 "observer": config.scale_update.replace("-", "_"), "momentum": float(config.observer_momentum)}
+        producer = producers.get(t)
+        if producer is None:  # a graph input: consumers read the quantized copy
+            new = graph.unique_name(f"{t}.q")
+            graph.replace_uses(t, new)
+            fq = Node("FakeQuant", [t, q.scale, q.zero_point, q.span], [new], f"{t}.fakequant", attrs, DOMAIN)
+        else:  # the producer writes a new name; the FakeQuant writes the original one, consumers unchanged
+            new = graph.unique_name(f"{t}.float")
+            producer.outputs = [new if o == t else o for o in producer.outputs]
+            fq = Node("FakeQuant", [new, q.scale, q.zero_point, q.span], [t], f"{t}.fakequant", attrs, DOMAIN)
+        graph.nodes.append(fq)
+        quant[t] = q
+        state += [q.scale, q.zero_point, q.span]
+    for layer in plan.layers:
+        _rewrite_layer(graph, layer, quant[layer.input_source].scale, config)
+    graph.toposort()
+    write_roles(graph, trainable, state)
+    return quant
+
+
+def weight_axes(node: Node) -> tuple[int, int]:
+    """(output-channel axis of the weight, channel axis of the output) of a Conv/Gemm/MatMul."""
+    if node.op_type == "Conv":
+        return 0, 1
+    if node.op_type == "Gemm":
+        return (0 if node.attrs.get("transB", 0) else 1), 1
+    return 1, -1
+
+
+def _rewrite_layer(graph: Graph, layer: Layer, input_scale: str, config: QuantConfig) -> None:
+    node, bn = layer.node, layer.bn
+    w = node.input(1)
+    w_axis, out_axis = weight_axes(node)
+    eps = float(bn.attrs.get("epsilon", 1e-5)) if bn is not None else 1e-5
+    w_q, w_scale = graph.unique_name(f"{w}.wq"), graph.unique_name(f"{w}.wscale")
+    wq_inputs = [w, bn.input(1), bn.input(4)] if bn is not None else [w]
+    graph.nodes.append(Node("WeightQuant", wq_inputs, [w_q, w_scale], f"{node.name}.weightquant",
+                            {"bits": config.effective_weight_bits, "axis": w_axis,
+                             "per_channel": int(config.per_channel), "epsilon": eps}, DOMAIN))
+    bias = node.input(2) if node.op_type in ("Conv", "Gemm") else ""
+    node.inputs = [node.input(0), w_q]
+    if not bias and bn is None:
+        return
+    if bn is not None:
+        out = bn.outputs[0]
+        bn_inputs = bn.inputs[1:5]
+        momentum = float(bn.attrs.get("momentum", 0.9))
+        graph.nodes.remove(bn)
+    else:
+        out = node.outputs[0]
+        bn_inputs, momentum = ["", "", "", ""], 0.9
+    acc = graph.unique_name(f"{node.outputs[0]}.acc")
+    node.outputs = [acc]
+    graph.nodes.append(Node("FoldedBias", [acc, bias, *bn_inputs, input_scale, w_scale], [out],
+                            f"{node.name}.foldedbias", {"axis": out_axis, "epsilon": eps, "momentum": momentum},
+                            DOMAIN))
+
+
+def prepare(graph: Graph, config: QuantConfig) -> tuple[Plan, dict[str, QuantTensor]]:
+    """Mark and insert, in place; returns the plan and the activation quantizers' state names."""
+    plan = mark(graph, config)
+    quant = insert(graph, plan, config)
+    return plan, quant

@@ -1,0 +1,122 @@
+"""Quantization grids and the maths of scales and zero points.
+
+Every function here is shared by the training-time simulation and the int8 export, so that both compute the
+same float32 values bit for bit (the numerics contract in the design notes).
+
+- Weights: symmetric, signed, zero point 0, narrow range [-(2^(b-1)-1), 2^(b-1)-1], per output channel;
+  scale = max|w_c| / qmax.
+- Activations: asymmetric unsigned [0, 2^b-1] with the range stretched to contain 0, or symmetric signed
+  [-2^(b-1), 2^(b-1)-1] with zero point 0.
+- Bias: int32, scale = s_input * s_weight[c], zero point 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# The smallest scale used: an all-zero tensor still gets a valid, finite grid (PyTorch uses the same floor).
+MIN_SCALE = np.float32(np.finfo(np.float32).eps)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """An integer grid [qmin, qmax] and the integer type that stores it."""
+
+    qmin: int
+    qmax: int
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+    @property
+    def storage(self) -> np.dtype:
+        if self.qmax > 255 or self.qmin < -128:
+            return np.dtype(np.int32)
+        return np.dtype(np.int8) if self.signed else np.dtype(np.uint8)
+
+
+def weight_grid(bits: int) -> Grid:
+    """Symmetric narrow range: [-(2^(b-1)-1), 2^(b-1)-1]."""
+    q = 2 ** (bits - 1) - 1
+    return Grid(-q, q)
+
+
+def activation_grid(bits: int, symmetric: bool) -> Grid:
+    if symmetric:
+        return Grid(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return Grid(0, 2**bits - 1)
+
+
+BIAS_GRID = Grid(-(2**31), 2**31 - 1)
+
+
+def activation_qparams(lo: float, hi: float, grid: Grid) -> tuple[np.float32, int]:
+    """(scale, zero point) for a float range [lo, hi]; the range is first stretched to contain 0."""
+    lo32, hi32 = np.float32(min(lo, 0.0)), np.float32(max(hi, 0.0))
+    if grid.signed:  # symmetric: zero point 0
+        scale = np.maximum(np.maximum(-lo32, hi32) / np.float32(grid.qmax), MIN_SCALE)
+        return np.float32(scale), 0
+    scale = np.float32(np.maximum((hi32 - lo32) / np.float32(grid.qmax - grid.qmin), MIN_SCALE))
+    zp = int(np.clip(grid.qmin - np.rint(lo32 / scale), grid.qmin, grid.qmax))
+    return scale, zp
+
+
+def weight_scales(w: np.ndarray, axis: int | None, grid: Grid) -> np.ndarray:
+    """Per-channel (along `axis`) or per-tensor (axis None) symmetric scales, float32: max|w| / qmax."""
+    if axis is None:
+        m = np.abs(w).max(initial=0.0)
+    else:
+        other = tuple(i for i in range(w.ndim) if i != axis)
+        m = np.abs(w).max(axis=other, initial=0.0) if other else np.abs(w)
+    return np.maximum(np.asarray(m, np.float32) / np.float32(grid.qmax), MIN_SCALE).astype(np.float32)
+
+
+def channel_shape(ndim: int, axis: int) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector along `axis` of an ndim-array."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return tuple(shape)
+
+
+def quantize(x: np.ndarray, scale, zero_point, grid: Grid, axis: int | None = None) -> np.ndarray:
+    """Integers exactly as ONNX QuantizeLinear computes them: saturate(round_half_even(x / scale) + zp)."""
+    s, z = _broadcast(scale, zero_point, x.ndim, axis)
+    q = np.rint(x / s) + z
+    return np.clip(q, grid.qmin, grid.qmax).astype(grid.storage)
+
+
+def _broadcast(scale, zero_point, ndim: int, axis: int | None):
+    s = np.asarray(scale, np.float32)
+    z = np.asarray(zero_point, np.float32)
+    if axis is not None and s.ndim == 1:
+        s = s.reshape(channel_shape(ndim, axis))
+        z = z.reshape(channel_shape(ndim, axis)) if z.ndim == 1 else z
+    return s, z
+
+
+def fake_quant(x: np.ndarray, scale, zero_point, grid: Grid, axis: int | None = None,
+               want_mask: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Quantize then dequantize: ((clip(rint(x / s) + z) - z) * s), and the straight-through mask.
+
+    The mask is True where rint(x / s) + z lies inside [qmin, qmax]: there the gradient passes unchanged; outside
+    (where the value was clipped) it is zero. Computed in place in one new buffer (the input is never written).
+    """
+    s, z = _broadcast(scale, zero_point, x.ndim, axis)
+    dtype = x.dtype
+    s = s.astype(dtype, copy=False)
+    buf = np.divide(x, s)
+    np.rint(buf, out=buf)
+    has_zp = bool(np.any(z))
+    if has_zp:
+        buf += z.astype(dtype, copy=False)
+    mask = None
+    if want_mask:
+        mask = (buf >= grid.qmin) & (buf <= grid.qmax)
+    np.clip(buf, grid.qmin, grid.qmax, out=buf)
+    if has_zp:
+        buf -= z.astype(dtype, copy=False)
+    buf *= s
+    return buf, mask

@@ -1,0 +1,103 @@
+"""Typed training settings, and the config file (YAML or JSON) that can hold them and the quantization ones."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..quant.config import QuantConfig
+from .optim import OPTIMIZERS, SCHEDULES
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "qat-config.schema.json"
+DEFAULT_STEPS = 200
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None  # default: `epochs` if given, else DEFAULT_STEPS
+    epochs: float | None = None
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    step_size: int | None = None
+    step_gamma: float = 0.1
+    seed: int = 0
+    augment: bool = False
+    save_every: int | None = None
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.steps is not None and self.steps < 0:
+            raise ConfigError(f"steps must be >= 0, got {self.steps}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+    def total_steps(self, n_images: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        if self.epochs is not None:
+            return max(1, round(self.epochs * n_images / self.batch_size))
+        return DEFAULT_STEPS
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PREPROCESS_KEYS = ("size", "color", "mean", "std")
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a YAML or JSON config file and validate it against schemas/qat-config.schema.json."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not text") from e
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+        raise ConfigError(f"config file {p} does not parse: {str(e).splitlines()[0]}") from e
+    if data is None:
+        data = {}
+    validate_config(data, str(p))
+    return data
+
+
+def validate_config(data, where: str = "config") -> None:
+    import jsonschema
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        path = "/".join(str(x) for x in e.absolute_path) or "(top level)"
+        raise ConfigError(f"{where}: key {path}: {e.message}")
+
+
+def split_config(data: dict) -> tuple[dict, dict, dict]:
+    """(quantization, training, preprocessing) settings from one flat config mapping."""
+    qkeys = {f.name for f in fields(QuantConfig)}
+    tkeys = {f.name for f in fields(TrainConfig)}
+    quant = {k: v for k, v in data.items() if k in qkeys}
+    train = {k: v for k, v in data.items() if k in tkeys}
+    pre = {k: v for k, v in data.items() if k in PREPROCESS_KEYS}
+    return quant, train, pre

@@ -1,0 +1,144 @@
+"""The QAT training loop: batches, loss, backward, optimiser, phases (BN / observer freeze), logging, saving.
+
+Every random choice of step i (its batch, its augmentation, its Dropout masks) is drawn from generators seeded
+by (seed, i), so a run stopped at step N and resumed gives exactly the run that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import QatoolError
+from .config import TrainConfig
+from .data import LoadedImages, augment, batch_indices
+from .loss import softmax_cross_entropy
+from .optim import learning_rate, make_optimizer
+from .progress import Progress
+from .session import QatSession
+
+
+class TrainingInterrupted(QatoolError):
+    exit_code = 130
+
+
+class TrainingDiverged(QatoolError):
+    pass
+
+
+@dataclass
+class Phases:
+    freeze_bn_after: int
+    freeze_observers_after: int
+
+    @classmethod
+    def resolve(cls, total: int, freeze_bn_after: int | None, freeze_observers_after: int | None) -> Phases:
+        """Defaults: BN freezes after half the steps, observers after three quarters."""
+        bn = freeze_bn_after if freeze_bn_after is not None else total // 2
+        obs = freeze_observers_after if freeze_observers_after is not None else (3 * total) // 4
+        return cls(bn, obs)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    ms_per_step: float
+    final_loss: float
+    interrupted: bool = False
+
+
+class _StopFlag:
+    """Ctrl-C asks the loop to stop after the current step (so the checkpoint is consistent)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not in the main thread
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def train(session: QatSession, data: LoadedImages, cfg: TrainConfig, phases: Phases, start: int, total: int,
+          optimizer_state: dict[str, np.ndarray] | None, save: Callable[[int, dict], None],
+          metrics_path: Path | None = None, quiet: bool = False) -> TrainResult:
+    """Run steps [start, total). `save(step, optimizer_arrays)` writes a checkpoint at `step`."""
+    model = session.model
+    opt = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.momentum, cfg.weight_decay)
+    if optimizer_state:
+        opt.load_state_arrays({k.removeprefix("optim/"): v for k, v in optimizer_state.items()
+                               if k.startswith("optim/")})
+
+    def optim_arrays() -> dict:
+        return {f"optim/{k}": v for k, v in opt.state_arrays().items()}
+
+    progress = Progress(total, start, enabled=None if not quiet else False)
+    log = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
+    times: list[float] = []
+    loss = float("nan")
+    correct = seen = 0
+    step = start
+    try:
+        with _StopFlag() as stop:
+            for step in range(start, total):
+                if stop.requested:
+                    save(step, optim_arrays())
+                    raise TrainingInterrupted(f"interrupted at step {step}; resume with --resume")
+                t0 = time.perf_counter()
+                session.set_phase(step, phases.freeze_bn_after, phases.freeze_observers_after)
+                idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
+                images = data.images[idx]
+                if cfg.augment:
+                    images = augment(images, np.random.default_rng([cfg.seed, step, 1]))
+                x = data.preprocess.normalize(images)
+                y = data.labels[idx]
+                model.ctx.rng = np.random.default_rng([cfg.seed, step, 2])
+                (logits,) = model.forward({session.input_name: x}, training=True, outputs=[session.logits])
+                loss, dlogits = softmax_cross_entropy(logits, y)
+                if not np.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"training diverged at step {step} (loss {loss}); the last checkpoint saved is kept — "
+                        "lower --lr or check the data")
+                lr = learning_rate(step, total, cfg.lr, cfg.schedule, cfg.warmup_steps, cfg.step_size,
+                                   cfg.step_gamma)
+                opt.step(model.backward([dlogits]), lr=lr)
+                times.append(time.perf_counter() - t0)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+                record = {"step": step + 1, "loss": round(loss, 6), "acc": round(correct / seen, 6),
+                          "lr": lr, "ms": round(times[-1] * 1000, 2),
+                          "bn_frozen": model.ctx.bn_frozen, "observers_frozen": model.ctx.observers_frozen}
+                if log:
+                    log.write(json.dumps(record) + "\n")
+                progress.update(step, loss=loss, acc=correct / seen, lr=lr)
+                if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+                    save(step + 1, optim_arrays())
+            step = total
+            save(total, optim_arrays())
+    except KeyboardInterrupt:  # a second Ctrl-C, possibly mid-step: nothing consistent to save
+        raise TrainingInterrupted(f"interrupted twice at step {step}; stopped without saving") from None
+    finally:
+        progress.close()
+        if log:
+            log.close()
+    # The first steps include warm-up costs (allocations, caches): the median is the fair figure.
+    ms = float(np.median(times) * 1000) if times else 0.0
+    return TrainResult(steps=total, ms_per_step=ms, final_loss=loss)

@@ -1,0 +1,86 @@
+"""A QAT session: the float training graph, its quantized twin on the engine, and the quantizer state.
+
+Made from a float training graph and a QuantConfig (`QatSession.create`) or from a checkpoint
+(`QatSession.from_checkpoint`); saved as a checkpoint (`save`) and exported as the int8 model (`export_int8`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..engine.model import Model
+from ..errors import ModelError
+from ..export.int8 import qat_to_int8
+from ..ir.graph import Graph
+from ..quant.config import QuantConfig
+from ..quant.prepare import Plan, QuantTensor, prepare
+from ..quant.qparams import activation_grid
+from .checkpoint import Checkpoint, save_checkpoint
+
+LOSS_HEADS = ("Softmax", "LogSoftmax")
+
+
+def loss_tensor(graph: Graph) -> str:
+    """The tensor to take the loss on: the first graph output, or the input of a final Softmax/LogSoftmax."""
+    out = graph.output_names[0]
+    producer = graph.producers().get(out)
+    if producer is not None and producer.op_type in LOSS_HEADS:
+        return producer.input(0)
+    return out
+
+
+@dataclass
+class QatSession:
+    float_graph: Graph
+    config: QuantConfig
+    model: Model
+    plan: Plan
+    quant: dict[str, QuantTensor]
+    logits: str
+
+    @classmethod
+    def create(cls, float_graph: Graph, config: QuantConfig, seed: int = 0) -> QatSession:
+        qat = copy.deepcopy(float_graph)
+        plan, quant = prepare(qat, config)
+        if not plan.layers:
+            raise ModelError("no Conv, Gemm or MatMul of the model can be quantized "
+                             "(check --exclude, and that weights are initializers)")
+        model = Model(qat, seed=seed)
+        return cls(float_graph, config, model, plan, quant, loss_tensor(qat))
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, seed: int = 0) -> QatSession:
+        session = cls.create(ckpt.float_graph, ckpt.quant, seed)
+        inits = session.model.graph.initializers
+        for t, q in session.quant.items():
+            span = ckpt.arrays.get(f"span/{t}")
+            if t in ckpt.activation_qparams:
+                scale, zero = ckpt.activation_qparams[t]
+                inits[q.scale][...] = scale
+                inits[q.zero_point][...] = zero
+                if span is None:  # no state file: the range that this scale and zero point represent
+                    grid = activation_grid(ckpt.quant.activation_bits, ckpt.quant.symmetric_activations)
+                    span = np.array([(grid.qmin - zero) * scale, (grid.qmax - zero) * scale], np.float32)
+            if span is not None:
+                inits[q.span][...] = span
+        return session
+
+    @property
+    def input_name(self) -> str:
+        return self.model.input_names[0]
+
+    def set_phase(self, step: int, freeze_bn_after: int, freeze_observers_after: int) -> None:
+        self.model.ctx.bn_frozen = step >= freeze_bn_after
+        self.model.ctx.observers_frozen = step >= freeze_observers_after
+
+    def save(self, path: str | os.PathLike, train: dict, step: int, arrays: dict[str, np.ndarray],
+             info: dict | None = None) -> None:
+        save_checkpoint(path, self.float_graph, self.model.to_graph(), self.quant, self.config, train, step,
+                        arrays, info)
+
+    def export_int8(self) -> Graph:
+        return qat_to_int8(self.model.to_graph(), self.plan.report()["float_nodes"])
