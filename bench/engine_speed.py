@@ -287,9 +287,21 @@ def op_profile(name: str, path: Path, x: np.ndarray, y: np.ndarray, steps: int) 
     m = load_engine(str(path))
     totals: dict[tuple[str, str], float] = {}
 
+    def label(op) -> str:
+        """The op type, and for Conv its kind: depthwise / 1x1 / KxK, so the profile says which convs cost."""
+        node = op.node
+        if node.op_type != "Conv" or node.inputs[1] not in m.params:
+            return node.op_type
+        w = m.params[node.inputs[1]]
+        k = "x".join(str(d) for d in w.shape[2:])
+        group = int(node.attrs.get("group", 1))
+        if group > 1 and w.shape[1] == 1:
+            return f"Conv dw {k}"
+        return f"Conv {k}" + (f" g{group}" if group > 1 else "")
+
     def wrap(op, kind):
         fn = getattr(op, kind)
-        key = (op.node.op_type, kind)
+        key = (label(op), kind)
 
         def timed(*args):
             t = time.perf_counter()

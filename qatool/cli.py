@@ -44,6 +44,130 @@ def convert(model: str, output: str, for_training: bool) -> None:
     click.echo(f"wrote {output}")
 
 
+def _parse_size(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    parts = value.lower().replace(",", "x").split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise click.BadParameter(f"expected HxW (e.g. 224x224), got {value!r}", param_hint="--size") from None
+    if h < 1 or w < 1:
+        raise click.BadParameter(f"sizes must be positive, got {value!r}", param_hint="--size")
+    return h, w
+
+
+def _parse_floats(value: str | None, flag: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in value.replace(",", " ").split())
+    except ValueError:
+        raise click.BadParameter(f"expected 1 or 3 numbers, got {value!r}", param_hint=flag) from None
+    if len(vals) not in (1, 3):
+        raise click.BadParameter(f"expected 1 or 3 numbers, got {value!r}", param_hint=flag)
+    return vals
+
+
+def preprocessing_options(f):
+    """--size/--color/--mean/--std, shared by every command that reads images."""
+    for opt in reversed([
+        click.option("--size", help="Input size HxW (default: the model's metadata, else its input shape)."),
+        click.option("--color", type=click.Choice(["gray", "rgb", "bgr"]), help="Colour of the input tensor."),
+        click.option("--mean", help="Mean(s) subtracted after scaling pixels to [0, 1]: one value or three."),
+        click.option("--std", help="Standard deviation(s) divided by: one value or three."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _preprocess_overrides(size, color, mean, std) -> dict:
+    return {"size": _parse_size(size), "color": color, "mean": _parse_floats(mean, "--mean"),
+            "std": _parse_floats(std, "--std")}
+
+
+BITS = click.IntRange(2, 8)
+
+
+@cli.command("train-quant")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--train-data", required=True, type=click.Path(),
+              help="Image folder (one sub-folder per class) or list file of 'relative/path label' lines.")
+@click.option("--val-data", type=click.Path(), help="Validation images, same forms as --train-data.")
+@click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for qat.onnx, model_int8.onnx, metrics.jsonl and report.json.")
+@click.option("--labels", type=click.Path(dir_okay=False), help="Class names, one per line, in output order.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML or JSON settings (schemas/qat-config.schema.json); flags override the file.")
+@preprocessing_options
+@click.option("--augment/--no-augment", default=None, help="Random crop with padding and horizontal flip.")
+@click.option("--bits", type=BITS, help="Bits of weights and activations (2..8; default 8).")
+@click.option("--weight-bits", type=BITS, help="Bits of the weights (overrides --bits).")
+@click.option("--activation-bits", type=BITS, help="Bits of the activations (overrides --bits).")
+@click.option("--per-tensor", is_flag=True, default=None, help="One weight scale per tensor instead of per channel.")
+@click.option("--symmetric-activations", is_flag=True, default=None,
+              help="Signed activations with zero point 0 instead of asymmetric unsigned.")
+@click.option("--scale-update", type=click.Choice(["moving-average", "maximum"]),
+              help="How activation ranges are observed (default moving-average).")
+@click.option("--observer-momentum", type=click.FloatRange(0, 1, max_open=True),
+              help="Momentum of the moving-average observer (default 0.9).")
+@click.option("--freeze-bn-after", type=click.IntRange(0), help="Step after which BN uses running statistics "
+              "(default: half the steps).")
+@click.option("--freeze-observers-after", type=click.IntRange(0),
+              help="Step after which activation ranges stop updating (default: three quarters of the steps).")
+@click.option("--exclude", multiple=True, help="Node name or op type to keep in float (repeatable).")
+@click.option("--reduce-range", is_flag=True, default=None, help="7-bit weights, for x86 CPUs without VNNI.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), help="Default sgd (momentum 0.9).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help="Learning rate (default 1e-3).")
+@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), help="SGD momentum (default 0.9).")
+@click.option("--weight-decay", type=click.FloatRange(0), help="L2 weight decay (default 0).")
+@click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]), help="LR schedule (default constant).")
+@click.option("--warmup-steps", type=click.IntRange(0), help="Linear LR warm-up steps (default 0).")
+@click.option("--steps", type=click.IntRange(0), help="Training steps (default 200).")
+@click.option("--epochs", type=click.FloatRange(0, min_open=True), help="Training length in epochs instead of steps.")
+@click.option("--batch-size", type=click.IntRange(1), help="Default 64.")
+@click.option("--seed", type=click.IntRange(0), help="Seed of every random choice (default 0).")
+@click.option("--save-every", type=click.IntRange(1), help="Also save a checkpoint every N steps.")
+@click.option("--resume", type=click.Path(dir_okay=False), help="Continue from a qat.onnx checkpoint.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def train_quant(model, train_data, val_data, output_dir, labels, config_file, size, color, mean, std, augment,
+                bits, weight_bits, activation_bits, per_tensor, symmetric_activations, scale_update,
+                observer_momentum, freeze_bn_after, freeze_observers_after, exclude, reduce_range, optimizer, lr,
+                momentum, weight_decay, schedule, warmup_steps, steps, epochs, batch_size, seed, save_every, resume,
+                quiet):
+    """Quantization-aware training of MODEL on an image folder.
+
+    MODEL is a float ONNX model (converted --for-training on the fly) or the output of
+    `qatool convert --for-training`. Writes OUTPUT_DIR/qat.onnx (checkpoint), OUTPUT_DIR/model_int8.onnx
+    (the deployable int8 model), metrics.jsonl and report.json.
+    """
+    from . import api
+    from .quant.config import QuantConfig
+    from .train.config import TrainConfig, load_config_file, split_config
+
+    file_settings = load_config_file(config_file) if config_file else {}
+    q_file, t_file, p_file = split_config(file_settings)
+    q_flags = {"weight_bits": weight_bits or bits, "activation_bits": activation_bits or bits,
+               "per_channel": False if per_tensor else None, "symmetric_activations": symmetric_activations,
+               "scale_update": scale_update, "observer_momentum": observer_momentum,
+               "freeze_bn_after": freeze_bn_after, "freeze_observers_after": freeze_observers_after,
+               "exclude": list(exclude) or None, "reduce_range": reduce_range}
+    t_flags = {"optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+               "schedule": schedule, "warmup_steps": warmup_steps, "steps": steps, "epochs": epochs,
+               "batch_size": batch_size, "seed": seed, "save_every": save_every, "augment": augment}
+    quant = {**q_file, **{k: v for k, v in q_flags.items() if v is not None}}
+    train = {**t_file, **{k: v for k, v in t_flags.items() if v is not None}}
+    pre = {k: tuple(v) for k, v in p_file.items() if k != "color"}
+    if "color" in p_file:
+        pre["color"] = p_file["color"]
+    pre.update({k: v for k, v in _preprocess_overrides(size, color, mean, std).items() if v is not None})
+    api.train_quant(model, train_data, output_dir, val_data=val_data,
+                    quant=QuantConfig(**quant) if (quant or not resume) else None, train=TrainConfig(**train),
+                    preprocess=pre, labels=labels, resume=resume, quiet=quiet, echo=click.echo)
+
+
 @cli.command()
 @click.option("-o", "--output-dir", default="demo_out", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the demo's files.")

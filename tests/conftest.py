@@ -1,4 +1,35 @@
+import shutil
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import SAMPLE_DIR  # noqa: E402
+
+
+def _subset(src: Path, dst: Path, per_class: int) -> Path:
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        (dst / cls.name).mkdir(parents=True)
+        for f in sorted(cls.glob("*.png"))[:per_class]:
+            shutil.copy(f, dst / cls.name / f.name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> tuple[Path, Path]:
+    """(train, val) image folders: a small subset of the bundled MNIST digits (real images)."""
+    root = tmp_path_factory.mktemp("digits")
+    data = SAMPLE_DIR / "data" / "mnist"
+    return _subset(data / "train", root / "train", 40), _subset(data / "val", root / "val", 20)
+
+
+@pytest.fixture(scope="session")
+def lenet() -> Path:
+    return SAMPLE_DIR / "lenet_bn.onnx"
+
+
+@pytest.fixture(scope="session")
+def mobilenet() -> Path:
+    return SAMPLE_DIR / "mobilenetv2_small.onnx"

@@ -42,6 +42,8 @@ CONV_CASES = {
     "pointwise": ((2, 5, 4, 3), (3, 5, 1, 1), True, {}),
     "pointwise_group": ((2, 4, 4, 3), (6, 2, 1, 1), True, {"group": 2}),
     "pointwise_nobias": ((2, 5, 3, 3), (4, 5, 1, 1), False, {}),
+    "pointwise_big_weight": ((2, 12, 2, 2), (16, 12, 1, 1), True, {}),  # dW by one GEMM over (n, pixels)
+    "pointwise_big_weight_group": ((2, 12, 1, 2), (16, 6, 1, 1), True, {"group": 2}),
     "pointwise_stride2": ((1, 3, 5, 7), (4, 3, 1, 1), True, {"strides": [2, 2]}),
     "pointwise_pad": ((1, 3, 3, 4), (2, 3, 1, 1), True, {"pads": [1, 0, 0, 1]}),
     "conv1d": ((2, 3, 11), (4, 3, 3), True, {"strides": [2], "pads": [1, 2]}),
@@ -165,3 +167,17 @@ def test_convtranspose_forward_opsets(opset):
 def test_convtranspose_grad(name):
     xs, ws, bias, attrs = CONVT_CASES[name]
     check_grad("ConvTranspose", _convt_inputs(xs, ws, bias, attrs), attrs, max_checks=25)
+
+
+@pytest.mark.parametrize("op_type,ws,attrs", [
+    ("Conv", (4, 3, 3, 3), {"kernel_shape": [3, 2]}),
+    ("Conv", (4, 2, 3, 3), {"group": 2}),  # 3 input channels not divisible by 2
+    ("Conv", (4, 3, 7, 7), {}),  # kernel larger than the input
+    ("ConvTranspose", (3, 2, 3, 3), {"kernel_shape": [2, 2]}),
+])
+def test_conv_errors(op_type, ws, attrs):
+    from qatool.errors import ModelError
+
+    x, w = _r(1, 3, 5, 5), _r(*ws)
+    with pytest.raises(ModelError):
+        make(op_type, [x, w], attrs).forward(Context(), x, w)

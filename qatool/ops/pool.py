@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import ModelError
 from .base import Op, register
-from .conv import _buffer_geometry, _ints, _tap_slices, _tdiv, _windows
+from .conv import _buffer_geometry, _ints, _tap_slices, _tdiv, _unpad, _windows
 
 
 def _pool_geometry(op: Op, spatial: tuple[int, ...]):
@@ -77,9 +77,7 @@ def _scatter_taps(shape, kernel, strides, dilations, pb, out, dtype, tap_grad, o
             dst += tap_grad(t, None)
         else:
             tap_grad(t, dst)
-    if not need:
-        return buf
-    return np.ascontiguousarray(buf[(slice(None), slice(None)) + tuple(slice(-l, -l + s) for l, s in zip(lo, spatial))])
+    return _unpad(buf, lo, spatial) if need else buf
 
 
 def _overlapping(kernel, strides, dilations) -> bool:
@@ -245,7 +243,8 @@ class GlobalMaxPool(Op):
 # ---- LRN ---------------------------------------------------------------------------------------------------
 @register("LRN")
 class LRN(Op):
-    """y = x / (bias + alpha/size · Σ x²)^beta, the sum over channels c − ⌊(size−1)/2⌋ … c + ⌈(size−1)/2⌉."""
+    """y = x / (bias + alpha/size · Σ x²)^beta, summing over channels c − ⌊(size−1)/2⌋ … c + ⌈(size−1)/2⌉
+    (onnxruntime accepts only odd sizes and 4-D inputs; this follows the spec for the others)."""
 
     attrs = {"alpha": 0.0001, "beta": 0.75, "bias": 1.0, "size": None}
 

@@ -111,7 +111,7 @@ def _axis_taps(mode, coord_mode, nearest_mode, n_in, n_out, scale, cubic_a, excl
     raise ModelError(f"Resize: mode {mode!r} is not supported; supported: nearest, linear, cubic")
 
 
-def _simplify(taps, n_in):
+def _simplify(taps):
     """Merge taps with equal index arrays, drop all-zero taps, mark all-one weights as None."""
     merged: list[list] = []
     for idx, w in taps:
@@ -164,12 +164,10 @@ def _transpose_taps(taps, n_in, n_out):
         sel = rank == r
         p = np.zeros(n_in, np.int64)
         w = np.zeros(n_in)
-        p[tgt[sel]] = pos[sel]
+        p[tgt[sel]] = pos[sel]  # inputs without an r-th reader keep position 0 with weight 0
         w[tgt[sel]] = wts[sel]
-        if not np.all(counts > r):  # inputs without an r-th reader: point at any valid position with weight 0
-            p[counts <= r] = 0
         out.append((p, w))
-    return _simplify(out, n_out)
+    return _simplify(out)
 
 
 class _AxisPlan:
@@ -194,8 +192,9 @@ def _apply(x: np.ndarray, axis: int, taps) -> np.ndarray:
     dt = x.dtype
     y = None
     for sel, w in taps:
-        part = x[lead + (sel,)]
-        fresh = not isinstance(sel, slice)  # fancy indexing made a copy we may scale in place
+        # np.take (not x[..., idx]: fancy indexing returns a non-C-ordered array that slows every later op)
+        fresh = not isinstance(sel, slice)  # np.take made a copy we may scale in place
+        part = np.take(x, sel, axis=axis) if fresh else x[lead + (sel,)]
         if w is not None:
             wb = w.astype(dt).reshape(bshape)
             if fresh:
@@ -218,7 +217,7 @@ def _resize_plan(x_shape, mode, coord_mode, nearest_mode, out_shape, scales, cub
         if n_in == n_out:
             # onnxruntime copies an axis whose size does not change, whatever its scale and coordinate mode
             continue
-        taps = _simplify(_axis_taps(mode, coord_mode, nearest_mode, n_in, n_out, s, cubic_a, exclude_outside), n_in)
+        taps = _simplify(_axis_taps(mode, coord_mode, nearest_mode, n_in, n_out, s, cubic_a, exclude_outside))
         plans.append(_AxisPlan(axis, n_in, n_out, taps))
     # gather along the axes that shrink first, so that every later pass works on the smaller tensor
     plans.sort(key=lambda p: p.n_out / p.n_in)

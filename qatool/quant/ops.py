@@ -64,7 +64,8 @@ class FakeQuant(Op):
         zero_point[...] = z
 
     def forward(self, ctx, x, scale, zero_point, span):
-        if ctx.training and not ctx.observers_frozen:
+        # A frozen observer that has never seen a batch still takes its first one: there is no range otherwise.
+        if ctx.training and (not ctx.observers_frozen or not span[0] <= span[1]):
             self.observe(x, span, scale, zero_point)
         if not span[0] <= span[1]:  # never observed anything: nothing to quantize with yet
             self.mask = None

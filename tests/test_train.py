@@ -1,0 +1,134 @@
+"""train-quant end to end on real digits: outputs, reports, learning, exact resume, config validation."""
+
+import json
+import re
+import subprocess
+import sys
+
+import jsonschema
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from helpers import SAMPLE_DIR
+from qatool import api
+from qatool.errors import ConfigError, UsageError
+from qatool.ir.io import load_graph, save_graph
+from qatool.quant.config import QuantConfig
+from qatool.train.config import TrainConfig, load_config_file
+
+SCHEMAS = SAMPLE_DIR.parent / "schemas"
+
+
+def test_train_quant_writes_checkpoint_int8_model_and_valid_report(lenet, digits, tmp_path):
+    train, val = digits
+    report = api.train_quant(lenet, train, tmp_path, val_data=val, train=TrainConfig(steps=12), echo=lambda s: None)
+    jsonschema.validate(report, json.loads((SCHEMAS / "train-report.schema.json").read_text()))
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["val"] == report["val"] and on_disk["steps"] == 12
+    v = report["val"]
+    assert v["top1_float"] > 0.9, "the sample LeNet is a trained model"
+    assert v["agreement_top1"] >= 0.99
+    assert abs(v["top1_qat"] - v["top1_int8"]) <= 0.01
+    for name in ("qat.onnx", "qat.state.npz", "model_int8.onnx", "metrics.jsonl"):
+        assert (tmp_path / name).is_file(), name
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and json.loads(lines[-1])["step"] == 12
+    onnx.checker.check_model(onnx.load(tmp_path / "model_int8.onnx"))
+    ckpt = onnx.load(tmp_path / "qat.onnx")
+    ops = {n.op_type for n in ckpt.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "BatchNormalization", "Dropout"} <= ops
+
+
+def test_loss_falls_and_accuracy_rises_from_scratch(lenet, digits, tmp_path):
+    """QAT from random weights on real digits: the loss falls and validation accuracy rises far above chance."""
+    graph = load_graph(lenet)
+    rng = np.random.default_rng(0)
+    for name, arr in graph.initializers.items():
+        if arr.ndim >= 2:  # conv / linear weights: fresh He initialisation
+            fan_in = arr[0].size if arr.ndim == 4 else arr.shape[1]
+            graph.initializers[name] = (rng.standard_normal(arr.shape) * np.sqrt(2 / fan_in)).astype(np.float32)
+    save_graph(graph, tmp_path / "scratch.onnx")
+    train, val = digits
+    report = api.train_quant(tmp_path / "scratch.onnx", train, tmp_path / "out", val_data=val,
+                             train=TrainConfig(steps=80, lr=0.02, batch_size=32), echo=lambda s: None)
+    losses = [json.loads(ln)["loss"] for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
+    assert report["val"]["top1_float"] < 0.3  # random weights: near chance
+    assert report["val"]["top1_qat"] > 0.6
+    assert report["val"]["top1_int8"] > 0.6
+
+
+def _state(out_dir):
+    model = onnx.load(out_dir / "qat.onnx")
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    with np.load(out_dir / "qat.state.npz", allow_pickle=False) as npz:
+        arrays.update({f"npz:{k}": npz[k] for k in npz.files})
+    return arrays
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_resume_equals_one_run(lenet, digits, tmp_path, optimizer):
+    """N steps, then resume for M, equals N + M steps in one run, bit for bit (phases change in between)."""
+    train, _ = digits
+    quant = QuantConfig(freeze_bn_after=3, freeze_observers_after=5)
+    quiet = dict(echo=lambda s: None, quiet=True)
+    api.train_quant(lenet, train, tmp_path / "one", quant=quant, train=TrainConfig(steps=7, optimizer=optimizer),
+                    **quiet)
+    api.train_quant(lenet, train, tmp_path / "two", quant=quant, train=TrainConfig(steps=4, optimizer=optimizer),
+                    **quiet)
+    api.train_quant(lenet, train, tmp_path / "two", train=TrainConfig(steps=7, optimizer=optimizer),
+                    resume=tmp_path / "two" / "qat.onnx", **quiet)
+    one, two = _state(tmp_path / "one"), _state(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for k in one:
+        np.testing.assert_array_equal(one[k], two[k], err_msg=k)
+    assert (tmp_path / "one" / "model_int8.onnx").read_bytes() == (tmp_path / "two" / "model_int8.onnx").read_bytes()
+
+
+def test_resume_refuses_another_model(lenet, mobilenet, digits, tmp_path):
+    train, _ = digits
+    api.train_quant(lenet, train, tmp_path, train=TrainConfig(steps=1), echo=lambda s: None, quiet=True)
+    with pytest.raises(UsageError, match="another model"):
+        api.train_quant(mobilenet, train, tmp_path / "b", train=TrainConfig(steps=2), resume=tmp_path / "qat.onnx",
+                        echo=lambda s: None, quiet=True)
+
+
+@pytest.mark.parametrize("text,key", [
+    ("weight_bits: 9\n", "weight_bits"),
+    ("exclude: [1]\n", "exclude/0"),
+    ("lr: -1\n", "lr"),
+    ("colour: gray\n", "(top level)"),
+    ('{"scale_update": "ema"}', "scale_update"),
+])
+def test_config_schema_errors_name_the_key(tmp_path, text, key):
+    path = tmp_path / ("c.json" if text.startswith("{") else "c.yaml")
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"key {key}")) as e:
+        load_config_file(path)
+    if key == "(top level)":
+        assert "colour" in str(e.value)
+
+
+def test_config_file_is_used_and_flags_override(lenet, digits, tmp_path):
+    train, _ = digits
+    cfg = tmp_path / "qat.yaml"
+    cfg.write_text("weight_bits: 4\nactivation_bits: 6\nsteps: 2\nbatch_size: 16\n")
+    r = subprocess.run([sys.executable, "-m", "qatool", "train-quant", str(lenet), "--train-data", str(train),
+                        "-o", str(tmp_path / "out"), "--config", str(cfg), "--activation-bits", "8", "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["config"]["quant"]["weight_bits"] == 4
+    assert report["config"]["quant"]["activation_bits"] == 8
+    assert report["steps"] == 2 and report["batch_size"] == 16
+
+
+def test_cli_bad_bits_is_one_line_usage_error(lenet, digits, tmp_path):
+    train, _ = digits
+    r = subprocess.run([sys.executable, "-m", "qatool", "train-quant", str(lenet), "--train-data", str(train),
+                        "-o", str(tmp_path), "--bits", "9"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.startswith("qatool: error:") and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
