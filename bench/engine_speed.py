@@ -286,6 +286,8 @@ def op_profile(name: str, path: Path, x: np.ndarray, y: np.ndarray, steps: int) 
     """
     m = load_engine(str(path))
     totals: dict[tuple[str, str], float] = {}
+    per_node: dict[tuple[str, str], float] = {}
+    shapes: dict[str, tuple] = {}
 
     def label(op) -> str:
         """The op type, and for Conv its kind: depthwise / 1x1 / KxK, so the profile says which convs cost."""
@@ -303,12 +305,18 @@ def op_profile(name: str, path: Path, x: np.ndarray, y: np.ndarray, steps: int) 
         fn = getattr(op, kind)
         key = (label(op), kind)
 
+        node_key = (op.node.name, kind)
+
         def timed(*args):
+            if kind == "forward" and len(args) > 1 and hasattr(args[1], "shape"):
+                shapes[op.node.name] = (key[0], tuple(args[1].shape))
             t = time.perf_counter()
             try:
                 return fn(*args)
             finally:
-                totals[key] = totals.get(key, 0.0) + time.perf_counter() - t
+                dt = time.perf_counter() - t
+                totals[key] = totals.get(key, 0.0) + dt
+                per_node[node_key] = per_node.get(node_key, 0.0) + dt
 
         setattr(op, kind, timed)
 
@@ -318,6 +326,7 @@ def op_profile(name: str, path: Path, x: np.ndarray, y: np.ndarray, steps: int) 
     step = EngineStep(m, x, y)
     step()
     totals.clear()
+    per_node.clear()
     t = time.perf_counter()
     for _ in range(steps):
         step()
@@ -329,6 +338,11 @@ def op_profile(name: str, path: Path, x: np.ndarray, y: np.ndarray, steps: int) 
     for r in rows:
         if r["share"] >= 0.005:
             print(f"  {r['op']:<20} {r['pass']:<9} {r['ms_per_step']:8.2f} ms  {r['share']:6.1%}")
+    print("  slowest nodes:")
+    for (node, kind), v in sorted(per_node.items(), key=lambda kv: -kv[1])[:8]:
+        op, shape = shapes.get(node, ("?", ()))
+        print(f"    {node:<44} {op:<12} {kind:<9} input {str(list(shape)):<18} {v / steps * 1e3:8.2f} ms"
+              f"  {v / whole:6.1%}")
     return rows
 
 

@@ -63,7 +63,8 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
 
     import numpy as np
 
-    from .eval.backends import agreement, engine_logits, ort_logits, ort_session, top1
+    from .eval.backends import ort_logits, ort_session, top1
+    from .export.deploy import export_session
     from .quant.config import QuantConfig
     from .train.checkpoint import load_checkpoint
     from .train.config import TrainConfig
@@ -135,7 +136,8 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         raise UsageError(f"the checkpoint is at step {start}, beyond --steps {total}")
     phases = Phases.resolve(total, quant_cfg.freeze_bn_after, quant_cfg.freeze_observers_after)
     qat_path = out / "qat.onnx"
-    info = {"model_signature": signature, "top1_float": top1_float}
+    info = {"model_signature": signature, "top1_float": top1_float,
+            "val_data": str(Path(val_data).resolve()) if val_data else None}
 
     def save(step: int, arrays: dict) -> None:
         session.save(qat_path, train_cfg.to_dict(), step, arrays, info)
@@ -146,15 +148,19 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
                        save, out / "metrics.jsonl", quiet)
 
     int8_path = out / "model_int8.onnx"
-    from .ir.io import save_graph
-
-    save_graph(session.export_int8(), int8_path)
+    exported = export_session(session, int8_path, val_images, verify=True, strict=False,
+                              data_source=str(val_data) if val_data else "")
+    fusion = exported.fusion
+    echo(f"int8 kernels in onnxruntime: {fusion.fused} of {fusion.expected} nodes fused "
+         f"({', '.join(f'{k} {v}' for k, v in sorted(fusion.kernels.items()))})")
+    for name, op_type, why in fusion.unfused:
+        echo(f"  not fused: {name} ({op_type}): {why}")
     val = {"top1_float": top1_float, "top1_qat": None, "top1_int8": None, "agreement_top1": None}
     if val_images is not None:
-        sim = engine_logits(session.model, val_images, session.logits)
-        deployed = ort_logits(ort_session(str(int8_path)), val_images)
-        val.update(top1_qat=top1(sim, val_images.labels), top1_int8=top1(deployed, val_images.labels),
-                   agreement_top1=agreement(sim, deployed), images=len(val_images))
+        val.update(top1_qat=top1(exported.simulated, val_images.labels),
+                   top1_int8=top1(exported.deployed, val_images.labels),
+                   agreement_top1=exported.agreement.agreement_top1, images=len(val_images),
+                   max_diff_steps=exported.agreement.max_diff_steps)
         echo(f"val top-1: float {top1_float:.4f}, QAT simulation {val['top1_qat']:.4f}, "
              f"int8 onnxruntime {val['top1_int8']:.4f}; agreement {val['agreement_top1']:.4f}")
     report = {
@@ -170,6 +176,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
                    "freeze_observers_after": phases.freeze_observers_after},
         "val": val,
         "placement": plan,
+        "export": exported.to_dict(),
         "outputs": {"checkpoint": str(qat_path), "int8_model": str(int8_path),
                     "metrics": str(out / "metrics.jsonl")},
     }
@@ -186,3 +193,41 @@ def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ---- export-int8 ------------------------------------------------------------------------------------------------
+def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, preprocess=None) -> dict:
+    """The int8 model of a QAT checkpoint; verified on onnxruntime unless `verify` is False (see
+    `qatool.export.deploy`). The verification batch comes from `calib_data`, else the validation data the
+    checkpoint recorded, else random inputs."""
+    from .export.deploy import export_session
+    from .train.checkpoint import load_checkpoint
+    from .train.data import ImageDataset
+    from .train.preprocess import resolve_preprocess
+    from .train.session import QatSession
+
+    _refuse_overwrite(qat_path, output_path)
+    ckpt = load_checkpoint(qat_path)
+    session = QatSession.from_checkpoint(ckpt)
+    data, source = None, ""
+    if verify:
+        source = calib_data or ckpt.info.get("val_data")
+        if source and not Path(source).exists() and not calib_data:
+            source = None  # the recorded folder is gone: fall back to random inputs
+        if source:
+            pre = resolve_preprocess(ckpt.float_graph, preprocess)
+            dataset = ImageDataset.open(source)
+            data = dataset.load(pre)
+    result = export_session(session, output_path, data, verify=verify, strict=True, data_source=str(source or ""))
+    report = result.to_dict()
+    report["float_nodes"] = session.plan.report()["float_nodes"]
+    if data is not None:
+        report["top1_qat"] = top1_of(result.simulated, data.labels)
+        report["top1_int8"] = top1_of(result.deployed, data.labels)
+    return report
+
+
+def top1_of(logits, labels) -> float:
+    from .eval.backends import top1
+
+    return top1(logits, labels)

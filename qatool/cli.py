@@ -168,6 +168,39 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                     preprocess=pre, labels=labels, resume=resume, quiet=quiet, echo=click.echo)
 
 
+@cli.command("export-int8")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the int8 model.")
+@click.option("--calib-data", type=click.Path(), help="Images to verify on (default: the checkpoint's val data).")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime checks (fusion and agreement).")
+@preprocessing_options
+def export_int8(checkpoint, output, calib_data, no_verify, size, color, mean, std):
+    """Write the deployable int8 model of a QAT CHECKPOINT (qat.onnx).
+
+    BN folded, int8 per-channel weights, int32 biases, Q/DQ activations with the trained scales. Unless
+    --no-verify: onnxruntime must fuse every quantized node into an integer kernel (else the command fails
+    naming each node and the rule it broke), and the simulation and onnxruntime are compared on a batch.
+    """
+    from . import api
+
+    r = api.export_int8(checkpoint, output, calib_data=calib_data, verify=not no_verify,
+                        preprocess=_preprocess_overrides(size, color, mean, std))
+    click.echo(f"wrote {r['path']} ({r['size_bytes'] / 1024:.1f} KB)")
+    if r["fusion"]:
+        f = r["fusion"]
+        kernels = ", ".join(f"{k} {v}" for k, v in sorted(f["kernels"].items()))
+        click.echo(f"onnxruntime: {f['fused']} of {f['expected']} quantized nodes run as integer kernels ({kernels})")
+    if r["agreement"]:
+        a = r["agreement"]
+        steps = f"{a['max_diff_steps']:.1f}" if a["max_diff_steps"] is not None else "n/a"
+        click.echo(f"simulation vs onnxruntime on {a['images']} inputs ({r['verified_on']}): top-1 agreement "
+                   f"{a['agreement_top1']:.4f}, largest difference {steps} quantization steps")
+    if "top1_int8" in r:
+        click.echo(f"top-1: simulation {r['top1_qat']:.4f}, int8 onnxruntime {r['top1_int8']:.4f}")
+    for fn in r["float_nodes"]:
+        click.echo(f"float: {fn['node']} ({fn['op_type']}): {fn['reason']}")
+
+
 @cli.command()
 @click.option("-o", "--output-dir", default="demo_out", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the demo's files.")

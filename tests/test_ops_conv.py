@@ -31,6 +31,15 @@ CONV_CASES = {
     "depthwise": ((2, 4, 6, 5), (4, 1, 3, 3), True, {"group": 4, "pads": [1, 1, 1, 1]}),
     "depthwise_stride2": ((2, 3, 7, 8), (3, 1, 3, 3), True, {"group": 3, "pads": [1, 1, 1, 1], "strides": [2, 2]}),
     "depthwise_mult2": ((1, 3, 6, 5), (6, 1, 3, 2), True, {"group": 3, "pads": [1, 0, 1, 1]}),
+    "depthwise_asym": ((2, 3, 7, 6), (3, 1, 3, 2), True, {"group": 3, "pads": [0, 1, 2, 0]}),
+    "depthwise_same_s2": ((1, 3, 9, 7), (3, 1, 3, 3), True, {"group": 3, "auto_pad": "SAME_UPPER",
+                                                             "strides": [2, 2]}),
+    "depthwise_dil_s21": ((1, 2, 9, 8), (2, 1, 2, 3), False, {"group": 2, "dilations": [2, 2],
+                                                              "strides": [2, 1], "pads": [1, 1, 0, 2]}),
+    "depthwise_s3_odd": ((1, 2, 10, 11), (2, 1, 3, 3), True, {"group": 2, "strides": [3, 2], "pads": [1, 1, 1, 1]}),
+    # output rows cut into several column blocks by the banded GEMMs (the last one narrower)
+    "depthwise_wide": ((1, 3, 4, 70), (3, 1, 3, 3), True, {"group": 3, "pads": [1, 1, 1, 1]}),
+    "depthwise_wide_s2": ((1, 2, 5, 71), (2, 1, 3, 3), True, {"group": 2, "pads": [1, 1, 1, 1], "strides": [2, 2]}),
     "depthwise_dil_nobias": ((1, 3, 8, 7), (3, 1, 3, 3), False, {"group": 3, "dilations": [2, 1],
                                                                "pads": [2, 1, 2, 1]}),
     "wide_rows": ((1, 2, 4, 23), (3, 2, 3, 3), True, {"pads": [1, 1, 0, 1]}),
@@ -38,6 +47,7 @@ CONV_CASES = {
     "per_image": ((2, 2, 17, 16), (3, 2, 3, 3), True, {"pads": [1, 1, 1, 1]}),
     "per_image_nobias_dil": ((1, 2, 20, 19), (2, 2, 2, 3), False, {"dilations": [1, 2], "pads": [0, 1, 1, 0]}),
     "per_image_1d": ((2, 2, 300), (2, 2, 5), True, {"pads": [2, 2]}),
+    "per_image_wide": ((1, 2, 6, 50), (2, 2, 3, 3), True, {"pads": [1, 0, 1, 1]}),
     "no_bias": ((2, 3, 5, 5), (2, 3, 3, 3), False, {}),
     "pointwise": ((2, 5, 4, 3), (3, 5, 1, 1), True, {}),
     "pointwise_group": ((2, 4, 4, 3), (6, 2, 1, 1), True, {"group": 2}),
@@ -49,6 +59,7 @@ CONV_CASES = {
     "conv1d": ((2, 3, 11), (4, 3, 3), True, {"strides": [2], "pads": [1, 2]}),
     "conv1d_same_group": ((2, 4, 10), (4, 2, 4), False, {"auto_pad": "SAME_LOWER", "group": 2}),
     "conv1d_dil": ((1, 2, 12), (3, 2, 3), True, {"dilations": [3], "pads": [0, 2]}),
+    "conv1d_depthwise": ((2, 3, 13), (3, 1, 3), True, {"group": 3, "strides": [2], "pads": [1, 1]}),
     "conv3d": ((1, 2, 5, 4, 6), (3, 2, 2, 3, 2), True, {"pads": [1, 0, 1, 0, 1, 1], "strides": [1, 2, 2]}),
     "conv3d_depthwise": ((1, 2, 4, 5, 4), (2, 1, 3, 3, 3), True, {"group": 2, "pads": [1, 1, 1, 1, 1, 1]}),
 }
@@ -81,7 +92,8 @@ def test_conv_grad(name):
     check_grad("Conv", _conv_inputs(xs, ws, bias), attrs, max_checks=25)
 
 
-@pytest.mark.parametrize("name", ["basic_pads_stride", "depthwise", "pointwise", "conv1d", "per_image"])
+@pytest.mark.parametrize("name", ["basic_pads_stride", "depthwise", "depthwise_wide", "pointwise", "conv1d",
+                                  "per_image"])
 def test_conv_skips_input_grad(name):
     """needs_grad[0] False (the image of a first layer): no dx, and dw/db are unchanged."""
     xs, ws, bias, attrs = CONV_CASES[name]
@@ -99,7 +111,8 @@ def test_conv_skips_input_grad(name):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["basic_pads_stride", "depthwise", "group2", "per_image", "pointwise"])
+@pytest.mark.parametrize("name", ["basic_pads_stride", "depthwise", "depthwise_wide", "group2", "per_image",
+                                  "pointwise"])
 def test_conv_training_mode_same_grads(name):
     """Training keeps the im2col matrix from forward, eval rebuilds it in backward: same gradients."""
     xs, ws, bias, attrs = CONV_CASES[name]
@@ -114,11 +127,13 @@ def test_conv_training_mode_same_grads(name):
         np.testing.assert_array_equal(a, b)
 
 
-def test_conv_dtype_float32():
-    xs, ws, bias, attrs = CONV_CASES["basic_pads_stride"]
+@pytest.mark.parametrize("name", ["basic_pads_stride", "depthwise", "depthwise_wide", "pointwise", "per_image",
+                                  "conv3d_depthwise"])
+def test_conv_dtype_float32(name):
+    xs, ws, bias, attrs = CONV_CASES[name]
     inputs = _conv_inputs(xs, ws, bias)
     op = make("Conv", inputs, attrs)
-    y = op.forward(Context(), *inputs)
+    y = op.forward(Context(training=True), *inputs)
     assert y.dtype == np.float32
     assert all(g.dtype == np.float32 for g in op.backward(_r(*y.shape)))
 
@@ -181,3 +196,19 @@ def test_conv_errors(op_type, ws, attrs):
     x, w = _r(1, 3, 5, 5), _r(*ws)
     with pytest.raises(ModelError):
         make(op_type, [x, w], attrs).forward(Context(), x, w)
+
+
+def test_convtranspose_float32_and_skipped_grads():
+    xs, ws, bias, attrs = CONVT_CASES["output_padding"]
+    inputs = _convt_inputs(xs, ws, bias, attrs)
+    full = make("ConvTranspose", inputs, attrs)
+    y = full.forward(Context(training=True), *inputs)
+    gy = _r(*y.shape)
+    grads = full.backward(gy)
+    assert y.dtype == np.float32 and all(g.dtype == np.float32 for g in grads)
+    part = make("ConvTranspose", inputs, attrs)
+    part.needs_grad = [False, True, False]
+    part.forward(Context(training=True), *inputs)
+    dx, dw, db = part.backward(gy)
+    assert dx is None and db is None
+    np.testing.assert_array_equal(dw, grads[1])

@@ -1,0 +1,90 @@
+"""Write the int8 model of a QAT session and verify it on onnxruntime (shared by export-int8 and train-quant)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..errors import ModelError, QatoolError
+from ..eval.backends import engine_logits, ort_logits, ort_session
+from ..ir.graph import to_onnx
+from ..ir.io import save_proto
+from ..train.data import LoadedImages
+from .verify import Agreement, FusionReport, check_fusion, compare, output_scale
+
+
+class FusionError(QatoolError):
+    """Some nodes meant to be int8 did not become onnxruntime integer kernels."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    size_bytes: int
+    fusion: FusionReport | None = None
+    agreement: Agreement | None = None
+    data_source: str = ""
+    simulated: np.ndarray | None = field(default=None, repr=False)
+    deployed: np.ndarray | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "size_bytes": self.size_bytes,
+                "fusion": self.fusion.to_dict() if self.fusion else None,
+                "agreement": self.agreement.to_dict() if self.agreement else None,
+                "verified_on": self.data_source}
+
+
+def meant_int8(session) -> list[tuple[str, str]]:
+    return [(layer.node.name, layer.node.op_type) for layer in session.plan.layers] + \
+        [(n.name, n.op_type) for n in session.plan.activation_ops]
+
+
+def export_session(session, out_path: str | os.PathLike, data: LoadedImages | None = None, verify: bool = True,
+                   strict: bool = True, data_source: str = "") -> ExportResult:
+    """Export, then (if `verify`) check fusion and simulation-vs-onnxruntime agreement on `data` (random inputs
+    when None). With `strict`, unfused nodes raise FusionError and nothing is written."""
+    out = Path(out_path)
+    model = to_onnx(session.export_int8())
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise ModelError(f"internal: the int8 model fails onnx.checker: {str(e).splitlines()[0]}") from e
+    if not verify:
+        save_proto(model, out)
+        return ExportResult(out, out.stat().st_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".onnx", dir=out.parent)
+    os.close(fd)
+    try:
+        save_proto(model, tmp)
+        fusion = check_fusion(tmp, meant_int8(session))
+        if strict and fusion.unfused:
+            lines = "; ".join(f"{n} ({t}): {why}" for n, t, why in fusion.unfused)
+            raise FusionError(f"{len(fusion.unfused)} of {fusion.expected} nodes meant to be int8 did not fuse "
+                              f"into integer kernels: {lines} (use --no-verify to write the model anyway)")
+        sess = ort_session(tmp)
+        if data is None:
+            simulated, deployed, data_source = _random_run(session, sess)
+        else:
+            simulated = engine_logits(session.model, data, session.logits)
+            deployed = ort_logits(sess, data)
+        agreement = compare(simulated, deployed, output_scale(model))
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return ExportResult(out, out.stat().st_size, fusion, agreement, data_source, simulated, deployed)
+
+
+def _random_run(session, sess) -> tuple[np.ndarray, np.ndarray, str]:
+    shape = list(session.model.graph.inputs[0].shape or [])
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in shape]
+    shape[0] = 16
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    simulated = session.model.forward({session.input_name: x}, outputs=[session.logits])[0]
+    deployed = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    return simulated, deployed, "random inputs: no data given"
