@@ -231,3 +231,11 @@ def top1_of(logits, labels) -> float:
     from .eval.backends import top1
 
     return top1(logits, labels)
+
+
+# ---- eval -------------------------------------------------------------------------------------------------------
+def evaluate(models, data, **options) -> dict:
+    """Side-by-side accuracy, agreement, size and latency (see `qatool.eval.evaluate.evaluate`)."""
+    from .eval.evaluate import evaluate as _evaluate
+
+    return _evaluate(models, data, **options)

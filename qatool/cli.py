@@ -7,6 +7,7 @@ import sys
 import click
 
 from . import __version__
+from .cli_options import preprocess_overrides, preprocessing_options
 from .errors import QatoolError
 
 
@@ -42,50 +43,6 @@ def convert(model: str, output: str, for_training: bool) -> None:
     for line in result.summary_lines():
         click.echo(line)
     click.echo(f"wrote {output}")
-
-
-def _parse_size(value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    parts = value.lower().replace(",", "x").split("x")
-    if len(parts) == 1:
-        parts = parts * 2
-    try:
-        h, w = (int(p) for p in parts)
-    except ValueError:
-        raise click.BadParameter(f"expected HxW (e.g. 224x224), got {value!r}", param_hint="--size") from None
-    if h < 1 or w < 1:
-        raise click.BadParameter(f"sizes must be positive, got {value!r}", param_hint="--size")
-    return h, w
-
-
-def _parse_floats(value: str | None, flag: str) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        vals = tuple(float(v) for v in value.replace(",", " ").split())
-    except ValueError:
-        raise click.BadParameter(f"expected 1 or 3 numbers, got {value!r}", param_hint=flag) from None
-    if len(vals) not in (1, 3):
-        raise click.BadParameter(f"expected 1 or 3 numbers, got {value!r}", param_hint=flag)
-    return vals
-
-
-def preprocessing_options(f):
-    """--size/--color/--mean/--std, shared by every command that reads images."""
-    for opt in reversed([
-        click.option("--size", help="Input size HxW (default: the model's metadata, else its input shape)."),
-        click.option("--color", type=click.Choice(["gray", "rgb", "bgr"]), help="Colour of the input tensor."),
-        click.option("--mean", help="Mean(s) subtracted after scaling pixels to [0, 1]: one value or three."),
-        click.option("--std", help="Standard deviation(s) divided by: one value or three."),
-    ]):
-        f = opt(f)
-    return f
-
-
-def _preprocess_overrides(size, color, mean, std) -> dict:
-    return {"size": _parse_size(size), "color": color, "mean": _parse_floats(mean, "--mean"),
-            "std": _parse_floats(std, "--std")}
 
 
 BITS = click.IntRange(2, 8)
@@ -162,7 +119,7 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
     pre = {k: tuple(v) for k, v in p_file.items() if k != "color"}
     if "color" in p_file:
         pre["color"] = p_file["color"]
-    pre.update({k: v for k, v in _preprocess_overrides(size, color, mean, std).items() if v is not None})
+    pre.update({k: v for k, v in preprocess_overrides(size, color, mean, std).items() if v is not None})
     api.train_quant(model, train_data, output_dir, val_data=val_data,
                     quant=QuantConfig(**quant) if (quant or not resume) else None, train=TrainConfig(**train),
                     preprocess=pre, labels=labels, resume=resume, quiet=quiet, echo=click.echo)
@@ -184,7 +141,7 @@ def export_int8(checkpoint, output, calib_data, no_verify, size, color, mean, st
     from . import api
 
     r = api.export_int8(checkpoint, output, calib_data=calib_data, verify=not no_verify,
-                        preprocess=_preprocess_overrides(size, color, mean, std))
+                        preprocess=preprocess_overrides(size, color, mean, std))
     click.echo(f"wrote {r['path']} ({r['size_bytes'] / 1024:.1f} KB)")
     if r["fusion"]:
         f = r["fusion"]
@@ -204,11 +161,13 @@ def export_int8(checkpoint, output, calib_data, no_verify, size, color, mean, st
 @cli.command()
 @click.option("-o", "--output-dir", default="demo_out", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the demo's files.")
-def demo(output_dir: str) -> None:
-    """Run the pipeline on the bundled sample model and digits."""
+@click.option("--steps", default=200, show_default=True, type=click.IntRange(1), help="QAT steps.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def demo(output_dir: str, steps: int, quiet: bool) -> None:
+    """Run convert -> train-quant -> export-int8 -> eval on the bundled LeNet and real MNIST digits."""
     from .demo import run_demo
 
-    run_demo(output_dir, echo=click.echo)
+    run_demo(output_dir, echo=click.echo, steps=steps, quiet=quiet)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,6 +199,10 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"qatool: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
         sys.exit(1)
 
+
+from .eval.cli import eval_command  # noqa: E402  (after `cli` exists)
+
+cli.add_command(eval_command)
 
 if __name__ == "__main__":
     main()

@@ -1,88 +1,46 @@
-"""`qatool demo` / `make demo`: the pipeline on the bundled sample model and digits.
+"""`qatool demo` / `make demo`: the whole pipeline on the bundled sample model and real digits.
 
-What exists so far: convert (training and inference forms), the engine checked against onnxruntime on real
-data, and a short float fine-tune on the engine. QAT, int8 export and eval join as they land.
+convert --for-training -> train-quant -> export-int8 -> eval, ending with the float vs int8 table.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from . import api
 from .errors import DataError
-from .train.data import ImageDataset
-from .train.loss import softmax_cross_entropy
-from .train.optim import SGD
-from .train.preprocess import METADATA_KEY, Preprocess
+from .train.config import TrainConfig
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 DEFAULT_MODEL = SAMPLES / "lenet_bn.onnx"
 DEFAULT_DATA = SAMPLES / "data" / "mnist"
 
 
-def _top1(logits_batches, labels) -> float:
-    return float(np.mean(np.concatenate([b.argmax(1) for b in logits_batches]) == labels))
-
-
-def run_demo(output_dir: str | Path, echo: Callable[[str], None] = print, steps: int = 100,
-             batch_size: int = 64, model_path: Path = DEFAULT_MODEL, data_dir: Path = DEFAULT_DATA) -> dict:
-    import onnxruntime as ort
-
-    import qatool.engine
+def run_demo(output_dir: str | Path, echo: Callable[[str], None] = print, steps: int = 200,
+             model_path: Path = DEFAULT_MODEL, data_dir: Path = DEFAULT_DATA, quiet: bool = False) -> dict:
+    from .eval.evaluate import format_table
 
     if not model_path.is_file() or not (data_dir / "val").is_dir():
         raise DataError(f"the demo needs the bundled sample model and data ({model_path}, {data_dir}); "
                         "run it from a clone of the qatool repository")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    echo(f"[1/4] convert {model_path.name} --for-training and for inference")
-    train_path, infer_path = out / "train.onnx", out / "float.onnx"
+    train_path = out / "train.onnx"
+    echo(f"== 1/4  qatool convert {model_path.name} -o {train_path} --for-training")
     for line in api.convert(model_path, train_path, for_training=True).summary_lines():
-        echo("      " + line)
-    api.convert(model_path, infer_path, for_training=False)
-
-    model = qatool.engine.load(train_path, seed=0)
-    pre = Preprocess.from_json(model.graph.metadata[METADATA_KEY])
-    echo(f"[2/4] load digits from {data_dir} ({pre.size[0]}x{pre.size[1]} {pre.color})")
-    train = ImageDataset.open(data_dir / "train").load(pre)
-    val = ImageDataset.open(data_dir / "val").load(pre)
-    echo(f"      {len(train)} training and {len(val)} validation images")
-
-    echo("[3/4] engine (eval mode) against onnxruntime on the validation images")
-    sess = ort.InferenceSession(str(infer_path), providers=["CPUExecutionProvider"])
-    name = model.input_names[0]
-    ort_logits = [sess.run(None, {name: x})[0] for x, _ in val.batches(256)]
-    eng_logits = [model.forward({name: x})[0] for x, _ in val.batches(256)]
-    top1_ort, top1_eng = _top1(ort_logits, val.labels), _top1(eng_logits, val.labels)
-    agree = float(np.mean(np.concatenate(ort_logits).argmax(1) == np.concatenate(eng_logits).argmax(1)))
-    max_diff = max(float(np.abs(a - b).max()) for a, b in zip(ort_logits, eng_logits))
-    echo(f"      top-1 onnxruntime {top1_ort:.4f}, engine {top1_eng:.4f}, agreement {agree:.4f}, "
-         f"max |diff| {max_diff:.2e}")
-
-    echo(f"[4/4] float fine-tune on the engine: {steps} steps, batch {batch_size}, SGD lr 1e-3 momentum 0.9")
-    rng = np.random.default_rng(0)
-    opt = SGD(model.params, lr=1e-3, momentum=0.9)
-    losses = []
-    t0 = time.perf_counter()
-    for step in range(steps):
-        x, y = train.batch(rng.integers(0, len(train), batch_size))
-        loss, dlogits = softmax_cross_entropy(model.forward({name: x}, training=True)[0], y)
-        opt.step(model.backward([dlogits]))
-        losses.append(loss)
-    ms = (time.perf_counter() - t0) * 1000 / steps
-    top1_tuned = _top1([model.forward({name: x})[0] for x, _ in val.batches(256)], val.labels)
-    model.save(out / "finetuned.onnx")
-    echo(f"      loss {np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}; {ms:.1f} ms/step; "
-         f"val top-1 {top1_tuned:.4f}")
-    echo("")
-    echo(f"{'model':<28}{'val top-1':>10}")
-    echo(f"{'float (onnxruntime)':<28}{top1_ort:>10.4f}")
-    echo(f"{'float (qatool engine)':<28}{top1_eng:>10.4f}")
-    echo(f"{'fine-tuned (qatool engine)':<28}{top1_tuned:>10.4f}")
-    echo(f"files in {out}/: train.onnx, float.onnx, finetuned.onnx")
-    return {"top1_ort": top1_ort, "top1_engine": top1_eng, "agreement": agree, "top1_finetuned": top1_tuned,
-            "ms_per_step": ms}
+        echo("   " + line)
+    echo(f"\n== 2/4  qatool train-quant {train_path} --train-data {data_dir / 'train'} --val-data {data_dir / 'val'} "
+         f"-o {out / 'qat'} --steps {steps}")
+    report = api.train_quant(train_path, data_dir / "train", out / "qat", val_data=data_dir / "val",
+                             train=TrainConfig(steps=steps), quiet=quiet, echo=lambda s: echo("   " + s))
+    int8_path = out / "model_int8.onnx"
+    echo(f"\n== 3/4  qatool export-int8 {out / 'qat' / 'qat.onnx'} -o {int8_path}")
+    exported = api.export_int8(out / "qat" / "qat.onnx", int8_path)
+    f, a = exported["fusion"], exported["agreement"]
+    echo(f"   {f['fused']} of {f['expected']} quantized nodes run as onnxruntime integer kernels; "
+         f"simulation vs int8 top-1 agreement {a['agreement_top1']:.4f} on {a['images']} images")
+    echo(f"\n== 4/4  qatool eval {model_path.name} {int8_path.name} --data {data_dir / 'val'}")
+    table = api.evaluate([model_path, int8_path], data_dir / "val", json_path=out / "eval.json")
+    echo("\n".join(format_table(table)))
+    echo(f"\nQAT ms/step {report['ms_per_step']:.1f}; files in {out}/")
+    return {"train": report, "export": exported, "eval": table}

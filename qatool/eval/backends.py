@@ -52,3 +52,20 @@ def topk(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(a.argmax(axis=1) == b.argmax(axis=1)))
+
+
+def latency_ms(run, x: np.ndarray, runs: int, budget_s: float = 2.0) -> tuple[float, int]:
+    """Warm latency of `run(x)` in milliseconds: one untimed run, then up to `runs` timed runs (at least one,
+    fewer once `budget_s` seconds have been spent timing). Returns (median ms, timed runs)."""
+    import time
+
+    run(x)  # warm-up: first-run allocations, kernel selection, caches
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < max(runs, 1) and (not times or spent < budget_s):
+        t0 = time.perf_counter()
+        run(x)
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        spent += dt
+    return float(np.median(times) * 1e3), len(times)

@@ -1,0 +1,49 @@
+"""Options shared by several commands (kept apart from cli.py so command modules can import them)."""
+
+from __future__ import annotations
+
+import click
+
+
+def _parse_size(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    parts = value.lower().replace(",", "x").split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise click.BadParameter(f"expected HxW (e.g. 224x224), got {value!r}", param_hint="--size") from None
+    if h < 1 or w < 1:
+        raise click.BadParameter(f"sizes must be positive, got {value!r}", param_hint="--size")
+    return h, w
+
+
+def _parse_floats(value: str | None, flag: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in value.replace(",", " ").split())
+    except ValueError:
+        raise click.BadParameter(f"expected 1 or 3 numbers, got {value!r}", param_hint=flag) from None
+    if len(vals) not in (1, 3):
+        raise click.BadParameter(f"expected 1 or 3 numbers, got {value!r}", param_hint=flag)
+    return vals
+
+
+def preprocessing_options(f):
+    """--size/--color/--mean/--std, shared by every command that reads images."""
+    for opt in reversed([
+        click.option("--size", help="Input size HxW (default: the model's metadata, else its input shape)."),
+        click.option("--color", type=click.Choice(["gray", "rgb", "bgr"]), help="Colour of the input tensor."),
+        click.option("--mean", help="Mean(s) subtracted after scaling pixels to [0, 1]: one value or three."),
+        click.option("--std", help="Standard deviation(s) divided by: one value or three."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def preprocess_overrides(size, color, mean, std) -> dict:
+    return {"size": _parse_size(size), "color": color, "mean": _parse_floats(mean, "--mean"),
+            "std": _parse_floats(std, "--std")}

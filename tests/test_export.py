@@ -1,0 +1,127 @@
+"""The int8 export: fused on onnxruntime, bit-identical weights, simulation == deployment, size."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from helpers import SAMPLE_DIR
+from qatool import api
+from qatool.export.deploy import export_session
+from qatool.export.verify import check_fusion
+from qatool.ops import Context, make_op
+from qatool.quant.qparams import weight_grid
+from qatool.train.checkpoint import load_checkpoint
+from qatool.train.config import TrainConfig
+from qatool.train.preprocess import resolve_preprocess
+from qatool.train.session import QatSession
+
+VAL = SAMPLE_DIR / "data" / "mnist" / "val"
+QUIET = dict(echo=lambda s: None, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, digits):
+    """Short QAT runs of both sample models (W8A8), validated on the whole bundled val set."""
+    train, _ = digits
+    out = {}
+    for name in ("lenet_bn", "mobilenetv2_small"):
+        d = tmp_path_factory.mktemp(name)
+        report = api.train_quant(SAMPLE_DIR / f"{name}.onnx", train, d, val_data=VAL,
+                                 train=TrainConfig(steps=8, batch_size=32), **QUIET)
+        out[name] = (d, report)
+    return out
+
+
+@pytest.mark.parametrize("name", ["lenet_bn", "mobilenetv2_small"])
+def test_every_conv_and_gemm_runs_as_an_integer_kernel(trained, name):
+    d, report = trained[name]
+    fusion = report["export"]["fusion"]
+    assert fusion["unfused"] == [] and fusion["fused"] == fusion["expected"] > 0
+    model = onnx.load(d / "model_int8.onnx")
+    n_conv_gemm = sum(n.op_type in ("Conv", "Gemm") for n in model.graph.node)
+    assert fusion["kernels"].get("QLinearConv", 0) + fusion["kernels"].get("QGemm", 0) == n_conv_gemm
+
+
+@pytest.mark.parametrize("name", ["lenet_bn", "mobilenetv2_small"])
+def test_simulation_equals_onnxruntime_on_the_val_set(trained, name):
+    _, report = trained[name]
+    v = report["val"]
+    assert v["images"] == 1000
+    assert v["agreement_top1"] >= 0.999
+    assert abs(v["top1_qat"] - v["top1_int8"]) <= 0.001
+
+
+def test_int8_weights_are_the_simulated_ones(trained):
+    """Each DequantizeLinear(int8 weight) equals the WeightQuant output the simulation computed."""
+    d, _ = trained["mobilenetv2_small"]
+    session = QatSession.from_checkpoint(load_checkpoint(d / "qat.onnx"))
+    graph = session.model.graph
+    sim = {}
+    for node in graph.nodes:
+        if node.op_type == "WeightQuant":
+            inputs = [graph.initializers[i] for i in node.inputs]
+            sim[node.inputs[0]] = make_op(node).forward(Context(), *inputs)[0]
+    model = onnx.load(d / "model_int8.onnx")
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    checked = 0
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8:
+            base = n.input[0].removesuffix("_quantized")
+            q, s = inits[n.input[0]], inits[n.input[1]]
+            assert np.abs(q).max() <= weight_grid(8).qmax  # narrow range
+            deq = q.astype(np.float32) * s.reshape((-1,) + (1,) * (q.ndim - 1))
+            np.testing.assert_array_equal(deq, sim[base], err_msg=base)
+            checked += 1
+    assert checked == len(sim) > 0
+
+
+def test_sizes(trained):
+    d, _ = trained["lenet_bn"]
+    assert (d / "model_int8.onnx").stat().st_size <= 0.27 * (SAMPLE_DIR / "lenet_bn.onnx").stat().st_size
+
+
+def test_export_int8_command_reproduces_train_quants_model(trained, tmp_path):
+    d, _ = trained["lenet_bn"]
+    report = api.export_int8(d / "qat.onnx", tmp_path / "again.onnx")
+    assert report["agreement"]["images"] == 1000  # verified on the val data the checkpoint recorded
+    assert report["agreement"]["agreement_top1"] >= 0.999
+    assert (tmp_path / "again.onnx").read_bytes() == (d / "model_int8.onnx").read_bytes()
+
+
+def test_unfused_node_is_named_with_its_rule(trained, tmp_path):
+    """Let the first Conv read the float graph input (no DequantizeLinear): the check names it and the rule."""
+    d, _ = trained["lenet_bn"]
+    model = onnx.load(d / "model_int8.onnx")
+    g = model.graph
+    conv = next(n for n in g.node if n.op_type == "Conv")
+    conv.input[0] = g.input[0].name
+    onnx.save(model, tmp_path / "broken.onnx")
+    report = check_fusion(tmp_path / "broken.onnx", [(conv.name, "Conv")])
+    assert report.fused == 0
+    assert report.unfused == [(conv.name, "Conv", f"input {g.input[0].name!r} is not produced by a DequantizeLinear")]
+
+
+def test_export_refuses_to_overwrite_its_input(trained):
+    from qatool.errors import UsageError
+
+    d, _ = trained["lenet_bn"]
+    with pytest.raises(UsageError):
+        api.export_int8(d / "qat.onnx", d / "qat.onnx")
+
+
+def test_export_without_data_uses_random_inputs(trained, tmp_path):
+    d, _ = trained["lenet_bn"]
+    session = QatSession.from_checkpoint(load_checkpoint(d / "qat.onnx"))
+    result = export_session(session, tmp_path / "r.onnx", None)
+    assert result.data_source.startswith("random") and result.agreement.images == 16
+
+
+def test_metadata_keeps_preprocessing_and_float_nodes(trained):
+    d, _ = trained["lenet_bn"]
+    meta = {p.key: p.value for p in onnx.load(d / "model_int8.onnx").metadata_props}
+    assert "qatool.preprocess" in meta and "qatool.float_nodes" in meta
+    from qatool.ir.io import load_graph
+
+    pre = resolve_preprocess(load_graph(d / "model_int8.onnx"))
+    assert pre.size == (28, 28) and pre.color == "gray"
