@@ -120,3 +120,21 @@ def test_constant_subgraph_folds_static_reshape():
     feeds = {"x": np.random.default_rng(0).standard_normal((5, 3, 4)).astype(np.float32)}
     got = qatool.engine.Model(result.graph).forward(feeds)[0]
     np.testing.assert_array_equal(got, feeds["x"].reshape(5, 12))
+
+
+@pytest.mark.parametrize("name", ["lenet_bn", "mobilenetv2_small"])
+def test_sample_models_engine_matches_onnxruntime_on_real_digits(name, digits):
+    """The sample models (trained weights, real images): engine eval == onnxruntime on the original file."""
+    from helpers import SAMPLE_DIR
+    from qatool.train.data import ImageDataset
+    from qatool.train.preprocess import resolve_preprocess
+
+    path = SAMPLE_DIR / f"{name}.onnx"
+    model = qatool.engine.load(path)
+    images = ImageDataset.open(digits[1]).load(resolve_preprocess(model.graph))
+    x, _ = images.batch(np.arange(len(images)))
+    (expected,) = ort_run(str(path), {model.input_names[0]: x})
+    assert_close_rel(model.forward({model.input_names[0]: x})[0], expected, 1e-4, name)
+    inference = normalize_proto(load_proto(path), for_training=False).graph
+    assert {"BatchNormalization", "Dropout"}.isdisjoint(inference.op_counts())
+    assert_close_rel(ort_run(to_onnx(inference), {model.input_names[0]: x})[0], expected, 1e-4, f"{name} folded")
