@@ -51,6 +51,17 @@ def _output_classes(graph) -> int | None:
     return None
 
 
+def check_classes(dataset, n_outputs: int | None, model_path) -> None:
+    """An image folder must have one class per model output; a list file's labels must be outputs."""
+    if n_outputs is None:
+        return
+    is_folder = Path(dataset.source).is_dir()
+    if (is_folder and dataset.num_classes != n_outputs) or dataset.num_classes > n_outputs:
+        what = f"{dataset.num_classes} class folders" if is_folder else f"labels up to {dataset.num_classes - 1}"
+        raise DataError(f"{dataset.source} has {what} but the model {Path(model_path).name} has {n_outputs} "
+                        "outputs")
+
+
 def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, train=None, preprocess=None,
                 labels=None, resume=None, quiet: bool = False, echo=print) -> dict:
     """QAT of a float (or convert --for-training) model on an image folder; writes qat.onnx, model_int8.onnx,
@@ -102,10 +113,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         except OSError as e:
             raise UsageError(f"cannot read the labels file {labels}: {e.strerror or e}") from e
     train_set = ImageDataset.open(train_data, class_names)
-    n_classes = _output_classes(float_graph)
-    if n_classes is not None and train_set.num_classes > n_classes:
-        raise DataError(f"the training data has {train_set.num_classes} classes but the model has {n_classes} "
-                        "outputs")
+    check_classes(train_set, _output_classes(float_graph), model_path)
     echo(f"loading {len(train_set)} training images from {train_data}")
     train_images = train_set.load(pre)
     val_images = None

@@ -132,3 +132,16 @@ def test_cli_bad_bits_is_one_line_usage_error(lenet, digits, tmp_path):
     assert r.returncode == 2
     assert r.stderr.startswith("qatool: error:") and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.stderr
+
+
+def test_class_folders_must_match_model_outputs(lenet, digits, tmp_path):
+    import shutil
+
+    from qatool.errors import DataError
+
+    train, _ = digits
+    for cls in ("0", "1", "2"):
+        shutil.copytree(train / cls, tmp_path / "three" / cls)
+    with pytest.raises(DataError, match="3 class folders but the model lenet_bn.onnx has 10 outputs"):
+        api.train_quant(lenet, tmp_path / "three", tmp_path / "out", train=TrainConfig(steps=1), **{"echo": print})
+    assert not (tmp_path / "out" / "qat.onnx").exists()

@@ -1,0 +1,104 @@
+"""Image folders, list files, preprocessing, bad and hostile images."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qatool.errors import DataError, UsageError
+from qatool.train.data import ImageDataset, augment, batch_indices
+from qatool.train.preprocess import Preprocess
+
+GRAY28 = Preprocess(size=(28, 28), color="gray", mean=(0.5,), std=(0.25,))
+
+
+def _png(path, value=128, size=(28, 28), mode="L"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value).save(path)
+
+
+def test_folder_classes_sorted_and_labels_file(tmp_path):
+    for cls in ("b", "a", "c"):
+        _png(tmp_path / cls / "1.png")
+    ds = ImageDataset.open(tmp_path)
+    assert ds.classes == ["a", "b", "c"]
+    assert sorted(label for _, label in ds.samples) == [0, 1, 2]
+    ds2 = ImageDataset.open(tmp_path, ["c", "b", "a"])
+    assert dict((p.parent.name, label) for p, label in ds2.samples) == {"c": 0, "b": 1, "a": 2}
+    with pytest.raises(DataError, match="not in the labels file"):
+        ImageDataset.open(tmp_path, ["a", "b"])
+
+
+def test_list_file_and_bad_line_number(tmp_path):
+    _png(tmp_path / "img" / "x.png", 10)
+    _png(tmp_path / "img" / "y.png", 20)
+    lst = tmp_path / "train.txt"
+    lst.write_text("# comment\nimg/x.png 0\n\nimg/y.png 3\n")
+    ds = ImageDataset.open(lst)
+    assert [label for _, label in ds.samples] == [0, 3] and ds.num_classes == 4
+    loaded = ds.load(GRAY28)
+    assert loaded.images[0, 0, 0, 0] == 10 and loaded.images[1, 0, 0, 0] == 20
+    lst.write_text("img/x.png 0\nimg/y.png\n")
+    with pytest.raises(DataError, match=r"train.txt:2:"):
+        ImageDataset.open(lst)
+
+
+def test_corrupt_truncated_and_non_image_files_are_skipped_and_counted(tmp_path):
+    _png(tmp_path / "a" / "good.png")
+    (tmp_path / "a" / "corrupt.png").write_bytes(b"not an image at all")
+    good = (tmp_path / "a" / "good.png").read_bytes()
+    (tmp_path / "a" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "a" / "notes.txt").write_text("ignored: not an image suffix")
+    loaded = ImageDataset.open(tmp_path).load(GRAY28)
+    assert len(loaded) == 1
+    assert sorted(p.name for p in loaded.skipped) == ["corrupt.png", "truncated.png"]
+
+
+def test_nothing_usable_is_an_error(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "bad.png").write_bytes(b"junk")
+    with pytest.raises(DataError, match="could be read"):
+        ImageDataset.open(tmp_path).load(GRAY28)
+    with pytest.raises(DataError, match="no class sub-folders"):
+        ImageDataset.open(tmp_path / "a")
+    with pytest.raises(DataError, match="not found"):
+        ImageDataset.open(tmp_path / "missing")
+
+
+def test_decompression_bomb_is_refused(tmp_path):
+    big = tmp_path / "a" / "bomb.png"
+    big.parent.mkdir(parents=True)
+    Image.new("1", (10000, 10000)).save(big)  # 100 Mpixels, a small file
+    _png(tmp_path / "a" / "ok.png")
+    loaded = ImageDataset.open(tmp_path).load(GRAY28)
+    assert [p.name for p in loaded.skipped] == ["bomb.png"]
+
+
+def test_preprocessing_resize_color_and_normalisation(tmp_path):
+    _png(tmp_path / "a" / "rgb.png", (255, 0, 0), size=(40, 30), mode="RGB")
+    rgb = Preprocess(size=(20, 10), color="rgb", mean=(0.0, 0.5, 0.5), std=(1.0, 0.5, 0.5))
+    x, y = ImageDataset.open(tmp_path).load(rgb).batch(np.array([0]))
+    assert x.shape == (1, 3, 20, 10) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0, :, 0, 0], [1.0, -1.0, -1.0], atol=1e-6)
+    bgr = Preprocess(size=(20, 10), color="bgr")
+    x, _ = ImageDataset.open(tmp_path).load(bgr).batch(np.array([0]))
+    np.testing.assert_allclose(x[0, :, 0, 0], [0.0, 0.0, 1.0], atol=1e-6)
+    with pytest.raises(UsageError, match="mean needs 1 or 3"):
+        Preprocess(size=(2, 2), color="rgb", mean=(0.1, 0.2))
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    a = [batch_indices(100, 32, s, seed=1) for s in range(6)]
+    b = [batch_indices(100, 32, s, seed=1) for s in range(6)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    epoch0 = np.concatenate(a[:3])
+    assert len(set(epoch0.tolist())) == 96  # no repeats within an epoch
+    assert not np.array_equal(a[0], batch_indices(100, 32, 0, seed=2))
+
+
+def test_augment_keeps_shape_and_moves_pixels():
+    img = np.zeros((4, 16, 16, 1), np.uint8)
+    img[:, 8, 8] = 255
+    out = augment(img, np.random.default_rng(0))
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert (out.reshape(4, -1).max(1) <= 255).all()
+    assert not np.array_equal(out, img)
