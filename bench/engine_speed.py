@@ -81,29 +81,7 @@ class SGDMomentum:
 
 
 # ---- the two sides ------------------------------------------------------------------------------------------
-def onnx_weights(path: Path) -> dict[str, np.ndarray]:
-    import onnx
-    from onnx import numpy_helper
-
-    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
-
-
-def torch_module(name: str, weights: dict[str, np.ndarray]):
-    """The make_models.py module for `name`, with the ONNX initializers copied in by state_dict name."""
-    import torch
-
-    import make_models
-
-    module = make_models.MODELS[name][0]()
-    state = module.state_dict()
-    for key, value in state.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        if key not in weights or tuple(weights[key].shape) != tuple(value.shape):
-            raise SystemExit(f"{name}: the ONNX file has no initializer {key!r} shaped {tuple(value.shape)}")
-        state[key] = torch.from_numpy(np.array(weights[key], dtype=np.float32))
-    module.load_state_dict(state)
-    return module
+from torch_twins import onnx_weights, torch_module  # noqa: E402  (the PyTorch twins of the sample models)
 
 
 def load_engine(source):
@@ -279,14 +257,15 @@ def bench(name: str, path: Path, x: np.ndarray, y: np.ndarray, steps: int, warmu
 
 
 def op_profile(name: str, path: Path, x: np.ndarray, y: np.ndarray, steps: int) -> list[dict]:
-    """Wall time of each op type's forward and backward over `steps` engine steps, as a share of the step.
+    """Where an engine step's time goes: per op type (Conv split by kind) and per node, forward and backward.
 
-    Wraps the op instances' methods in the compiled model (read-only use of the engine; nothing is changed in
-    qatool).
+    Wraps the op instances' methods in the compiled model (read-only use of the engine; nothing in qatool is
+    changed). Each figure is the median over `steps` steps of that entry's time within one step, so a step
+    slowed down by another process on the machine does not skew it; shares are of the median step.
     """
     m = load_engine(str(path))
-    totals: dict[tuple[str, str], float] = {}
-    per_node: dict[tuple[str, str], float] = {}
+    cur: dict[tuple[str, str], float] = {}
+    cur_node: dict[tuple[str, str], float] = {}
     shapes: dict[str, tuple] = {}
 
     def label(op) -> str:
@@ -304,7 +283,6 @@ def op_profile(name: str, path: Path, x: np.ndarray, y: np.ndarray, steps: int) 
     def wrap(op, kind):
         fn = getattr(op, kind)
         key = (label(op), kind)
-
         node_key = (op.node.name, kind)
 
         def timed(*args):
@@ -315,8 +293,8 @@ def op_profile(name: str, path: Path, x: np.ndarray, y: np.ndarray, steps: int) 
                 return fn(*args)
             finally:
                 dt = time.perf_counter() - t
-                totals[key] = totals.get(key, 0.0) + dt
-                per_node[node_key] = per_node.get(node_key, 0.0) + dt
+                cur[key] = cur.get(key, 0.0) + dt
+                cur_node[node_key] = cur_node.get(node_key, 0.0) + dt
 
         setattr(op, kind, timed)
 
@@ -325,24 +303,32 @@ def op_profile(name: str, path: Path, x: np.ndarray, y: np.ndarray, steps: int) 
         wrap(s.op, "backward")
     step = EngineStep(m, x, y)
     step()
-    totals.clear()
-    per_node.clear()
-    t = time.perf_counter()
+    per_key: dict[tuple[str, str], list[float]] = {}
+    per_node: dict[tuple[str, str], list[float]] = {}
+    whole = []
     for _ in range(steps):
+        cur.clear()
+        cur_node.clear()
+        t = time.perf_counter()
         step()
-    whole = time.perf_counter() - t
-    rows = [{"op": k[0], "pass": k[1], "ms_per_step": round(v / steps * 1e3, 2), "share": round(v / whole, 3)}
-            for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
-    covered = sum(totals.values())
-    print(f"\n{name}: engine step {whole / steps * 1e3:.1f} ms; per op type (ops cover {covered / whole:.0%}):")
+        whole.append(time.perf_counter() - t)
+        for d, acc in ((cur, per_key), (cur_node, per_node)):
+            for k, v in d.items():
+                acc.setdefault(k, []).append(v)
+    med = statistics.median(whole)
+    rows = sorted(({"op": k[0], "pass": k[1], "ms_per_step": round(statistics.median(v) * 1e3, 2),
+                    "share": round(statistics.median(v) / med, 3)} for k, v in per_key.items()),
+                  key=lambda r: -r["ms_per_step"])
+    covered = sum(r["ms_per_step"] for r in rows) / 1e3
+    print(f"\n{name}: engine step, median of {steps}: {med * 1e3:.1f} ms; per op type (ops cover {covered / med:.0%}):")
     for r in rows:
         if r["share"] >= 0.005:
             print(f"  {r['op']:<20} {r['pass']:<9} {r['ms_per_step']:8.2f} ms  {r['share']:6.1%}")
     print("  slowest nodes:")
-    for (node, kind), v in sorted(per_node.items(), key=lambda kv: -kv[1])[:8]:
+    node_rows = sorted(((statistics.median(v), k) for k, v in per_node.items()), reverse=True)[:8]
+    for v, (node, kind) in node_rows:
         op, shape = shapes.get(node, ("?", ()))
-        print(f"    {node:<44} {op:<12} {kind:<9} input {str(list(shape)):<18} {v / steps * 1e3:8.2f} ms"
-              f"  {v / whole:6.1%}")
+        print(f"    {node:<46} {op:<12} {kind:<9} input {str(list(shape)):<18} {v * 1e3:8.2f} ms  {v / med:6.1%}")
     return rows
 
 
@@ -404,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         checks = check(name, path, x, y)
         results[name] = {**bench(name, path, x, y, args.steps, args.warmup), "checks": checks}
         if args.op_profile:
-            results[name]["engine_op_profile"] = op_profile(name, path, x, y, max(5, args.steps // 2))
+            results[name]["engine_op_profile"] = op_profile(name, path, x, y, args.steps)
 
     print(f"\nOne training step, batch {args.batch}x1x28x28, median of {args.steps} (torch threads {THREADS}; "
           f"{info['cpu']}, {info['cores']} cores)")

@@ -102,3 +102,46 @@ def test_augment_keeps_shape_and_moves_pixels():
     assert out.shape == img.shape and out.dtype == np.uint8
     assert (out.reshape(4, -1).max(1) <= 255).all()
     assert not np.array_equal(out, img)
+
+
+def test_streamed_set_equals_in_memory_set(tmp_path):
+    """A set larger than the memory budget is streamed (decoded per batch, prefetched): same batches."""
+    for i in range(7):
+        _png(tmp_path / str(i % 3) / f"{i}.png", value=i * 30)
+    (tmp_path / "1" / "broken.png").write_bytes(b"junk")
+    ds = ImageDataset.open(tmp_path)
+    mem = ds.load(GRAY28)
+    streamed = ds.load(GRAY28, max_bytes=100)
+    assert type(streamed).__name__ == "StreamingImages" and len(streamed) == 8
+    idx = np.array([6, 0, 3])
+    fut = streamed.prefetch(idx)
+    good = [i for i, (p, _) in enumerate(ds.samples) if p.name != "broken.png"]
+    np.testing.assert_array_equal(fut.result(), mem.uint8_batch(np.array([good.index(i) if i in good else 0
+                                                                          for i in idx])))
+    batches = list(streamed.batches(3))
+    assert [len(y) for _, y in batches] == [3, 3, 2]
+    broken = [i for i, (p, _) in enumerate(ds.samples) if p.name == "broken.png"][0]
+    x_all = np.concatenate([x for x, _ in batches])
+    assert np.all(x_all[broken] == x_all[broken].flat[0])  # blank stand-in
+    assert [p.name for p in streamed.skipped] == ["broken.png"]
+
+
+def test_training_on_a_streamed_set(lenet, digits, tmp_path, monkeypatch):
+    from qatool import api
+    from qatool.train import data as data_module
+    from qatool.train.config import TrainConfig
+
+    monkeypatch.setattr(data_module, "IN_MEMORY_BYTES", 1000)
+    train, val = digits
+    made = []
+    original = data_module.StreamingImages.__init__
+
+    def spy(self, *args, **kwargs):
+        made.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(data_module.StreamingImages, "__init__", spy)
+    report = api.train_quant(lenet, train, tmp_path, val_data=val, train=TrainConfig(steps=4),
+                             echo=lambda s: None, quiet=True)
+    assert len(made) == 2  # the training and the validation sets were streamed
+    assert report["steps"] == 4 and report["val"]["agreement_top1"] >= 0.99

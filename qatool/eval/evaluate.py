@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import DataError, ModelError, UsageError
 from ..ir.graph import Graph
 from ..ir.io import atomic_write_bytes, load_graph
-from ..train.data import ImageDataset, LoadedImages
+from ..train.data import ImageDataset, LoadedImages, StreamingImages
 from ..train.preprocess import Preprocess, resolve_preprocess
 from .backends import agreement, engine_logits, latency_ms, ort_logits, ort_session, top1, topk
 
@@ -86,7 +86,8 @@ def evaluate(models, data, backend="ort", batch_size: int = DEFAULT_BATCH_SIZE,
             if key not in decoded:
                 decoded[key] = dataset.load(pre)
             base = decoded[key]
-            loaded[pre] = LoadedImages(base.images, base.labels, pre, base.skipped)
+            loaded[pre] = (LoadedImages(base.images, base.labels, pre, base.skipped)
+                           if isinstance(base, LoadedImages) else StreamingImages(dataset, pre))
         images = loaded[pre]
         kept = _kept_indices(dataset, images)
         result, logits = _evaluate_one(entry, images, dataset.num_classes, batch_size, threads, latency)
@@ -254,8 +255,9 @@ def _evaluate_one(entry: _Entry, images: LoadedImages, num_classes: int, batch_s
 
 
 def _kept_indices(dataset: ImageDataset, images: LoadedImages) -> np.ndarray:
-    """Indices into dataset.samples of the images that were decoded (in order)."""
-    if not images.skipped:
+    """Indices into dataset.samples of the images that were decoded (in order). A streamed set keeps every
+    sample (an unreadable one is evaluated as a blank image)."""
+    if not images.skipped or isinstance(images, StreamingImages):
         return np.arange(len(dataset))
     skipped = set(images.skipped)
     return np.array([i for i, (p, _) in enumerate(dataset.samples) if p not in skipped], np.int64)

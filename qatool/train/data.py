@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from .preprocess import Preprocess
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # larger images are refused as decompression bombs
+IN_MEMORY_BYTES = 2 * 1024**3  # decoded sets up to this size are kept in memory; larger ones are streamed
 
 
 @dataclass
@@ -82,7 +85,16 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, pre: Preprocess) -> LoadedImages:
+    def load(self, pre: Preprocess, max_bytes: int | None = None) -> LoadedImages | StreamingImages:
+        """The images, decoded into memory when they fit in `max_bytes` (default IN_MEMORY_BYTES) as uint8,
+        else streamed from disk."""
+        h, w = pre.size
+        limit = IN_MEMORY_BYTES if max_bytes is None else max_bytes
+        if len(self.samples) * h * w * pre.channels > limit:
+            return StreamingImages(self, pre)
+        return self.load_all(pre)
+
+    def load_all(self, pre: Preprocess) -> LoadedImages:
         """Decode every image into memory (uint8); unreadable images are skipped and counted."""
         h, w = pre.size
         images = np.empty((len(self.samples), h, w, pre.channels), np.uint8)
@@ -111,14 +123,74 @@ class LoadedImages:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def uint8_batch(self, index: np.ndarray) -> np.ndarray:
+        return self.images[index]
+
+    def prefetch(self, index: np.ndarray) -> Future:
+        """A future of `uint8_batch(index)` (already done: the images are in memory)."""
+        f: Future = Future()
+        f.set_result(self.uint8_batch(index))
+        return f
+
     def batch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.preprocess.normalize(self.images[index]), self.labels[index]
+        return self.preprocess.normalize(self.uint8_batch(index)), self.labels[index]
 
     def batches(self, batch_size: int):
         """Sequential batches (for evaluation)."""
         for start in range(0, len(self), batch_size):
             idx = np.arange(start, min(start + batch_size, len(self)))
             yield self.batch(idx)
+
+
+class StreamingImages:
+    """A set too large for memory: each batch is decoded from disk by a pool of threads (Pillow releases the GIL
+    while decoding), and the next batch is prefetched in the background while the current one trains.
+
+    An image that turns out unreadable is replaced by a blank one (so batches keep their labels aligned) and
+    listed in `skipped`.
+    """
+
+    def __init__(self, dataset: ImageDataset, pre: Preprocess, workers: int | None = None):
+        self.paths = [p for p, _ in dataset.samples]
+        self.labels = np.array([label for _, label in dataset.samples], np.int64)
+        self.preprocess = pre
+        self.skipped: list[Path] = []
+        self._lock = threading.Lock()
+        self._decoders = ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1), thread_name_prefix="decode")
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _decode(self, i: int) -> np.ndarray:
+        arr = decode_image(self.paths[i], self.preprocess)
+        if arr is None:
+            with self._lock:
+                self.skipped.append(self.paths[i])
+            h, w = self.preprocess.size
+            arr = np.zeros((h, w, self.preprocess.channels), np.uint8)
+        return arr
+
+    def uint8_batch(self, index: np.ndarray) -> np.ndarray:
+        return np.stack(list(self._decoders.map(self._decode, [int(i) for i in index])))
+
+    def prefetch(self, index: np.ndarray) -> Future:
+        return self._prefetcher.submit(self.uint8_batch, index)
+
+    def batch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.preprocess.normalize(self.uint8_batch(index)), self.labels[index]
+
+    def batches(self, batch_size: int):
+        """Sequential batches, the next one decoded while the caller works on the current one."""
+        starts = range(0, len(self), batch_size)
+        pending = None
+        for k, start in enumerate(starts):
+            idx = np.arange(start, min(start + batch_size, len(self)))
+            images = pending.result() if pending is not None else self.uint8_batch(idx)
+            if k + 1 < len(starts):
+                nxt = starts[k + 1]
+                pending = self.prefetch(np.arange(nxt, min(nxt + batch_size, len(self))))
+            yield self.preprocess.normalize(images), self.labels[idx]
 
 
 def decode_image(path: Path, pre: Preprocess) -> np.ndarray | None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import QatoolError
 from .config import TrainConfig
-from .data import LoadedImages, augment, batch_indices
+from .data import LoadedImages, StreamingImages, augment, batch_indices
 from .loss import softmax_cross_entropy
 from .optim import learning_rate, make_optimizer
 from .progress import Progress
@@ -77,7 +77,7 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def train(session: QatSession, data: LoadedImages, cfg: TrainConfig, phases: Phases, start: int, total: int,
+def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainConfig, phases: Phases, start: int, total: int,
           optimizer_state: dict[str, np.ndarray] | None, save: Callable[[int, dict], None],
           metrics_path: Path | None = None, quiet: bool = False) -> TrainResult:
     """Run steps [start, total). `save(step, optimizer_arrays)` writes a checkpoint at `step`."""
@@ -96,6 +96,7 @@ def train(session: QatSession, data: LoadedImages, cfg: TrainConfig, phases: Pha
     loss = float("nan")
     correct = seen = 0
     step = start
+    pending = data.prefetch(batch_indices(len(data), cfg.batch_size, start, cfg.seed)) if start < total else None
     try:
         with _StopFlag() as stop:
             for step in range(start, total):
@@ -105,7 +106,9 @@ def train(session: QatSession, data: LoadedImages, cfg: TrainConfig, phases: Pha
                 t0 = time.perf_counter()
                 session.set_phase(step, phases.freeze_bn_after, phases.freeze_observers_after)
                 idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
-                images = data.images[idx]
+                images = pending.result()
+                if step + 1 < total:  # decode the next batch while this one trains (streamed data sets)
+                    pending = data.prefetch(batch_indices(len(data), cfg.batch_size, step + 1, cfg.seed))
                 if cfg.augment:
                     images = augment(images, np.random.default_rng([cfg.seed, step, 1]))
                 x = data.preprocess.normalize(images)
