@@ -106,6 +106,11 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
 
     pre = resolve_preprocess(float_graph, preprocess)
     float_graph.metadata[METADATA_KEY] = pre.to_json()
+    # the QAT graph first: a model the engine cannot run fails before any image is read
+    session = QatSession.from_checkpoint(ckpt, train_cfg.seed) if ckpt else \
+        QatSession.create(float_graph, quant_cfg, train_cfg.seed)
+    if ckpt:
+        session.float_graph.metadata[METADATA_KEY] = pre.to_json()
     class_names = None
     if labels:
         try:
@@ -131,10 +136,6 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         top1_float = top1(ort_logits(ort_session(to_onnx(infer)), val_images), val_images.labels)
         echo(f"float val top-1 (onnxruntime): {top1_float:.4f}")
 
-    session = QatSession.from_checkpoint(ckpt, train_cfg.seed) if ckpt else \
-        QatSession.create(float_graph, quant_cfg, train_cfg.seed)
-    if ckpt:
-        session.float_graph.metadata[METADATA_KEY] = pre.to_json()
     plan = session.plan.report()
     echo(f"quantized {len(plan['quantized_layers'])} layers ({len(plan['folded_batchnorm'])} with BN folded), "
          f"{plan['quantized_activations']} activation quantizers; {len(plan['float_nodes'])} nodes stay float")

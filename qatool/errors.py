@@ -35,3 +35,7 @@ class DataError(QatoolError):
 
 class ConfigError(QatoolError):
     """A configuration file or value that fails validation."""
+
+
+class DivergedError(QatoolError):
+    """Training produced non-finite values (NaN or inf)."""

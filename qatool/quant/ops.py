@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import DivergedError
 from ..ir.graph import Node
 from ..ops.base import Op, register
 from ..ops.norm import BatchNormalization
@@ -51,6 +52,8 @@ class FakeQuant(Op):
         """Update the observed range `span` = [min, max] with this batch, then the scale and zero point."""
         dt = span.dtype.type
         lo, hi = dt(x.min()), dt(x.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise DivergedError(f"activation {self.node.outputs[0]!r} holds non-finite values")
         if not span[0] <= span[1]:  # first batch: the range starts as [inf, -inf]
             span[0], span[1] = lo, hi
         elif self.observer == "maximum":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,16 +116,16 @@ def _insert_weight_qdq(g: Graph, layer, config: QuantConfig) -> None:
 
 
 def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    import io
+
+    from ..ir.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as e:
+        raise ModelError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def is_checkpoint(graph: Graph) -> bool:

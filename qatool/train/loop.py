@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import QatoolError
+from ..errors import DivergedError, QatoolError
 from .config import TrainConfig
 from .data import LoadedImages, StreamingImages, augment, batch_indices
 from .loss import softmax_cross_entropy
@@ -30,6 +30,11 @@ class TrainingInterrupted(QatoolError):
 
 class TrainingDiverged(QatoolError):
     pass
+
+
+def _diverged(step: int, what: str) -> TrainingDiverged:
+    return TrainingDiverged(f"training diverged at step {step} ({what}); the last checkpoint saved is kept — "
+                            "lower --lr or check the data")
 
 
 @dataclass
@@ -90,6 +95,13 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
     def optim_arrays() -> dict:
         return {f"optim/{k}": v for k, v in opt.state_arrays().items()}
 
+    def checkpoint(at: int) -> None:
+        """Save, unless the parameters went non-finite: a diverged state never replaces a good checkpoint."""
+        bad = next((k for k, v in model.params.items() if not np.isfinite(v).all()), None)
+        if bad is not None:
+            raise _diverged(at, f"parameter {bad!r} is not finite")
+        save(at, optim_arrays())
+
     progress = Progress(total, start, enabled=None if not quiet else False)
     log = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
     times: list[float] = []
@@ -101,7 +113,7 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
         with _StopFlag() as stop:
             for step in range(start, total):
                 if stop.requested:
-                    save(step, optim_arrays())
+                    checkpoint(step)
                     raise TrainingInterrupted(f"interrupted at step {step}; resume with --resume")
                 t0 = time.perf_counter()
                 session.set_phase(step, phases.freeze_bn_after, phases.freeze_observers_after)
@@ -114,15 +126,17 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
                 x = data.preprocess.normalize(images)
                 y = data.labels[idx]
                 model.ctx.rng = np.random.default_rng([cfg.seed, step, 2])
-                (logits,) = model.forward({session.input_name: x}, training=True, outputs=[session.logits])
-                loss, dlogits = softmax_cross_entropy(logits, y)
-                if not np.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"training diverged at step {step} (loss {loss}); the last checkpoint saved is kept — "
-                        "lower --lr or check the data")
                 lr = learning_rate(step, total, cfg.lr, cfg.schedule, cfg.warmup_steps, cfg.step_size,
                                    cfg.step_gamma)
-                opt.step(model.backward([dlogits]), lr=lr)
+                with np.errstate(over="ignore", invalid="ignore"):  # divergence is detected, not warned about
+                    try:
+                        (logits,) = model.forward({session.input_name: x}, training=True, outputs=[session.logits])
+                    except DivergedError as e:
+                        raise _diverged(step, str(e)) from None
+                    loss, dlogits = softmax_cross_entropy(logits, y)
+                    if not np.isfinite(loss):
+                        raise _diverged(step, f"loss {loss}")
+                    opt.step(model.backward([dlogits]), lr=lr)
                 times.append(time.perf_counter() - t0)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
@@ -133,9 +147,9 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
                     log.write(json.dumps(record) + "\n")
                 progress.update(step, loss=loss, acc=correct / seen, lr=lr)
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-                    save(step + 1, optim_arrays())
+                    checkpoint(step + 1)
             step = total
-            save(total, optim_arrays())
+            checkpoint(total)
     except KeyboardInterrupt:  # a second Ctrl-C, possibly mid-step: nothing consistent to save
         raise TrainingInterrupted(f"interrupted twice at step {step}; stopped without saving") from None
     finally:

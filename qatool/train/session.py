@@ -46,10 +46,10 @@ class QatSession:
     def create(cls, float_graph: Graph, config: QuantConfig, seed: int = 0) -> QatSession:
         qat = copy.deepcopy(float_graph)
         plan, quant = prepare(qat, config)
+        model = Model(qat, seed=seed)  # first: names any op the engine cannot run
         if not plan.layers:
             raise ModelError("no Conv, Gemm or MatMul of the model can be quantized "
                              "(check --exclude, and that weights are initializers)")
-        model = Model(qat, seed=seed)
         return cls(float_graph, config, model, plan, quant, loss_tensor(qat))
 
     @classmethod
