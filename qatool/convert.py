@@ -77,8 +77,9 @@ def normalize_proto(model: onnx.ModelProto, for_training: bool) -> ConvertResult
     """Normalise a ModelProto (see the module docstring)."""
     try:
         onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
-        raise ModelError(f"the model fails onnx.checker: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # ValidationError, or the C++ side's own errors (e.g. invalid UTF-8 in a name)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"the model fails onnx.checker: {first}") from e
     opset_from = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
     if opset_from < MIN_OPSET:
         try:

@@ -198,6 +198,32 @@ def _attr_value(a: onnx.AttributeProto) -> Any:
 
 def from_onnx(model: onnx.ModelProto) -> Graph:
     """Build a Graph from a ModelProto (external data must already be loaded)."""
+    try:
+        graph = _from_onnx(model)
+        for text in _texts(graph):
+            if not isinstance(text, str):  # protobuf hands back bytes for invalid UTF-8
+                raise UnicodeError("not valid UTF-8")
+            text.encode("utf-8")
+        return graph
+    except UnicodeError as e:
+        raise ModelError(f"the model holds text that is not valid UTF-8 ({e})") from e
+
+
+def _texts(graph: Graph):
+    """Every name and string the graph holds."""
+    yield from (graph.producer_name, graph.name, *graph.metadata, *graph.metadata.values(), *graph.initializers)
+    for v in (*graph.inputs, *graph.outputs, *graph.value_info.values()):
+        yield v.name
+    for n in graph.nodes:
+        yield from (n.op_type, n.name, n.domain, *n.inputs, *n.outputs, *n.attrs)
+        for value in n.attrs.values():
+            if isinstance(value, (str, bytes)):
+                yield value
+            elif isinstance(value, list):
+                yield from (x for x in value if isinstance(x, (str, bytes)))
+
+
+def _from_onnx(model: onnx.ModelProto) -> Graph:
     g = model.graph
     opset = 1
     other: dict[str, int] = {}
