@@ -21,6 +21,7 @@ class QuantConfig:
     freeze_observers_after: int | None = None  # step; None: 80% of the run
     exclude: list[str] = field(default_factory=list)  # node names or op types kept in float
     reduce_range: bool = False  # 7-bit weights, for x86 CPUs without VNNI
+    layer_weight_bits: dict[str, int] = field(default_factory=dict)  # node name -> weight bits (mixed precision)
 
     def __post_init__(self):
         self.validate()
@@ -34,14 +35,19 @@ class QuantConfig:
             raise ConfigError(f"scale_update must be one of {', '.join(SCALE_UPDATES)}, got {self.scale_update!r}")
         if not 0.0 <= float(self.observer_momentum) < 1.0:
             raise ConfigError(f"observer_momentum must be in [0, 1), got {self.observer_momentum!r}")
+        for name, bits in self.layer_weight_bits.items():
+            if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+                raise ConfigError(f"layer_weight_bits[{name!r}] must be an integer from 2 to 8, got {bits!r}")
         for key in ("freeze_bn_after", "freeze_observers_after"):
             v = getattr(self, key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ConfigError(f"{key} must be a step number >= 0, got {v!r}")
 
-    @property
-    def effective_weight_bits(self) -> int:
-        return min(self.weight_bits, 7) if self.reduce_range else self.weight_bits
+    def weight_bits_of(self, node_name: str) -> int:
+        """The weight bits of one layer: its own setting (mixed precision) or the global one; capped at 7 with
+        reduce_range."""
+        bits = self.layer_weight_bits.get(node_name, self.weight_bits)
+        return min(bits, 7) if self.reduce_range else bits
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -236,7 +236,7 @@ def _rewrite_layer(graph: Graph, layer: Layer, input_scale: str, config: QuantCo
     w_q, w_scale = graph.unique_name(f"{w}.wq"), graph.unique_name(f"{w}.wscale")
     wq_inputs = [w, bn.input(1), bn.input(4)] if bn is not None else [w]
     graph.nodes.append(Node("WeightQuant", wq_inputs, [w_q, w_scale], f"{node.name}.weightquant",
-                            {"bits": config.effective_weight_bits, "axis": w_axis,
+                            {"bits": config.weight_bits_of(node.name), "axis": w_axis,
                              "per_channel": int(config.per_channel), "epsilon": eps}, DOMAIN))
     bias = node.input(2) if node.op_type in ("Conv", "Gemm") else ""
     node.inputs = [node.input(0), w_q]

@@ -100,7 +100,7 @@ def _insert_weight_qdq(g: Graph, layer, config: QuantConfig) -> None:
     w_name = layer.node.input(1)
     w = g.initializers[w_name]
     axis, _ = weight_axes(layer.node)
-    grid = weight_grid(config.effective_weight_bits)
+    grid = weight_grid(config.weight_bits_of(layer.node.name))
     per = axis if config.per_channel else None
     if layer.bn is not None:
         bn = layer.bn
