@@ -5,7 +5,9 @@
 
 One step = forward in training mode (BatchNorm on batch statistics, Dropout on), softmax cross-entropy on the
 logits (mean over the batch), backward, SGD with momentum 0.9 updating every parameter in place. Batch 64 of
-real digits from sample_models/data/mnist/val (1x28x28, preprocessed as the models' metadata says).
+real digits from sample_models/data/mnist/val (1x28x28, preprocessed as the models' metadata says). The engine
+side uses qatool's own loss and optimiser (qatool.train.loss, qatool.train.optim.SGD); PyTorch its F.cross_entropy
+and torch.optim.SGD.
 
 Both sides start from the same weights: the PyTorch module is rebuilt from the class in
 sample_models/make_models.py and filled with the ONNX file's initializers by name (the exporter keeps the
@@ -45,39 +47,9 @@ MOMENTUM = 0.9
 MODELS = ["lenet_bn", "mobilenetv2_small"]
 
 
-# ---- the training step's pieces for the engine (qatool's own loss and optimiser will replace these) -----------
-def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean softmax cross-entropy over the batch and its gradient with respect to the logits."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    s = e.sum(axis=1, keepdims=True)
-    n = logits.shape[0]
-    rows = np.arange(n)
-    loss = float(np.mean(np.log(s[:, 0]) - z[rows, labels]))
-    grad = e / s
-    grad[rows, labels] -= 1
-    grad *= logits.dtype.type(1.0 / n)
-    return loss, grad
-
-
-class SGDMomentum:
-    """PyTorch's SGD with momentum, no dampening or weight decay: buf = m*buf + g; p -= lr*buf (in place)."""
-
-    def __init__(self, params: dict[str, np.ndarray], lr: float, momentum: float):
-        self.params = params
-        self.bufs = {k: None for k in params}
-        self.lr, self.momentum = lr, momentum
-
-    def step(self, grads: dict[str, np.ndarray]) -> None:
-        for k, p in self.params.items():
-            g = grads[k]
-            buf = self.bufs[k]
-            if buf is None:
-                buf = self.bufs[k] = np.array(g, dtype=p.dtype, copy=True)
-            else:
-                buf *= p.dtype.type(self.momentum)
-                buf += g
-            p -= p.dtype.type(self.lr) * buf
+# ---- the training step's pieces for the engine: qatool's own loss and optimiser -----------------------------
+from qatool.train.loss import softmax_cross_entropy  # noqa: E402
+from qatool.train.optim import SGD  # noqa: E402  (PyTorch's formulation: v = m*v + g; p -= lr*v, in place)
 
 
 # ---- the two sides ------------------------------------------------------------------------------------------
@@ -85,26 +57,21 @@ from torch_twins import onnx_weights, torch_module  # noqa: E402  (the PyTorch t
 
 
 def load_engine(source):
-    """qatool.engine.load, then make sure every parameter and state array can be updated in place.
-
-    Work-around: the engine currently keeps the initializers as numpy_helper.to_array() returns them, read-only
-    views of the protobuf bytes, so an in-place SGD update (and BatchNormalization's running-statistics update)
-    would fail. Copying the read-only ones once here changes nothing once the engine owns writable arrays.
-    """
+    """qatool.engine.load, checking that every parameter and state array can be updated in place."""
     import qatool.engine
 
     m = qatool.engine.load(source)
     for d in (m.params, m.state):
         for k, v in d.items():
             if not v.flags.writeable:
-                d[k] = np.array(v, copy=True)
+                raise SystemExit(f"the engine holds {k!r} as a read-only array: in-place updates would fail")
     return m
 
 
 class EngineStep:
     def __init__(self, model, x: np.ndarray, y: np.ndarray):
         self.model, self.x, self.y = model, x, y
-        self.opt = SGDMomentum(model.params, LR, MOMENTUM)
+        self.opt = SGD(model.params, LR, momentum=MOMENTUM)
 
     def __call__(self) -> float:
         logits = self.model.forward({"input": self.x}, training=True)[0]
@@ -410,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             "timed_steps": args.steps,
             "warmup_steps": args.warmup,
             "statistic": "median ms per step, qatool and torch steps interleaved",
-            "machine": info,
+            "machine": {**info, "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
             "models": results,
         }
         RESULTS.write_text(json.dumps(doc, indent=2) + "\n")

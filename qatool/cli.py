@@ -76,6 +76,9 @@ BITS = click.IntRange(2, 8)
               help="Step after which activation ranges stop updating (default: three quarters of the steps).")
 @click.option("--exclude", multiple=True, help="Node name or op type to keep in float (repeatable).")
 @click.option("--reduce-range", is_flag=True, default=None, help="7-bit weights, for x86 CPUs without VNNI.")
+@click.option("--scale-learning", type=click.Choice(["none", "lsq"]),
+              help="lsq: train the weight and activation step sizes by gradient (LSQ), initialised from the "
+                   "observers; the export uses the learned scales.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), help="Default sgd (momentum 0.9).")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), help="Learning rate (default 1e-3).")
 @click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), help="SGD momentum (default 0.9).")
@@ -91,7 +94,8 @@ BITS = click.IntRange(2, 8)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def train_quant(model, train_data, val_data, output_dir, labels, config_file, size, color, mean, std, augment,
                 bits, weight_bits, activation_bits, per_tensor, symmetric_activations, scale_update,
-                observer_momentum, freeze_bn_after, freeze_observers_after, exclude, reduce_range, optimizer, lr,
+                observer_momentum, freeze_bn_after, freeze_observers_after, exclude, reduce_range, scale_learning,
+                optimizer, lr,
                 momentum, weight_decay, schedule, warmup_steps, steps, epochs, batch_size, seed, save_every, resume,
                 quiet):
     """Quantization-aware training of MODEL on an image folder.
@@ -110,7 +114,7 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                "per_channel": False if per_tensor else None, "symmetric_activations": symmetric_activations,
                "scale_update": scale_update, "observer_momentum": observer_momentum,
                "freeze_bn_after": freeze_bn_after, "freeze_observers_after": freeze_observers_after,
-               "exclude": list(exclude) or None, "reduce_range": reduce_range}
+               "exclude": list(exclude) or None, "reduce_range": reduce_range, "scale_learning": scale_learning}
     t_flags = {"optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                "schedule": schedule, "warmup_steps": warmup_steps, "steps": steps, "epochs": epochs,
                "batch_size": batch_size, "seed": seed, "save_every": save_every, "augment": augment}

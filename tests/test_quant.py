@@ -113,7 +113,8 @@ def test_weight_quant_folds_bn_and_passes_gradient_through():
     np.testing.assert_array_equal(s, weight_scales(w_fold, 0, weight_grid(8)))
     np.testing.assert_array_equal(w_q, (quantize(w_fold, s, 0, weight_grid(8), 0) * s[:, None, None, None]))
     g = rng.standard_normal(w.shape).astype(np.float32)
-    dw, dgamma, dvar = op.backward(g)
+    dw, dgamma, dvar, dscale = op.backward(g)
+    assert dscale is None  # no learned step size here
     np.testing.assert_allclose(dw, g * k[:, None, None, None], rtol=1e-6)
     # d/dgamma of w*gamma/sigma through the straight-through estimator
     np.testing.assert_allclose(dgamma, (g * w).sum(axis=(1, 2, 3)) / np.sqrt(var + 1e-5), rtol=1e-5)
@@ -167,3 +168,47 @@ def test_folded_bias_batch_path_is_batch_norm_of_unfolded_output():
     np.testing.assert_allclose(mean, 0.9 * mean0 + 0.1 * mu, rtol=1e-12)
     n = z.size // z.shape[1]
     np.testing.assert_allclose(var, 0.9 * var0 + 0.1 * v * n / (n - 1), rtol=1e-12)
+
+
+def test_lsq_fake_quant_step_size_gradient():
+    """LSQ: dy/ds = rint(x/s) - x/s inside the grid, (qmin - z) / (qmax - z) where clipped."""
+    from qatool.quant.qparams import lsq_fake_quant
+
+    grid = activation_grid(4, False)  # [0, 15]
+    x = np.array([-1.0, 0.26, 0.74, 1.0, 5.0], np.float32)
+    y, mask, dy_ds = lsq_fake_quant(x, np.float32(0.1), 2, grid)
+    v = x / np.float32(0.1)
+    np.testing.assert_allclose(y, [-0.2, 0.3, 0.7, 1.0, 1.3], atol=1e-6)
+    np.testing.assert_array_equal(mask, [False, True, True, True, False])
+    np.testing.assert_allclose(dy_ds, [0 - 2, np.rint(v[1]) - v[1], np.rint(v[2]) - v[2], np.rint(v[3]) - v[3],
+                                       15 - 2], atol=1e-6)
+
+
+def test_lsq_ops_return_scaled_step_size_gradients():
+    from qatool.quant.qparams import lsq_fake_quant, lsq_grad_scale
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    op = make("qatool.FakeQuant", [x, x, x, x], {"bits": 4, "learn_scale": 1})
+    scale, zero, span = np.float32(0.2), np.float32(8), np.array([-1.6, 1.4], np.float32)
+    state = [np.asarray(scale), np.asarray(zero), span]
+    y = op.forward(Context(training=True), x, *state)
+    np.testing.assert_array_equal(span, np.array([-1.6, 1.4], np.float32))  # a learned scale is not overwritten by the observer
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    dx, dscale, _, _ = op.backward(g)
+    y_ref, mask, dy_ds = lsq_fake_quant(x, scale, zero, activation_grid(4, False))
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(dx, g * mask)
+    np.testing.assert_allclose(dscale, (g * dy_ds).sum() * lsq_grad_scale(12, activation_grid(4, False)), rtol=1e-5)
+
+    w = rng.standard_normal((3, 2, 2, 2)).astype(np.float32)
+    s_w = weight_scales(w, 0, weight_grid(4)) * np.float32(0.8)  # learned: smaller than max|w| / qmax
+    wop = make("qatool.WeightQuant", [w, None, None, s_w], {"bits": 4, "axis": 0}, n_outputs=2)
+    w_q, s_out = wop.forward(Context(training=True), w, None, None, s_w)
+    np.testing.assert_array_equal(s_out, s_w)
+    gw = rng.standard_normal(w.shape).astype(np.float32)
+    dw, _, _, ds = wop.backward(gw)
+    _, wmask, wdy = lsq_fake_quant(w, s_w, 0, weight_grid(4), 0)
+    assert not wmask.all()  # the smaller step clips the largest weights: no gradient through them
+    np.testing.assert_array_equal(dw, gw * wmask)
+    np.testing.assert_allclose(ds, (gw * wdy).sum(axis=(1, 2, 3)) * lsq_grad_scale(8, weight_grid(4)), rtol=1e-5)

@@ -68,11 +68,11 @@ def _state(out_dir):
     return arrays
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_resume_equals_one_run(lenet, digits, tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer,scale_learning", [("sgd", "none"), ("adam", "none"), ("sgd", "lsq")])
+def test_resume_equals_one_run(lenet, digits, tmp_path, optimizer, scale_learning):
     """N steps, then resume for M, equals N + M steps in one run, bit for bit (phases change in between)."""
     train, _ = digits
-    quant = QuantConfig(freeze_bn_after=3, freeze_observers_after=5)
+    quant = QuantConfig(freeze_bn_after=3, freeze_observers_after=5, scale_learning=scale_learning)
     quiet = dict(echo=lambda s: None, quiet=True)
     api.train_quant(lenet, train, tmp_path / "one", quant=quant, train=TrainConfig(steps=7, optimizer=optimizer),
                     **quiet)

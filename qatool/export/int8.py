@@ -24,7 +24,8 @@ from ..errors import ModelError
 from ..ir.graph import Graph, Node
 from ..ir.roles import STATE_KEY, TRAINABLE_KEY
 from ..quant.ops import bn_fold_factor, folded_bias
-from ..quant.qparams import BIAS_GRID, activation_grid, channel_shape, quantize, weight_grid, weight_scales
+from ..quant.qparams import (BIAS_GRID, MIN_SCALE, activation_grid, channel_shape, quantize, weight_grid,
+                             weight_scales)
 
 FLOAT_NODES_KEY = "qatool.float_nodes"
 
@@ -63,7 +64,7 @@ def qat_to_int8(qat: Graph, float_nodes: list[dict] | None = None) -> Graph:
 
 def _activation_qdq(g: Graph, node: Node) -> list[Node]:
     x, scale, zero, span = node.inputs
-    s = g.initializers[scale]
+    s = np.maximum(g.initializers[scale], MIN_SCALE)  # a learned (LSQ) scale is floored as in the simulation
     if not g.initializers[span][0] <= g.initializers[span][1]:
         raise ModelError(f"activation {node.outputs[0]!r} was never observed: train at least one step before export")
     grid = activation_grid(int(node.attrs.get("bits", 8)), bool(node.attrs.get("symmetric", 0)))
@@ -85,7 +86,10 @@ def _weight_dq(g: Graph, node: Node, weight_scale: dict[str, np.ndarray]) -> Nod
         k = bn_fold_factor(g.initializers[node.input(1)], g.initializers[node.input(2)],
                            float(node.attrs.get("epsilon", 1e-5)))
         w = w * k.reshape(channel_shape(w.ndim, axis))
-    scale = weight_scales(w, axis if per_channel else None, grid)
+    if node.input(3):  # a learned step size (LSQ), floored as the simulation floors it
+        scale = np.maximum(g.initializers[node.input(3)], MIN_SCALE).astype(np.float32)
+    else:
+        scale = weight_scales(w, axis if per_channel else None, grid)
     q = quantize(w, scale, 0, grid, axis if per_channel else None)
     w_q, s_out = node.outputs
     weight_scale[s_out] = scale

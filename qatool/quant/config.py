@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import ConfigError
 
 SCALE_UPDATES = ("moving-average", "maximum")
+SCALE_LEARNING = ("none", "lsq")
 
 
 @dataclass
@@ -22,6 +23,7 @@ class QuantConfig:
     exclude: list[str] = field(default_factory=list)  # node names or op types kept in float
     reduce_range: bool = False  # 7-bit weights, for x86 CPUs without VNNI
     layer_weight_bits: dict[str, int] = field(default_factory=dict)  # node name -> weight bits (mixed precision)
+    scale_learning: str = "none"  # "lsq": step sizes trained by gradient, initialised from the observers
 
     def __post_init__(self):
         self.validate()
@@ -33,6 +35,8 @@ class QuantConfig:
                 raise ConfigError(f"{key} must be an integer from 2 to 8, got {v!r}")
         if self.scale_update not in SCALE_UPDATES:
             raise ConfigError(f"scale_update must be one of {', '.join(SCALE_UPDATES)}, got {self.scale_update!r}")
+        if self.scale_learning not in SCALE_LEARNING:
+            raise ConfigError(f"scale_learning must be one of {', '.join(SCALE_LEARNING)}, got {self.scale_learning!r}")
         if not 0.0 <= float(self.observer_momentum) < 1.0:
             raise ConfigError(f"observer_momentum must be in [0, 1), got {self.observer_momentum!r}")
         for name, bits in self.layer_weight_bits.items():

@@ -22,7 +22,8 @@ from ..errors import DivergedError
 from ..ir.graph import Node
 from ..ops.base import Op, register
 from ..ops.norm import BatchNormalization
-from .qparams import BIAS_GRID, activation_grid, activation_qparams, channel_shape, fake_quant, weight_grid, weight_scales
+from .qparams import (BIAS_GRID, MIN_SCALE, activation_grid, activation_qparams, channel_shape, fake_quant,
+                      lsq_fake_quant, lsq_grad_scale, weight_grid, weight_scales)
 
 
 def bn_fold_factor(gamma: np.ndarray, var: np.ndarray, eps: float) -> np.ndarray:
@@ -42,7 +43,10 @@ def _reduce_axes(ndim: int, axis: int) -> tuple[int, ...]:
 
 @register("qatool.FakeQuant")
 class FakeQuant(Op):
-    attrs = {"bits": 8, "symmetric": 0, "observer": "moving_average", "momentum": 0.9}
+    """With learn_scale=1 (LSQ) the scale is a trained parameter: the observer only initialises it (its first
+    batch), and backward returns the scale's gradient."""
+
+    attrs = {"bits": 8, "symmetric": 0, "observer": "moving_average", "momentum": 0.9, "learn_scale": 0}
 
     def __init__(self, node: Node, opset: int = 13):
         super().__init__(node, opset)
@@ -67,51 +71,76 @@ class FakeQuant(Op):
         zero_point[...] = z
 
     def forward(self, ctx, x, scale, zero_point, span):
+        observed = span[0] <= span[1]
         # A frozen observer that has never seen a batch still takes its first one: there is no range otherwise.
-        if ctx.training and (not ctx.observers_frozen or not span[0] <= span[1]):
+        if ctx.training and (not observed or not (ctx.observers_frozen or self.learn_scale)):
             self.observe(x, span, scale, zero_point)
         if not span[0] <= span[1]:  # never observed anything: nothing to quantize with yet
-            self.mask = None
+            self.mask = self.dy_ds = None
             return x
+        if self.learn_scale and self.needs_grad[1]:
+            s = np.maximum(scale, MIN_SCALE)
+            y, self.mask, self.dy_ds = lsq_fake_quant(x, s, zero_point, self.grid)
+            self.lsq_scale = lsq_grad_scale(x[0].size, self.grid)  # N = features per sample
+            return y
+        self.dy_ds = None
         y, self.mask = fake_quant(x, scale, zero_point, self.grid, want_mask=self.needs_grad[0])
         return y
 
     def backward(self, g):
-        return (g if self.mask is None else g * self.mask), None, None, None
+        dx = g if self.mask is None else g * self.mask
+        dscale = None
+        if self.dy_ds is not None:
+            dscale = np.asarray(np.sum(g * self.dy_ds) * self.lsq_scale, dtype=g.dtype)
+        return dx, dscale, None, None
 
 
 @register("qatool.WeightQuant")
 class WeightQuant(Op):
+    """Inputs (w, [gamma, var], [scale]): with a `scale` input (LSQ) the step sizes are trained parameters
+    instead of max|w| / qmax recomputed every step."""
+
     attrs = {"bits": 8, "axis": 0, "per_channel": 1, "epsilon": 1e-5}
 
     def __init__(self, node: Node, opset: int = 13):
         super().__init__(node, opset)
         self.grid = weight_grid(int(self.bits))
 
-    def forward(self, ctx, w, gamma=None, var=None):
+    def forward(self, ctx, w, gamma=None, var=None, scale=None):
         axis = int(self.axis)
+        per = axis if self.per_channel else None
         self.w = w
         self.k = None
         if gamma is not None:
             self.k = bn_fold_factor(gamma, var, self.epsilon)
             self.sigma = np.sqrt(var + var.dtype.type(self.epsilon))
             w = w * self.k.reshape(channel_shape(w.ndim, axis))
-        scale = weight_scales(w, axis if self.per_channel else None, self.grid).astype(w.dtype)
-        w_q, self.mask = fake_quant(w, scale, 0, self.grid, axis if self.per_channel else None)
+        self.dy_ds = None
+        if scale is None:
+            scale = weight_scales(w, per, self.grid).astype(w.dtype)
+            w_q, self.mask = fake_quant(w, scale, 0, self.grid, per)
+        else:
+            scale = np.maximum(scale, MIN_SCALE).astype(w.dtype)
+            w_q, self.mask, dy_ds = lsq_fake_quant(w, scale, 0, self.grid, per)
+            if self.needs_grad[3]:
+                self.dy_ds = dy_ds
+                n = w.size // w.shape[per] if per is not None else w.size  # weights per step size
+                self.lsq_scale = lsq_grad_scale(n, self.grid)
         return w_q, scale
 
     def backward(self, g, g_scale=None):
         axis = int(self.axis)
+        others = _reduce_axes(g.ndim, axis)
         gf = g * self.mask
+        dscale = None
+        if self.dy_ds is not None:
+            gs = g * self.dy_ds
+            dscale = (gs.sum(axis=others) if self.per_channel else gs.sum()) * g.dtype.type(self.lsq_scale)
         if self.k is None:
-            return gf, None, None
-        shape = channel_shape(gf.ndim, axis)
-        dw = gf * self.k.reshape(shape)
-        dgamma = None
-        if self.needs_grad[1]:
-            dk = (gf * self.w).sum(axis=_reduce_axes(gf.ndim, axis))
-            dgamma = dk / self.sigma
-        return dw, dgamma, None
+            return gf, None, None, dscale
+        dw = gf * self.k.reshape(channel_shape(gf.ndim, axis))
+        dgamma = (gf * self.w).sum(axis=others) / self.sigma if self.needs_grad[1] else None
+        return dw, dgamma, None, dscale
 
 
 @register("qatool.FoldedBias")

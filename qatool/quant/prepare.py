@@ -198,8 +198,10 @@ def insert(graph: Graph, plan: Plan, config: QuantConfig) -> dict[str, QuantTens
         graph.initializers[q.scale] = np.ones((), np.float32)
         graph.initializers[q.zero_point] = np.zeros((), np.float32)
         graph.initializers[q.span] = np.array([np.inf, -np.inf], np.float32)
+        lsq = config.scale_learning == "lsq"
         attrs = {"bits": config.activation_bits, "symmetric": int(config.symmetric_activations),
-                 "observer": config.scale_update.replace("-", "_"), "momentum": float(config.observer_momentum)}
+                 "observer": config.scale_update.replace("-", "_"), "momentum": float(config.observer_momentum),
+                 "learn_scale": int(lsq)}
         producer = producers.get(t)
         if producer is None:  # a graph input: consumers read the quantized copy
             new = graph.unique_name(f"{t}.q")
@@ -211,9 +213,15 @@ def insert(graph: Graph, plan: Plan, config: QuantConfig) -> dict[str, QuantTens
             fq = Node("FakeQuant", [new, q.scale, q.zero_point, q.span], [t], f"{t}.fakequant", attrs, DOMAIN)
         graph.nodes.append(fq)
         quant[t] = q
-        state += [q.scale, q.zero_point, q.span]
+        if lsq:
+            trainable.append(q.scale)
+            state += [q.zero_point, q.span]
+        else:
+            state += [q.scale, q.zero_point, q.span]
     for layer in plan.layers:
-        _rewrite_layer(graph, layer, quant[layer.input_source].scale, config)
+        learned = _rewrite_layer(graph, layer, quant[layer.input_source].scale, config)
+        if learned:
+            trainable.append(learned)
     graph.toposort()
     write_roles(graph, trainable, state)
     return quant
@@ -228,20 +236,29 @@ def weight_axes(node: Node) -> tuple[int, int]:
     return 1, -1
 
 
-def _rewrite_layer(graph: Graph, layer: Layer, input_scale: str, config: QuantConfig) -> None:
+def _rewrite_layer(graph: Graph, layer: Layer, input_scale: str, config: QuantConfig) -> str | None:
+    """Returns the name of the learned weight-scale parameter (LSQ), if any."""
     node, bn = layer.node, layer.bn
     w = node.input(1)
     w_axis, out_axis = weight_axes(node)
     eps = float(bn.attrs.get("epsilon", 1e-5)) if bn is not None else 1e-5
     w_q, w_scale = graph.unique_name(f"{w}.wq"), graph.unique_name(f"{w}.wscale")
-    wq_inputs = [w, bn.input(1), bn.input(4)] if bn is not None else [w]
+    wq_inputs = [w, bn.input(1), bn.input(4)] if bn is not None else [w, "", ""]
+    bits = config.weight_bits_of(node.name)
+    learned = None
+    if config.scale_learning == "lsq":  # initialised as the observer would: max|w| / qmax of the folded weight
+        learned = graph.unique_name(f"{w}.lsq_scale")
+        graph.initializers[learned] = _initial_weight_scale(graph, w, bn, w_axis, eps, bits, config.per_channel)
+        wq_inputs.append(learned)
+    while wq_inputs and not wq_inputs[-1]:
+        wq_inputs.pop()
     graph.nodes.append(Node("WeightQuant", wq_inputs, [w_q, w_scale], f"{node.name}.weightquant",
-                            {"bits": config.weight_bits_of(node.name), "axis": w_axis,
-                             "per_channel": int(config.per_channel), "epsilon": eps}, DOMAIN))
+                            {"bits": bits, "axis": w_axis, "per_channel": int(config.per_channel), "epsilon": eps},
+                            DOMAIN))
     bias = node.input(2) if node.op_type in ("Conv", "Gemm") else ""
     node.inputs = [node.input(0), w_q]
     if not bias and bn is None:
-        return
+        return learned
     if bn is not None:
         out = bn.outputs[0]
         bn_inputs = bn.inputs[1:5]
@@ -255,6 +272,20 @@ def _rewrite_layer(graph: Graph, layer: Layer, input_scale: str, config: QuantCo
     graph.nodes.append(Node("FoldedBias", [acc, bias, *bn_inputs, input_scale, w_scale], [out],
                             f"{node.name}.foldedbias", {"axis": out_axis, "epsilon": eps, "momentum": momentum},
                             DOMAIN))
+    return learned
+
+
+def _initial_weight_scale(graph: Graph, w: str, bn: Node | None, axis: int, eps: float, bits: int,
+                          per_channel: bool) -> np.ndarray:
+    from .ops import bn_fold_factor
+    from .qparams import channel_shape, weight_grid, weight_scales
+
+    weight = graph.initializers[w].astype(np.float32)
+    if bn is not None:
+        k = bn_fold_factor(graph.initializers[bn.input(1)].astype(np.float32),
+                           graph.initializers[bn.input(4)].astype(np.float32), eps)
+        weight = weight * k.reshape(channel_shape(weight.ndim, axis))
+    return weight_scales(weight, axis if per_channel else None, weight_grid(bits))
 
 
 def prepare(graph: Graph, config: QuantConfig) -> tuple[Plan, dict[str, QuantTensor]]:

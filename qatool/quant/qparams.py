@@ -120,3 +120,30 @@ def fake_quant(x: np.ndarray, scale, zero_point, grid: Grid, axis: int | None = 
         buf -= z.astype(dtype, copy=False)
     buf *= s
     return buf, mask
+
+
+def lsq_fake_quant(x: np.ndarray, scale, zero_point, grid: Grid, axis: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fake quantization with a learned step size (LSQ, Esser et al. 2020): returns (y, mask, dy_ds).
+
+    y and mask as `fake_quant`. dy_ds is the elementwise derivative of y with respect to the scale:
+    rint(x/s) - x/s where x/s + z lies inside the grid, and (qmin - z) or (qmax - z) where it was clipped.
+    """
+    s, z = _broadcast(scale, zero_point, x.ndim, axis)
+    dtype = x.dtype
+    s, z = s.astype(dtype, copy=False), z.astype(dtype, copy=False)
+    v = x / s
+    q = np.rint(v)
+    q += z
+    below, above = q < grid.qmin, q > grid.qmax
+    mask = ~(below | above)
+    np.clip(q, grid.qmin, grid.qmax, out=q)
+    q -= z
+    dy_ds = np.where(mask, q - v, q)  # inside: rint(v) - v; clipped: y / s, i.e. qmin - z or qmax - z
+    y = q * s
+    return y, mask, dy_ds
+
+
+def lsq_grad_scale(n_elements: int, grid: Grid) -> float:
+    """LSQ's gradient scale for the step size: 1 / sqrt(N * Qp)."""
+    return 1.0 / float(np.sqrt(max(n_elements, 1) * max(grid.qmax, 1)))

@@ -67,6 +67,9 @@ class QatSession:
                     span = np.array([(grid.qmin - zero) * scale, (grid.qmax - zero) * scale], np.float32)
             if span is not None:
                 inits[q.span][...] = span
+        for key, value in ckpt.arrays.items():  # parameters of the QAT graph only (LSQ step sizes)
+            if key.startswith("param/") and key[6:] in session.model.params:
+                session.model.params[key[6:]][...] = value
         return session
 
     @property
@@ -79,8 +82,9 @@ class QatSession:
 
     def save(self, path: str | os.PathLike, train: dict, step: int, arrays: dict[str, np.ndarray],
              info: dict | None = None) -> None:
+        own = {f"param/{k}": v for k, v in self.model.params.items() if k not in self.float_graph.initializers}
         save_checkpoint(path, self.float_graph, self.model.to_graph(), self.quant, self.config, train, step,
-                        arrays, info)
+                        {**arrays, **own}, info)
 
     def export_int8(self) -> Graph:
         return qat_to_int8(self.model.to_graph(), self.plan.report()["float_nodes"])

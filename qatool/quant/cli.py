@@ -1,0 +1,130 @@
+"""The `qatool calibrate` and `qatool sensitivity` commands (registered on the main group with
+`cli.add_command(calibrate_command)` / `cli.add_command(sensitivity_command)`)."""
+
+from __future__ import annotations
+
+import click
+
+from ..cli_options import preprocess_overrides, preprocessing_options
+from .calibrate import DEFAULT_BINS, DEFAULT_IMAGES, DEFAULT_PERCENTILE, METHODS
+from .sensitivity import DEFAULT_BITS, DEFAULT_CALIBRATION_IMAGES
+from .sensitivity import DEFAULT_IMAGES as SENSITIVITY_IMAGES
+
+BITS = click.IntRange(2, 8)
+
+
+def _quant_config(weight_bits, activation_bits, per_tensor, symmetric_activations, exclude, reduce_range=None):
+    from .config import QuantConfig
+
+    settings = {"weight_bits": weight_bits, "activation_bits": activation_bits,
+                "per_channel": False if per_tensor else None, "symmetric_activations": symmetric_activations,
+                "exclude": list(exclude) or None, "reduce_range": reduce_range}
+    return QuantConfig(**{k: v for k, v in settings.items() if v is not None})
+
+
+@click.command("calibrate")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(),
+              help="Calibration images: image folder (one sub-folder per class) or list file of "
+                   "'relative/path label' lines.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the int8 model.")
+@click.option("--val-data", type=click.Path(),
+              help="Images to verify on and report top-1 for (default: --data).")
+@click.option("--method", type=click.Choice(METHODS), default="minmax", show_default=True,
+              help="minmax: observed range; percentile: leave out the --percentile tails; entropy: the range "
+                   "of least KL divergence (TensorRT's calibration).")
+@click.option("--images", type=click.IntRange(1), default=DEFAULT_IMAGES, show_default=True,
+              help="Calibrate on this many images (a seeded random subset of --data).")
+@click.option("--percentile", type=click.FloatRange(50, 100, min_open=True), default=DEFAULT_PERCENTILE,
+              show_default=True, help="With --method percentile: the share of values kept at each end, in %.")
+@click.option("--bins", type=click.IntRange(16), default=DEFAULT_BINS, show_default=True,
+              help="Histogram bins of --method percentile/entropy.")
+@click.option("--bits", type=BITS, help="Bits of weights and activations (2..8; default 8).")
+@click.option("--weight-bits", type=BITS, help="Bits of the weights (overrides --bits).")
+@click.option("--activation-bits", type=BITS, help="Bits of the activations (overrides --bits).")
+@click.option("--per-tensor", is_flag=True, default=None, help="One weight scale per tensor instead of per channel.")
+@click.option("--symmetric-activations", is_flag=True, default=None,
+              help="Signed activations with zero point 0 instead of asymmetric unsigned.")
+@click.option("--exclude", multiple=True, help="Node name or op type to keep in float (repeatable).")
+@click.option("--reduce-range", is_flag=True, default=None, help="7-bit weights, for x86 CPUs without VNNI.")
+@preprocessing_options
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime checks (fusion, agreement, top-1).")
+def calibrate_command(model, data, output, val_data, method, images, percentile, bins, bits, weight_bits,
+                      activation_bits, per_tensor, symmetric_activations, exclude, reduce_range, size, color, mean,
+                      std, no_verify) -> None:
+    """Post-training quantization of a float MODEL: calibrate activation ranges on --data, write the int8 model.
+
+    The ranges are observed on the float model (BN folded, eval mode) and the model goes through the same
+    int8 export as train-quant: per-channel int8 weights, int32 biases, Q/DQ activations. Unless --no-verify,
+    onnxruntime must run every quantized node as an integer kernel, and top-1 of the float, simulated and
+    int8 models is printed.
+
+    \b
+    Examples:
+      qatool calibrate float.onnx --data train/ -o model_int8.onnx
+      qatool calibrate float.onnx --data train/ --val-data val/ --method entropy -o model_int8.onnx
+    """
+    from .calibrate import calibrate
+
+    quant = _quant_config(weight_bits or bits, activation_bits or bits, per_tensor, symmetric_activations, exclude,
+                          reduce_range)
+    r = calibrate(model, data, output, method=method, quant=quant, images=images,
+                  preprocess=preprocess_overrides(size, color, mean, std), verify=not no_verify, val_data=val_data,
+                  percentile=percentile, bins=bins, echo=click.echo)
+    click.echo(f"wrote {output} ({r['size_bytes'] / 1024:.1f} KB)")
+    export = r["export"]
+    if export["fusion"]:
+        f = export["fusion"]
+        kernels = ", ".join(f"{k} {v}" for k, v in sorted(f["kernels"].items()))
+        click.echo(f"onnxruntime: {f['fused']} of {f['expected']} quantized nodes run as integer kernels ({kernels})")
+    if export["agreement"]:
+        a = export["agreement"]
+        steps = f"{a['max_diff_steps']:.1f}" if a["max_diff_steps"] is not None else "n/a"
+        click.echo(f"simulation vs onnxruntime on {a['images']} images: top-1 agreement {a['agreement_top1']:.4f}, "
+                   f"largest difference {steps} quantization steps")
+    if r["top1_int8"] is not None:
+        click.echo(f"top-1 on {val_data or data}: float {r['top1_float']:.4f}, int8 simulation {r['top1_sim']:.4f}, "
+                   f"int8 onnxruntime {r['top1_int8']:.4f}")
+    elif not no_verify:
+        click.echo("no top-1: the data's classes are not the model's outputs")
+    for fn in r["placement"]["float_nodes"]:
+        click.echo(f"float: {fn['node']} ({fn['op_type']}): {fn['reason']}")
+
+
+@click.command("sensitivity")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(),
+              help="Image folder (one sub-folder per class) or list file of 'relative/path label' lines.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Also write the ranked report as JSON (schemas/sensitivity.schema.json).")
+@click.option("--bits", type=BITS, default=DEFAULT_BITS, show_default=True,
+              help="Weight bits of the layer under test (at 8 bits most layers barely matter).")
+@click.option("--activation-bits", type=BITS, default=8, show_default=True,
+              help="Bits of the layer's input and output.")
+@click.option("--images", type=click.IntRange(1), default=SENSITIVITY_IMAGES, show_default=True,
+              help="Measure on this many images (a seeded random subset of --data).")
+@click.option("--calibration-images", type=click.IntRange(1), default=DEFAULT_CALIBRATION_IMAGES,
+              show_default=True, help="Calibrate the activation ranges (min/max) on this many images.")
+@click.option("--per-tensor", is_flag=True, default=None, help="One weight scale per tensor instead of per channel.")
+@click.option("--symmetric-activations", is_flag=True, default=None,
+              help="Signed activations with zero point 0 instead of asymmetric unsigned.")
+@click.option("--exclude", multiple=True, help="Node name or op type to leave out (repeatable).")
+@preprocessing_options
+def sensitivity_command(model, data, json_path, bits, activation_bits, images, calibration_images, per_tensor,
+                        symmetric_activations, exclude, size, color, mean, std) -> None:
+    """Quantize one layer of MODEL at a time and rank the layers by how much that hurts.
+
+    For each Conv/Gemm/MatMul, only that layer (input, weights, bias, output) is quantized, its ranges
+    calibrated on the float model, and the model's output compared with the float output on --data:
+    SQNR in dB (lowest = most sensitive), top-1 and its drop. Prints the ranked table.
+    """
+    from .sensitivity import format_table, sensitivity
+
+    quant = _quant_config(bits, activation_bits, per_tensor, symmetric_activations, exclude)
+    report = sensitivity(model, data, quant=quant, images=images, calibration_images=calibration_images,
+                         preprocess=preprocess_overrides(size, color, mean, std), json_path=json_path,
+                         echo=click.echo)
+    for line in format_table(report):
+        click.echo(line)
+    if json_path:
+        click.echo(f"wrote {json_path}")
