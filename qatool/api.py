@@ -153,8 +153,15 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
 
     echo(f"QAT: steps {start}..{total}, batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr}; "
          f"BN freezes at step {phases.freeze_bn_after}, observers at {phases.freeze_observers_after}")
+    teacher = None
+    if train_cfg.teacher:
+        from .train.teacher import Teacher
+
+        teacher = Teacher(train_cfg.teacher)
+        echo(f"distillation from {train_cfg.teacher}: T {train_cfg.distill_temperature}, "
+             f"alpha {train_cfg.distill_alpha}")
     result = run_train(session, train_images, train_cfg, phases, start, total, ckpt.arrays if ckpt else None,
-                       save, out / "metrics.jsonl", quiet)
+                       save, out / "metrics.jsonl", quiet, teacher)
 
     int8_path = out / "model_int8.onnx"
     exported = export_session(session, int8_path, val_images, verify=True, strict=False,

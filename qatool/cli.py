@@ -90,14 +90,18 @@ BITS = click.IntRange(2, 8)
 @click.option("--batch-size", type=click.IntRange(1), help="Default 64.")
 @click.option("--seed", type=click.IntRange(0), help="Seed of every random choice (default 0).")
 @click.option("--save-every", type=click.IntRange(1), help="Also save a checkpoint every N steps.")
+@click.option("--teacher", type=click.Path(dir_okay=False),
+              help="Distillation QAT: a float ONNX model (run in eval mode) whose outputs the model learns from.")
+@click.option("--distill-temperature", type=click.FloatRange(0, min_open=True), help="Softmax temperature (4).")
+@click.option("--distill-alpha", type=click.FloatRange(0, 1),
+              help="Weight of the distillation term (0.5); 1 - alpha weighs the cross-entropy.")
 @click.option("--resume", type=click.Path(dir_okay=False), help="Continue from a qat.onnx checkpoint.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def train_quant(model, train_data, val_data, output_dir, labels, config_file, size, color, mean, std, augment,
                 bits, weight_bits, activation_bits, per_tensor, symmetric_activations, scale_update,
                 observer_momentum, freeze_bn_after, freeze_observers_after, exclude, reduce_range, scale_learning,
-                optimizer, lr,
-                momentum, weight_decay, schedule, warmup_steps, steps, epochs, batch_size, seed, save_every, resume,
-                quiet):
+                optimizer, lr, momentum, weight_decay, schedule, warmup_steps, steps, epochs, batch_size, seed,
+                save_every, teacher, distill_temperature, distill_alpha, resume, quiet):
     """Quantization-aware training of MODEL on an image folder.
 
     MODEL is a float ONNX model (converted --for-training on the fly) or the output of
@@ -117,7 +121,8 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                "exclude": list(exclude) or None, "reduce_range": reduce_range, "scale_learning": scale_learning}
     t_flags = {"optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                "schedule": schedule, "warmup_steps": warmup_steps, "steps": steps, "epochs": epochs,
-               "batch_size": batch_size, "seed": seed, "save_every": save_every, "augment": augment}
+               "batch_size": batch_size, "seed": seed, "save_every": save_every, "augment": augment,
+               "teacher": teacher, "distill_temperature": distill_temperature, "distill_alpha": distill_alpha}
     quant = {**q_file, **{k: v for k, v in q_flags.items() if v is not None}}
     train = {**t_file, **{k: v for k, v in t_flags.items() if v is not None}}
     pre = {k: tuple(v) for k, v in p_file.items() if k != "color"}

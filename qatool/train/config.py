@@ -30,6 +30,9 @@ class TrainConfig:
     seed: int = 0
     augment: bool = False
     save_every: int | None = None
+    teacher: str | None = None  # a float ONNX model: distillation QAT
+    distill_temperature: float = 4.0
+    distill_alpha: float = 0.5
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -42,6 +45,10 @@ class TrainConfig:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ConfigError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
 
     def total_steps(self, n_images: int) -> int:
         if self.steps is not None:

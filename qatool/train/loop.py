@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import DivergedError, QatoolError
 from .config import TrainConfig
 from .data import LoadedImages, StreamingImages, augment, batch_indices
-from .loss import softmax_cross_entropy
+from .loss import distillation_loss, softmax_cross_entropy
 from .optim import learning_rate, make_optimizer
 from .progress import Progress
 from .session import QatSession
@@ -84,8 +84,9 @@ class _StopFlag:
 
 def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainConfig, phases: Phases, start: int, total: int,
           optimizer_state: dict[str, np.ndarray] | None, save: Callable[[int, dict], None],
-          metrics_path: Path | None = None, quiet: bool = False) -> TrainResult:
-    """Run steps [start, total). `save(step, optimizer_arrays)` writes a checkpoint at `step`."""
+          metrics_path: Path | None = None, quiet: bool = False, teacher=None) -> TrainResult:
+    """Run steps [start, total). `save(step, optimizer_arrays)` writes a checkpoint at `step`. With a `teacher`
+    (qatool.train.teacher.Teacher) the loss is the distillation loss."""
     model = session.model
     opt = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.momentum, cfg.weight_decay)
     if optimizer_state:
@@ -133,7 +134,11 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
                         (logits,) = model.forward({session.input_name: x}, training=True, outputs=[session.logits])
                     except DivergedError as e:
                         raise _diverged(step, str(e)) from None
-                    loss, dlogits = softmax_cross_entropy(logits, y)
+                    if teacher is not None:
+                        loss, dlogits = distillation_loss(logits, teacher.logits(x), y, cfg.distill_temperature,
+                                                          cfg.distill_alpha)
+                    else:
+                        loss, dlogits = softmax_cross_entropy(logits, y)
                     if not np.isfinite(loss):
                         raise _diverged(step, f"loss {loss}")
                     opt.step(model.backward([dlogits]), lr=lr)
