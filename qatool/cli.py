@@ -210,8 +210,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 from .eval.cli import eval_command  # noqa: E402  (after `cli` exists)
+from .eval.report_cli import report_command  # noqa: E402
 
 cli.add_command(eval_command)
+cli.add_command(report_command)
 
 if __name__ == "__main__":
     main()
