@@ -62,6 +62,37 @@ def check_classes(dataset, n_outputs: int | None, model_path) -> None:
                         "outputs")
 
 
+def _training_model(model_path, resume, quant):
+    """The float training graph, the checkpoint to resume (or None) and the quantization settings."""
+    from .quant.config import QuantConfig
+    from .train.checkpoint import load_checkpoint
+
+    float_graph = normalize_proto(load_proto(model_path), for_training=True).graph
+    if resume is None:
+        return float_graph, None, quant or QuantConfig()
+    ckpt = load_checkpoint(resume)
+    if ckpt.info.get("model_signature") != _model_signature(float_graph):
+        raise UsageError(f"--resume {resume} is a checkpoint of another model than {model_path}")
+    if quant is not None and quant.to_dict() != ckpt.quant.to_dict():
+        raise UsageError("the quantization settings differ from the checkpoint's; resume with the same settings")
+    return float_graph, ckpt, ckpt.quant
+
+
+def _training_data(train_data, val_data, labels, pre, n_outputs, model_path, echo):
+    from .train.data import ImageDataset, read_class_names
+
+    class_names = read_class_names(labels) if labels else None
+    train_set = ImageDataset.open(train_data, class_names)
+    check_classes(train_set, n_outputs, model_path)
+    echo(f"loading {len(train_set)} training images from {train_data}")
+    train_images = train_set.load(pre)
+    val_images = None
+    if val_data is not None:
+        val_images = ImageDataset.open(val_data, class_names or train_set.classes).load(pre)
+        echo(f"loaded {len(val_images)} validation images from {val_data}")
+    return train_images, val_images
+
+
 def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, train=None, preprocess=None,
                 labels=None, resume=None, quiet: bool = False, echo=print) -> dict:
     """QAT of a float (or convert --for-training) model on an image folder; writes qat.onnx, model_int8.onnx,
@@ -72,17 +103,14 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     """
     import json
 
-    import numpy as np
-
     from .eval.backends import ort_logits, ort_session, top1
     from .export.deploy import export_session
-    from .quant.config import QuantConfig
-    from .train.checkpoint import load_checkpoint
+    from .ir.io import atomic_write_bytes
     from .train.config import TrainConfig
-    from .train.data import ImageDataset
     from .train.loop import Phases, train as run_train
     from .train.preprocess import METADATA_KEY, resolve_preprocess
     from .train.session import QatSession
+    from .train.teacher import Teacher
 
     out = Path(out_dir)
     try:
@@ -90,41 +118,16 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     except OSError as e:
         raise UsageError(f"cannot create the output folder {out}: {e.strerror or e}") from e
     train_cfg = train or TrainConfig()
-    model_result = normalize_proto(load_proto(model_path), for_training=True)
-    float_graph = model_result.graph
-    ckpt = None
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
-        if ckpt.info.get("model_signature") != _model_signature(float_graph):
-            raise UsageError(f"--resume {resume} is a checkpoint of another model than {model_path}")
-        if quant is not None and quant.to_dict() != ckpt.quant.to_dict():
-            raise UsageError("the quantization settings differ from the checkpoint's; resume with the same settings")
-        quant_cfg = ckpt.quant
-    else:
-        quant_cfg = quant or QuantConfig()
-    signature = _model_signature(float_graph)
-
+    float_graph, ckpt, quant_cfg = _training_model(model_path, resume, quant)
     pre = resolve_preprocess(float_graph, preprocess)
     float_graph.metadata[METADATA_KEY] = pre.to_json()
-    # the QAT graph first: a model the engine cannot run fails before any image is read
+    # the QAT graph and the teacher first: a model the engine cannot run fails before any image is read
     session = QatSession.from_checkpoint(ckpt, train_cfg.seed) if ckpt else \
         QatSession.create(float_graph, quant_cfg, train_cfg.seed)
-    if ckpt:
-        session.float_graph.metadata[METADATA_KEY] = pre.to_json()
-    class_names = None
-    if labels:
-        try:
-            class_names = [ln.strip() for ln in Path(labels).read_text(encoding="utf-8").splitlines() if ln.strip()]
-        except OSError as e:
-            raise UsageError(f"cannot read the labels file {labels}: {e.strerror or e}") from e
-    train_set = ImageDataset.open(train_data, class_names)
-    check_classes(train_set, _output_classes(float_graph), model_path)
-    echo(f"loading {len(train_set)} training images from {train_data}")
-    train_images = train_set.load(pre)
-    val_images = None
-    if val_data is not None:
-        val_images = ImageDataset.open(val_data, class_names or train_set.classes).load(pre)
-        echo(f"loaded {len(val_images)} validation images from {val_data}")
+    session.float_graph.metadata[METADATA_KEY] = pre.to_json()
+    teacher = Teacher(train_cfg.teacher) if train_cfg.teacher else None
+    train_images, val_images = _training_data(train_data, val_data, labels, pre, _output_classes(float_graph),
+                                              model_path, echo)
     skipped = len(train_images.skipped) + (len(val_images.skipped) if val_images else 0)
     if skipped:
         echo(f"skipped {skipped} unreadable images")
@@ -145,7 +148,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         raise UsageError(f"the checkpoint is at step {start}, beyond --steps {total}")
     phases = Phases.resolve(total, quant_cfg.freeze_bn_after, quant_cfg.freeze_observers_after)
     qat_path = out / "qat.onnx"
-    info = {"model_signature": signature, "top1_float": top1_float,
+    info = {"model_signature": _model_signature(float_graph), "top1_float": top1_float,
             "val_data": str(Path(val_data).resolve()) if val_data else None}
 
     def save(step: int, arrays: dict) -> None:
@@ -153,11 +156,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
 
     echo(f"QAT: steps {start}..{total}, batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr}; "
          f"BN freezes at step {phases.freeze_bn_after}, observers at {phases.freeze_observers_after}")
-    teacher = None
-    if train_cfg.teacher:
-        from .train.teacher import Teacher
-
-        teacher = Teacher(train_cfg.teacher)
+    if teacher is not None:
         echo(f"distillation from {train_cfg.teacher}: T {train_cfg.distill_temperature}, "
              f"alpha {train_cfg.distill_alpha}")
     result = run_train(session, train_images, train_cfg, phases, start, total, ckpt.arrays if ckpt else None,
@@ -196,8 +195,6 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         "outputs": {"checkpoint": str(qat_path), "int8_model": str(int8_path),
                     "metrics": str(out / "metrics.jsonl")},
     }
-    from .ir.io import atomic_write_bytes
-
     atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, default=_json_default) + "\n").encode())
     echo(f"wrote {qat_path}, {int8_path}, {out / 'report.json'}")
     return report
@@ -216,6 +213,7 @@ def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, pre
     """The int8 model of a QAT checkpoint; verified on onnxruntime unless `verify` is False (see
     `qatool.export.deploy`). The verification batch comes from `calib_data`, else the validation data the
     checkpoint recorded, else random inputs."""
+    from .eval.backends import top1
     from .export.deploy import export_session
     from .train.checkpoint import load_checkpoint
     from .train.data import ImageDataset
@@ -238,15 +236,9 @@ def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, pre
     report = result.to_dict()
     report["float_nodes"] = session.plan.report()["float_nodes"]
     if data is not None:
-        report["top1_qat"] = top1_of(result.simulated, data.labels)
-        report["top1_int8"] = top1_of(result.deployed, data.labels)
+        report["top1_qat"] = top1(result.simulated, data.labels)
+        report["top1_int8"] = top1(result.deployed, data.labels)
     return report
-
-
-def top1_of(logits, labels) -> float:
-    from .eval.backends import top1
-
-    return top1(logits, labels)
 
 
 # ---- eval -------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import DataError, ModelError, UsageError
 from ..ir.graph import Graph
 from ..ir.io import atomic_write_bytes, load_graph
-from ..train.data import ImageDataset, LoadedImages, StreamingImages
+from ..train.data import ImageDataset, LoadedImages, StreamingImages, read_class_names
 from ..train.preprocess import Preprocess, resolve_preprocess
 from .backends import agreement, engine_logits, latency_ms, ort_logits, ort_session, top1, topk
 
@@ -72,7 +72,7 @@ def evaluate(models, data, backend="ort", batch_size: int = DEFAULT_BATCH_SIZE,
         if any(target == m.resolve() for m in models):
             raise UsageError(f"--json {json_path} is one of the models; choose another file for the report")
 
-    dataset = ImageDataset.open(data, _read_labels(labels) if labels else None)
+    dataset = ImageDataset.open(data, read_class_names(labels) if labels else None)
     entries = [_check_model(m, b, dataset, preprocess_overrides) for m, b in zip(models, backends)]
 
     decoded: dict[tuple, LoadedImages] = {}  # decoding depends on size and colour only; mean/std apply per batch
@@ -136,16 +136,6 @@ def _backends(backend, n: int) -> list[str]:
         raise UsageError(f"--backend is given {len(given)} times for {n} models: give it once (for all models) "
                          "or once per model, in the models' order")
     return given
-
-
-def _read_labels(path) -> list[str]:
-    try:
-        names = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read the labels file {path}: {getattr(e, 'strerror', None) or e}") from e
-    if not names:
-        raise UsageError(f"the labels file {path} holds no class names")
-    return names
 
 
 def _check_model(path: Path, backend: str, dataset: ImageDataset, overrides: dict | None) -> _Entry:

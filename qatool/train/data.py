@@ -12,12 +12,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import DataError
+from ..errors import DataError, UsageError
 from .preprocess import Preprocess
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # larger images are refused as decompression bombs
 IN_MEMORY_BYTES = 2 * 1024**3  # decoded sets up to this size are kept in memory; larger ones are streamed
+
+
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """A labels file: one class name per line, in the model's output order."""
+    try:
+        names = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the labels file {path}: {getattr(e, 'strerror', None) or e}") from e
+    if not names:
+        raise UsageError(f"the labels file {path} holds no class names")
+    return names
 
 
 @dataclass
