@@ -170,6 +170,8 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
          f"({', '.join(f'{k} {v}' for k, v in sorted(fusion.kernels.items()))})")
     for name, op_type, why in fusion.unfused:
         echo(f"  not fused: {name} ({op_type}): {why}")
+    for note in exported.notes:
+        echo(f"note: {note}")
     val = {"top1_float": top1_float, "top1_qat": None, "top1_int8": None, "agreement_top1": None}
     if val_images is not None:
         val.update(top1_qat=top1(exported.simulated, val_images.labels),

@@ -125,3 +125,14 @@ def test_metadata_keeps_preprocessing_and_float_nodes(trained):
 
     pre = resolve_preprocess(load_graph(d / "model_int8.onnx"))
     assert pre.size == (28, 28) and pre.color == "gray"
+
+
+def test_vnni_note(monkeypatch, trained):
+    from qatool.export import deploy
+
+    d, _ = trained["lenet_bn"]
+    session = QatSession.from_checkpoint(load_checkpoint(d / "qat.onnx"))
+    monkeypatch.setattr(deploy, "cpu_lacks_vnni", lambda: True)
+    assert "--reduce-range" in deploy.range_notes(session)[0]
+    monkeypatch.setattr(deploy, "cpu_lacks_vnni", lambda: False)
+    assert deploy.range_notes(session) == []

@@ -22,6 +22,27 @@ class FusionError(QatoolError):
     """Some nodes meant to be int8 did not become onnxruntime integer kernels."""
 
 
+def cpu_lacks_vnni() -> bool:
+    """True on an x86 CPU without VNNI (its u8 x s8 kernels add pairs of products in 16 bits, which can
+    saturate with 8-bit weights); False elsewhere or when unknown."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "flags" in flags and not {"avx512_vnni", "avx_vnni"} & set(flags)
+
+
+def range_notes(session) -> list[str]:
+    if any(session.config.weight_bits_of(layer.node.name) == 8 for layer in session.plan.layers) and cpu_lacks_vnni():
+        return ["this x86 CPU has no VNNI: onnxruntime's u8 x s8 kernels can saturate with 8-bit weights; "
+                "train with --reduce-range (7-bit weights) if the int8 accuracy falls short"]
+    return []
+
+
 @dataclass
 class ExportResult:
     path: Path
@@ -29,6 +50,7 @@ class ExportResult:
     fusion: FusionReport | None = None
     agreement: Agreement | None = None
     data_source: str = ""
+    notes: list[str] = field(default_factory=list)
     simulated: np.ndarray | None = field(default=None, repr=False)
     deployed: np.ndarray | None = field(default=None, repr=False)
 
@@ -36,7 +58,7 @@ class ExportResult:
         return {"path": str(self.path), "size_bytes": self.size_bytes,
                 "fusion": self.fusion.to_dict() if self.fusion else None,
                 "agreement": self.agreement.to_dict() if self.agreement else None,
-                "verified_on": self.data_source}
+                "verified_on": self.data_source, "notes": self.notes}
 
 
 def meant_int8(session) -> list[tuple[str, str]]:
@@ -77,7 +99,8 @@ def export_session(session, out_path: str | os.PathLike, data: LoadedImages | No
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return ExportResult(out, out.stat().st_size, fusion, agreement, data_source, simulated, deployed)
+    return ExportResult(out, out.stat().st_size, fusion, agreement, data_source, range_notes(session), simulated,
+                        deployed)
 
 
 def _random_run(session, sess) -> tuple[np.ndarray, np.ndarray, str]:
