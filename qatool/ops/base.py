@@ -13,6 +13,9 @@ Rules every op follows
 - `backward(*grad_outputs)` receives `None` for outputs without gradient and returns one entry per input:
   an array shaped like that input, or None. It may skip inputs with `self.needs_grad[i]` False.
 - Ops without a gradient (shape logic) set `differentiable = False`.
+- Never write into an input, an output gradient `g`, or what `unbroadcast` returns: several ops return views
+  of their inputs (Reshape, Slice, Expand...) and several share `g` between inputs. The only arrays written in
+  place are state the op owns by contract (BN running statistics, quantizer state).
 """
 
 from __future__ import annotations
