@@ -93,6 +93,25 @@ def _training_data(train_data, val_data, labels, pre, n_outputs, model_path, ech
     return train_images, val_images
 
 
+def _mixed_precision(float_graph, images, quant_cfg, train_cfg, echo):
+    """Per-layer weight bits from the layers' sensitivity, within the weight-size budget."""
+    from .quant.config import QuantConfig
+    from .quant.mixed import mixed_precision_config, parse_size, plan_mixed_precision, weight_sizes
+    from .quant.sensitivity import layer_sensitivity
+
+    low = train_cfg.mixed_low_bits
+    probe = QuantConfig(**{**quant_cfg.to_dict(), "weight_bits": low, "layer_weight_bits": {}})
+    echo(f"measuring each layer's sensitivity at {low}-bit weights for --mixed-precision {train_cfg.mixed_precision}")
+    sens = layer_sensitivity(float_graph, images, probe, images=256, calibration_images=256, seed=train_cfg.seed)
+    budget = parse_size(train_cfg.mixed_precision, sens["float_weight_bytes"])
+    plan = plan_mixed_precision(sens, budget, low, quant_cfg.weight_bits)
+    sizes = weight_sizes(sens, plan)
+    high = [n for n, b in plan.items() if b == quant_cfg.weight_bits]
+    echo(f"mixed precision: {len(high)} of {len(plan)} layers at {quant_cfg.weight_bits} bits, the rest at {low}; "
+         f"weights {sizes['effective']:,} bytes packed (budget {budget:,}), {sizes['container']:,} in the int8 file")
+    return mixed_precision_config(quant_cfg, plan)
+
+
 def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, train=None, preprocess=None,
                 labels=None, resume=None, quiet: bool = False, echo=print) -> dict:
     """QAT of a float (or convert --for-training) model on an image folder; writes qat.onnx, model_int8.onnx,
@@ -128,6 +147,16 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     teacher = Teacher(train_cfg.teacher) if train_cfg.teacher else None
     train_images, val_images = _training_data(train_data, val_data, labels, pre, _output_classes(float_graph),
                                               model_path, echo)
+    if ckpt is None and train_cfg.mixed_precision:  # (a resumed run's settings already hold the per-layer bits)
+        quant_cfg = _mixed_precision(float_graph, train_images, quant_cfg, train_cfg, echo)
+        session = QatSession.create(float_graph, quant_cfg, train_cfg.seed)
+        session.float_graph.metadata[METADATA_KEY] = pre.to_json()
+    if ckpt is None and train_cfg.init == "calibrate":
+        from .quant.calibrate import calibrate_session
+
+        calibrate_session(session, train_images, train_cfg.init_method, train_cfg.init_images, seed=train_cfg.seed)
+        echo(f"activation ranges calibrated ({train_cfg.init_method}) on {min(train_cfg.init_images, len(train_images))}"
+             " training images")
     skipped = len(train_images.skipped) + (len(val_images.skipped) if val_images else 0)
     if skipped:
         echo(f"skipped {skipped} unreadable images")

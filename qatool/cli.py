@@ -89,6 +89,16 @@ BITS = click.IntRange(2, 8)
 @click.option("--epochs", type=click.FloatRange(0, min_open=True), help="Training length in epochs instead of steps.")
 @click.option("--batch-size", type=click.IntRange(1), help="Default 64.")
 @click.option("--seed", type=click.IntRange(0), help="Seed of every random choice (default 0).")
+@click.option("--init", "init", type=click.Choice(["observe", "calibrate"]),
+              help="observe (default): activation ranges start from the first training batches; calibrate: from "
+                   "post-training calibration on the training images.")
+@click.option("--init-method", type=click.Choice(["minmax", "percentile", "entropy"]),
+              help="Calibration method for --init calibrate (default minmax).")
+@click.option("--init-images", type=click.IntRange(1), help="Images calibrated on for --init calibrate (512).")
+@click.option("--mixed-precision", metavar="SIZE_BUDGET",
+              help="Weight-size budget (e.g. 120KB, 0.3MB, 30%% of the float weights): the most sensitive layers "
+                   "keep the --weight-bits, the rest get --mixed-low-bits.")
+@click.option("--mixed-low-bits", type=BITS, help="Bits of the less sensitive layers with --mixed-precision (4).")
 @click.option("--save-every", type=click.IntRange(1), help="Also save a checkpoint every N steps.")
 @click.option("--teacher", type=click.Path(dir_okay=False),
               help="Distillation QAT: a float ONNX model (run in eval mode) whose outputs the model learns from.")
@@ -101,7 +111,8 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                 bits, weight_bits, activation_bits, per_tensor, symmetric_activations, scale_update,
                 observer_momentum, freeze_bn_after, freeze_observers_after, exclude, reduce_range, scale_learning,
                 optimizer, lr, momentum, weight_decay, schedule, warmup_steps, steps, epochs, batch_size, seed,
-                save_every, teacher, distill_temperature, distill_alpha, resume, quiet):
+                init, init_method, init_images, mixed_precision, mixed_low_bits, save_every, teacher,
+                distill_temperature, distill_alpha, resume, quiet):
     """Quantization-aware training of MODEL on an image folder.
 
     MODEL is a float ONNX model (converted --for-training on the fly) or the output of
@@ -122,7 +133,9 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
     t_flags = {"optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                "schedule": schedule, "warmup_steps": warmup_steps, "steps": steps, "epochs": epochs,
                "batch_size": batch_size, "seed": seed, "save_every": save_every, "augment": augment,
-               "teacher": teacher, "distill_temperature": distill_temperature, "distill_alpha": distill_alpha}
+               "teacher": teacher, "distill_temperature": distill_temperature, "distill_alpha": distill_alpha,
+               "init": init, "init_method": init_method, "init_images": init_images,
+               "mixed_precision": mixed_precision, "mixed_low_bits": mixed_low_bits}
     quant = {**q_file, **{k: v for k, v in q_flags.items() if v is not None}}
     train = {**t_file, **{k: v for k, v in t_flags.items() if v is not None}}
     pre = {k: tuple(v) for k, v in p_file.items() if k != "color"}
@@ -213,9 +226,10 @@ def main(argv: list[str] | None = None) -> None:
 
 from .eval.cli import eval_command  # noqa: E402  (after `cli` exists)
 from .eval.report_cli import report_command  # noqa: E402
+from .quant.cli import calibrate_command, sensitivity_command  # noqa: E402
 
-cli.add_command(eval_command)
-cli.add_command(report_command)
+for _command in (eval_command, report_command, calibrate_command, sensitivity_command):
+    cli.add_command(_command)
 
 if __name__ == "__main__":
     main()

@@ -157,3 +157,17 @@ def test_calibrate_errors(lenet, digits, tmp_path):
     with pytest.raises(UsageError, match="method"):
         calibrate(lenet, val_dir, tmp_path / "x.onnx", method="kl")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_unlabelled_images_calibrate_without_top1(lenet, digits, tmp_path):
+    """A folder whose classes are not the model's outputs (here: one folder of images) still calibrates."""
+    import shutil
+
+    _, val_dir = digits
+    folder = tmp_path / "images" / "all"
+    folder.mkdir(parents=True)
+    for f in sorted(val_dir.rglob("*.png"))[::10]:
+        shutil.copy(f, folder / f"{f.parent.name}_{f.name}")
+    r = calibrate(lenet, tmp_path / "images", tmp_path / "int8.onnx", method="percentile")
+    assert r["top1_float"] is None and r["top1_int8"] is None
+    assert r["agreement_top1"] >= 0.95 and r["export"]["fusion"]["unfused"] == []

@@ -149,3 +149,25 @@ def test_sensitivity_command(lenet, digits, tmp_path):
     assert res.exit_code == 2
     res = runner.invoke(sensitivity_command, [str(lenet), "--data", str(val_dir), "--json", str(lenet)])
     assert isinstance(res.exception, UsageError)
+
+
+def test_a_mixed_precision_plan_exports_each_layer_at_its_bits(lenet, digits, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from qatool.export.deploy import export_session
+    from qatool.quant.calibrate import calibrate_session
+
+    graph = normalize_proto(load_proto(lenet), for_training=True).graph
+    images = ImageDataset.open(digits[1]).load(resolve_preprocess(graph))
+    plan = {"/conv1/Conv": 8, "/conv2/Conv": 4, "/fc1/Gemm": 3, "/fc2/Gemm": 8}
+    session = QatSession.create(graph, mixed_precision_config(QuantConfig(), plan))
+    calibrate_session(session, images, max_images=64)
+    export_session(session, tmp_path / "mixed.onnx", images)
+    model = onnx.load(tmp_path / "mixed.onnx")
+    weights = {n.input[1]: n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for tensor, node in weights.items():
+        q = inits[producers[tensor].input[0]]  # the int8 initializer its DequantizeLinear reads
+        assert q.dtype == np.int8 and np.abs(q.astype(int)).max() == 2 ** (plan[node] - 1) - 1, node

@@ -145,3 +145,24 @@ def test_class_folders_must_match_model_outputs(lenet, digits, tmp_path):
     with pytest.raises(DataError, match="3 class folders but the model lenet_bn.onnx has 10 outputs"):
         api.train_quant(lenet, tmp_path / "three", tmp_path / "out", train=TrainConfig(steps=1), **{"echo": print})
     assert not (tmp_path / "out" / "qat.onnx").exists()
+
+
+def test_init_calibrate_and_mixed_precision(lenet, digits, tmp_path):
+    """--init calibrate sets the ranges before the first step; --mixed-precision picks per-layer bits within the
+    budget; a resumed run keeps them."""
+    train, val = digits
+    cfg = TrainConfig(steps=3, init="calibrate", init_images=64, mixed_precision="15%", mixed_low_bits=4)
+    lines = []
+    report = api.train_quant(lenet, train, tmp_path, val_data=val, train=cfg, echo=lines.append, quiet=True)
+    bits = report["config"]["quant"]["layer_weight_bits"]
+    assert set(bits.values()) <= {4, 8} and 4 in bits.values()
+    assert any("calibrated (minmax)" in ln for ln in lines)
+    assert any(ln.startswith("mixed precision:") for ln in lines)
+    # the int8 weights of a 4-bit layer hold values in [-7, 7] only
+    model = onnx.load(tmp_path / "model_int8.onnx")
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    weights = [v for k, v in inits.items() if v.dtype == np.int8 and k.endswith("_quantized")]
+    assert min(int(np.abs(w).max()) for w in weights) <= 7 < max(int(np.abs(w).max()) for w in weights)
+    resumed = api.train_quant(lenet, train, tmp_path, train=TrainConfig(steps=4), resume=tmp_path / "qat.onnx",
+                              echo=lambda s: None, quiet=True)
+    assert resumed["config"]["quant"]["layer_weight_bits"] == bits

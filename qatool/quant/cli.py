@@ -36,9 +36,11 @@ def _quant_config(weight_bits, activation_bits, per_tensor, symmetric_activation
 @click.option("--images", type=click.IntRange(1), default=DEFAULT_IMAGES, show_default=True,
               help="Calibrate on this many images (a seeded random subset of --data).")
 @click.option("--percentile", type=click.FloatRange(50, 100, min_open=True), default=DEFAULT_PERCENTILE,
-              show_default=True, help="With --method percentile: the share of values kept at each end, in %.")
+              show_default=True, help="With --method percentile: the share of values kept, in % ((100 - P) / 2 % "
+              "is cut at each end).")
 @click.option("--bins", type=click.IntRange(16), default=DEFAULT_BINS, show_default=True,
-              help="Histogram bins of --method percentile/entropy.")
+              help="Histogram bins of --method percentile/entropy. Entropy may cut a range down to "
+                   "(levels / bins) of its width: fewer bins clip less.")
 @click.option("--bits", type=BITS, help="Bits of weights and activations (2..8; default 8).")
 @click.option("--weight-bits", type=BITS, help="Bits of the weights (overrides --bits).")
 @click.option("--activation-bits", type=BITS, help="Bits of the activations (overrides --bits).")
@@ -56,8 +58,8 @@ def calibrate_command(model, data, output, val_data, method, images, percentile,
 
     The ranges are observed on the float model (BN folded, eval mode) and the model goes through the same
     int8 export as train-quant: per-channel int8 weights, int32 biases, Q/DQ activations. Unless --no-verify,
-    onnxruntime must run every quantized node as an integer kernel, and top-1 of the float, simulated and
-    int8 models is printed.
+    onnxruntime loads the model, the nodes that did not become integer kernels are listed with the rule they
+    broke, and top-1 of the float, simulated and int8 models is printed.
 
     \b
     Examples:
@@ -77,6 +79,8 @@ def calibrate_command(model, data, output, val_data, method, images, percentile,
         f = export["fusion"]
         kernels = ", ".join(f"{k} {v}" for k, v in sorted(f["kernels"].items()))
         click.echo(f"onnxruntime: {f['fused']} of {f['expected']} quantized nodes run as integer kernels ({kernels})")
+        for u in f["unfused"]:
+            click.echo(f"  not fused: {u['node']} ({u['op_type']}): {u['reason']}")
     if export["agreement"]:
         a = export["agreement"]
         steps = f"{a['max_diff_steps']:.1f}" if a["max_diff_steps"] is not None else "n/a"

@@ -71,7 +71,9 @@ def _logits(model, output: str, data, indices: np.ndarray) -> np.ndarray:
 
 
 def _top1(logits: np.ndarray, labels: np.ndarray | None) -> float | None:
-    return None if labels is None else float(np.mean(logits.argmax(axis=1) == labels))
+    if labels is None or logits.ndim != 2:  # not a classifier's (N, classes) output
+        return None
+    return float(np.mean(logits.argmax(axis=1) == labels))
 
 
 def layer_sensitivity(float_graph, data, quant: QuantConfig | None = None, images: int | None = DEFAULT_IMAGES,

@@ -33,6 +33,11 @@ class TrainConfig:
     teacher: str | None = None  # a float ONNX model: distillation QAT
     distill_temperature: float = 4.0
     distill_alpha: float = 0.5
+    init: str = "observe"  # "calibrate": activation ranges from post-training calibration before QAT
+    init_method: str = "minmax"
+    init_images: int = 512
+    mixed_precision: str | None = None  # a weight-size budget: per-layer bits from the layers' sensitivity
+    mixed_low_bits: int = 4
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -45,6 +50,10 @@ class TrainConfig:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.init not in ("observe", "calibrate"):
+            raise ConfigError(f"init must be observe or calibrate, got {self.init!r}")
+        if self.init_method not in ("minmax", "percentile", "entropy"):
+            raise ConfigError(f"init_method must be minmax, percentile or entropy, got {self.init_method!r}")
         if self.distill_temperature <= 0:
             raise ConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if not 0.0 <= self.distill_alpha <= 1.0:
