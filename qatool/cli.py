@@ -7,7 +7,7 @@ import sys
 import click
 
 from . import __version__
-from .cli_options import preprocess_overrides, preprocessing_options
+from .cli_options import BITS, preprocess_overrides, preprocessing_options, quantization_options
 from .errors import QatoolError
 
 
@@ -45,9 +45,6 @@ def convert(model: str, output: str, for_training: bool) -> None:
     click.echo(f"wrote {output}")
 
 
-BITS = click.IntRange(2, 8)
-
-
 @cli.command("train-quant")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--train-data", required=True, type=click.Path(),
@@ -60,12 +57,7 @@ BITS = click.IntRange(2, 8)
               help="YAML or JSON settings (schemas/qat-config.schema.json); flags override the file.")
 @preprocessing_options
 @click.option("--augment/--no-augment", default=None, help="Random crop with padding and horizontal flip.")
-@click.option("--bits", type=BITS, help="Bits of weights and activations (2..8; default 8).")
-@click.option("--weight-bits", type=BITS, help="Bits of the weights (overrides --bits).")
-@click.option("--activation-bits", type=BITS, help="Bits of the activations (overrides --bits).")
-@click.option("--per-tensor", is_flag=True, default=None, help="One weight scale per tensor instead of per channel.")
-@click.option("--symmetric-activations", is_flag=True, default=None,
-              help="Signed activations with zero point 0 instead of asymmetric unsigned.")
+@quantization_options
 @click.option("--scale-update", type=click.Choice(["moving-average", "maximum"]),
               help="How activation ranges are observed (default moving-average).")
 @click.option("--observer-momentum", type=click.FloatRange(0, 1, max_open=True),
@@ -74,8 +66,6 @@ BITS = click.IntRange(2, 8)
               "(default: half the steps).")
 @click.option("--freeze-observers-after", type=click.IntRange(0),
               help="Step after which activation ranges stop updating (default: three quarters of the steps).")
-@click.option("--exclude", multiple=True, help="Node name or op type to keep in float (repeatable).")
-@click.option("--reduce-range", is_flag=True, default=None, help="7-bit weights, for x86 CPUs without VNNI.")
 @click.option("--scale-learning", type=click.Choice(["none", "lsq"]),
               help="lsq: train the weight and activation step sizes by gradient (LSQ), initialised from the "
                    "observers; the export uses the learned scales.")

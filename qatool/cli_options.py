@@ -47,3 +47,23 @@ def preprocessing_options(f):
 def preprocess_overrides(size, color, mean, std) -> dict:
     return {"size": _parse_size(size), "color": color, "mean": _parse_floats(mean, "--mean"),
             "std": _parse_floats(std, "--std")}
+
+
+BITS = click.IntRange(2, 8)
+
+
+def quantization_options(f):
+    """--bits/--weight-bits/--activation-bits/--per-tensor/--symmetric-activations/--exclude/--reduce-range."""
+    for opt in reversed([
+        click.option("--bits", type=BITS, help="Bits of weights and activations (2..8; default 8)."),
+        click.option("--weight-bits", type=BITS, help="Bits of the weights (overrides --bits)."),
+        click.option("--activation-bits", type=BITS, help="Bits of the activations (overrides --bits)."),
+        click.option("--per-tensor", is_flag=True, default=None,
+                     help="One weight scale per tensor instead of per channel."),
+        click.option("--symmetric-activations", is_flag=True, default=None,
+                     help="Signed activations with zero point 0 instead of asymmetric unsigned."),
+        click.option("--exclude", multiple=True, help="Node name or op type to keep in float (repeatable)."),
+        click.option("--reduce-range", is_flag=True, default=None, help="7-bit weights, for x86 CPUs without VNNI."),
+    ]):
+        f = opt(f)
+    return f

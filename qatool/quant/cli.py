@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import click
 
-from ..cli_options import preprocess_overrides, preprocessing_options
+from ..cli_options import BITS, preprocess_overrides, preprocessing_options, quantization_options
 from .calibrate import DEFAULT_BINS, DEFAULT_IMAGES, DEFAULT_PERCENTILE, METHODS
 from .sensitivity import DEFAULT_BITS, DEFAULT_CALIBRATION_IMAGES
 from .sensitivity import DEFAULT_IMAGES as SENSITIVITY_IMAGES
-
-BITS = click.IntRange(2, 8)
-
 
 def _quant_config(weight_bits, activation_bits, per_tensor, symmetric_activations, exclude, reduce_range=None):
     from .config import QuantConfig
@@ -41,14 +38,7 @@ def _quant_config(weight_bits, activation_bits, per_tensor, symmetric_activation
 @click.option("--bins", type=click.IntRange(16), default=DEFAULT_BINS, show_default=True,
               help="Histogram bins of --method percentile/entropy. Entropy may cut a range down to "
                    "(levels / bins) of its width: fewer bins clip less.")
-@click.option("--bits", type=BITS, help="Bits of weights and activations (2..8; default 8).")
-@click.option("--weight-bits", type=BITS, help="Bits of the weights (overrides --bits).")
-@click.option("--activation-bits", type=BITS, help="Bits of the activations (overrides --bits).")
-@click.option("--per-tensor", is_flag=True, default=None, help="One weight scale per tensor instead of per channel.")
-@click.option("--symmetric-activations", is_flag=True, default=None,
-              help="Signed activations with zero point 0 instead of asymmetric unsigned.")
-@click.option("--exclude", multiple=True, help="Node name or op type to keep in float (repeatable).")
-@click.option("--reduce-range", is_flag=True, default=None, help="7-bit weights, for x86 CPUs without VNNI.")
+@quantization_options
 @preprocessing_options
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime checks (fusion, agreement, top-1).")
 def calibrate_command(model, data, output, val_data, method, images, percentile, bins, bits, weight_bits,
