@@ -24,6 +24,8 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) bench/engine_speed.py
+	$(PY) bench/qat_bench.py
+	$(PY) bench/beyond_bench.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
