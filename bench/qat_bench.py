@@ -1,7 +1,8 @@
 """QAT benchmark: qatool against PyTorch FX QAT and onnxruntime's static PTQ, in one run, on the sample models.
 
     .venv/bin/python bench/qat_bench.py                      # everything; writes bench/results/qat_bench.json
-    .venv/bin/python bench/qat_bench.py --quick              # 20 steps: a smoke run (writes nothing unless --out)
+    .venv/bin/python bench/qat_bench.py --quick              # 20 steps: a smoke run (writes nothing unless --out;
+                                                             # nor do --steps, --models, --bits)
     .venv/bin/python bench/qat_bench.py --models lenet_bn --bits W8A8
     .venv/bin/python bench/qat_bench.py --render bench/results/qat_bench.json   # the Markdown tables again
 
@@ -19,7 +20,7 @@ steps, batch and threads:
 
 It reports top-1 on sample_models/data/mnist/val (1000 images), ms per training step (median over the run
 without its first 5 steps, timed the same way on both sides), warm onnxruntime latency at batch 64 and 1
-(interleaved rounds, median) and file sizes, then checks the targets and says plainly which are missed.
+(blocks of runs interleaved across the models, median) and file sizes, then checks the targets and says plainly which are missed.
 
 PyTorch is a development-only dependency (pip install torch==2.13.0); qatool never imports it.
 """
@@ -64,7 +65,8 @@ QUICK_STEPS = 20
 CALIB_IMAGES = 256
 SKIP_STEPS = 5  # the first steps of a run (allocations, caches) are left out of ms/step
 LAT_RUNS = {64: 60, 1: 200}  # timed runs per model at batch 64 and batch 1, in blocks interleaved across models
-LAT_BLOCK = 5
+LAT_BLOCK = {64: 20, 1: 50}  # consecutive timed runs per visit
+LAT_SKIP = {64: 3, 1: 10}  # untimed runs at the start of each visit
 
 
 def log(msg: str) -> None:
@@ -342,19 +344,20 @@ def run_ort_ptq(name: str, wb: int, ab: int, data: Data, work: Path) -> dict:
 
 # ---- latency ------------------------------------------------------------------------------------------------
 def latency(runners: dict[str, object], x64: np.ndarray, x1: np.ndarray) -> dict[str, dict]:
-    """Warm latency, median per runner. Rounds visit every runner in turn (so a burst of other work on the machine
-    hits all of them alike); in each visit one untimed run comes first, because the previous runner's threads may
-    still be spinning (onnxruntime's and OpenMP's idle workers spin before they sleep), then BLOCK timed runs."""
+    """Warm latency, median (and fastest) per runner. Rounds visit every runner in turn, so a burst of other work
+    on the machine hits all of them alike; each visit starts with untimed runs, because the previous runner's
+    idle threads may still be spinning (onnxruntime's and OpenMP's workers spin before they sleep), then times a
+    block of consecutive runs. (Blocks of 5 after one untimed run gave medians 2-4x the fastest run on this
+    machine; blocks of 20 after 3 untimed runs bring the medians much closer to it.)"""
     out: dict[str, dict] = {k: {} for k in runners}
     for n, x in ((64, x64), (1, x1)):
-        for run in runners.values():
-            for _ in range(3):
-                run(x)
+        runs, block, skip = LAT_RUNS[n], LAT_BLOCK[n], LAT_SKIP[n]
         times: dict[str, list[float]] = {k: [] for k in runners}
-        for _ in range(LAT_RUNS[n] // LAT_BLOCK):
+        for _ in range(runs // block):
             for k, run in runners.items():
-                run(x)
-                for _ in range(LAT_BLOCK):
+                for _ in range(skip):
+                    run(x)
+                for _ in range(block):
                     t0 = time.perf_counter()
                     run(x)
                     times[k].append(time.perf_counter() - t0)
@@ -502,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps: a smoke run")
     ap.add_argument("--steps", type=int, help=f"training steps (default {STEPS}, {QUICK_STEPS} with --quick)")
     ap.add_argument("--out", type=Path, help="where to write the JSON (default: bench/results/qat_bench.json for a "
-                    "full run; nothing for --quick or --steps unless given)")
+                    "complete run; nothing for --quick, --steps, --models or --bits unless given)")
     ap.add_argument("--keep", type=Path, help="keep the trained and quantized models in this folder")
     ap.add_argument("--render", type=Path, metavar="JSON", help="only print the Markdown tables of a saved result")
     args = ap.parse_args(argv)
@@ -514,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(THREADS)
     steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
-    out_json = args.out or (RESULTS if not args.quick and not args.steps else None)
+    complete = not args.quick and not args.steps and set(args.models) == set(MODELS) and set(args.bits) == set(BITS)
+    out_json = args.out or (RESULTS if complete else None)  # a partial run never overwrites the full results
     info = machine()
     log(f"qat_bench: models {args.models}, bits {args.bits}, {steps} steps, batch {BATCH}; "
         f"{info['cpu']}, {info['cores']} cores, load {load_avg()}")
@@ -590,8 +594,9 @@ def main(argv: list[str] | None = None) -> int:
                      "ms_per_step": f"median over steps {SKIP_STEPS + 1}..{steps} (all steps if fewer than "
                                     f"{2 * SKIP_STEPS + 1})",
                      "latency": f"warm, median of {LAT_RUNS[64]} (batch 64) / {LAT_RUNS[1]} (batch 1) runs, in "
-                                   f"blocks of {LAT_BLOCK} (after one untimed run) interleaved across the models; "
-                                   "inputs are val images"},
+                                   f"blocks of {LAT_BLOCK[64]} / {LAT_BLOCK[1]} consecutive runs (each after "
+                                   f"{LAT_SKIP[64]} / {LAT_SKIP[1]} untimed ones) interleaved across the models; "
+                                   "inputs are the first val images"},
         "machine": info,
         "total_seconds": round(time.perf_counter() - t_all, 1),
         "rows": rows,

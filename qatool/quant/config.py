@@ -18,8 +18,8 @@ class QuantConfig:
     symmetric_activations: bool = False  # signed, zero point 0 (else asymmetric unsigned)
     scale_update: str = "moving-average"  # MNN's two methods: "moving-average" | "maximum"
     observer_momentum: float = 0.9  # of the moving-average observer
-    freeze_bn_after: int | None = None  # step; None: 60% of the run
-    freeze_observers_after: int | None = None  # step; None: 80% of the run
+    freeze_bn_after: int | None = None  # step; None: half the run
+    freeze_observers_after: int | None = None  # step; None: three quarters of the run
     exclude: list[str] = field(default_factory=list)  # node names or op types kept in float
     reduce_range: bool = False  # 7-bit weights, for x86 CPUs without VNNI
     layer_weight_bits: dict[str, int] = field(default_factory=dict)  # node name -> weight bits (mixed precision)
