@@ -7,7 +7,7 @@ import sys
 import click
 
 from . import __version__
-from .cli_options import BITS, preprocess_overrides, preprocessing_options, quantization_options
+from .cli_options import BITS, export_summary, preprocess_overrides, preprocessing_options, quantization_options
 from .errors import QatoolError
 
 
@@ -155,15 +155,8 @@ def export_int8(checkpoint, output, calib_data, no_verify, size, color, mean, st
     r = api.export_int8(checkpoint, output, calib_data=calib_data, verify=not no_verify,
                         preprocess=preprocess_overrides(size, color, mean, std))
     click.echo(f"wrote {r['path']} ({r['size_bytes'] / 1024:.1f} KB)")
-    if r["fusion"]:
-        f = r["fusion"]
-        kernels = ", ".join(f"{k} {v}" for k, v in sorted(f["kernels"].items()))
-        click.echo(f"onnxruntime: {f['fused']} of {f['expected']} quantized nodes run as integer kernels ({kernels})")
-    if r["agreement"]:
-        a = r["agreement"]
-        steps = f"{a['max_diff_steps']:.1f}" if a["max_diff_steps"] is not None else "n/a"
-        click.echo(f"simulation vs onnxruntime on {a['images']} inputs ({r['verified_on']}): top-1 agreement "
-                   f"{a['agreement_top1']:.4f}, largest difference {steps} quantization steps")
+    for line in export_summary(r):
+        click.echo(line)
     if "top1_int8" in r:
         click.echo(f"top-1: simulation {r['top1_qat']:.4f}, int8 onnxruntime {r['top1_int8']:.4f}")
     for fn in r["float_nodes"]:

@@ -67,3 +67,20 @@ def quantization_options(f):
     ]):
         f = opt(f)
     return f
+
+
+def export_summary(export: dict) -> list[str]:
+    """The lines that describe a verified int8 export (fusion on onnxruntime, simulation vs onnxruntime)."""
+    lines = []
+    if export.get("fusion"):
+        f = export["fusion"]
+        kernels = ", ".join(f"{k} {v}" for k, v in sorted(f["kernels"].items()))
+        lines.append(f"onnxruntime: {f['fused']} of {f['expected']} quantized nodes run as integer kernels ({kernels})")
+        lines += [f"  not fused: {u['node']} ({u['op_type']}): {u['reason']}" for u in f["unfused"]]
+    if export.get("agreement"):
+        a = export["agreement"]
+        steps = f"{a['max_diff_steps']:.1f}" if a["max_diff_steps"] is not None else "n/a"
+        source = f" ({export['verified_on']})" if export.get("verified_on") else ""
+        lines.append(f"simulation vs onnxruntime on {a['images']} inputs{source}: top-1 agreement "
+                     f"{a['agreement_top1']:.4f}, largest difference {steps} quantization steps")
+    return lines

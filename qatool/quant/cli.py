@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from ..cli_options import BITS, preprocess_overrides, preprocessing_options, quantization_options
+from ..cli_options import BITS, export_summary, preprocess_overrides, preprocessing_options, quantization_options
 from .calibrate import DEFAULT_BINS, DEFAULT_IMAGES, DEFAULT_PERCENTILE, METHODS
 from .sensitivity import DEFAULT_BITS, DEFAULT_CALIBRATION_IMAGES
 from .sensitivity import DEFAULT_IMAGES as SENSITIVITY_IMAGES
@@ -65,17 +65,8 @@ def calibrate_command(model, data, output, val_data, method, images, percentile,
                   percentile=percentile, bins=bins, echo=click.echo)
     click.echo(f"wrote {output} ({r['size_bytes'] / 1024:.1f} KB)")
     export = r["export"]
-    if export["fusion"]:
-        f = export["fusion"]
-        kernels = ", ".join(f"{k} {v}" for k, v in sorted(f["kernels"].items()))
-        click.echo(f"onnxruntime: {f['fused']} of {f['expected']} quantized nodes run as integer kernels ({kernels})")
-        for u in f["unfused"]:
-            click.echo(f"  not fused: {u['node']} ({u['op_type']}): {u['reason']}")
-    if export["agreement"]:
-        a = export["agreement"]
-        steps = f"{a['max_diff_steps']:.1f}" if a["max_diff_steps"] is not None else "n/a"
-        click.echo(f"simulation vs onnxruntime on {a['images']} images: top-1 agreement {a['agreement_top1']:.4f}, "
-                   f"largest difference {steps} quantization steps")
+    for line in export_summary(export):
+        click.echo(line)
     if r["top1_int8"] is not None:
         click.echo(f"top-1 on {val_data or data}: float {r['top1_float']:.4f}, int8 simulation {r['top1_sim']:.4f}, "
                    f"int8 onnxruntime {r['top1_int8']:.4f}")
