@@ -10,6 +10,7 @@ from qatool import api
 from qatool.export.deploy import export_session
 from qatool.export.verify import check_fusion
 from qatool.ops import Context, make_op
+from qatool.quant.config import QuantConfig
 from qatool.quant.qparams import weight_grid
 from qatool.train.checkpoint import load_checkpoint
 from qatool.train.config import TrainConfig
@@ -50,6 +51,42 @@ def test_simulation_equals_onnxruntime_on_the_val_set(trained, name):
     assert v["images"] == 1000
     assert v["agreement_top1"] >= 0.999
     assert abs(v["top1_qat"] - v["top1_int8"]) <= 0.001
+
+
+def test_relu6_clips_are_dropped_at_8_bits(trained):
+    """The ReLU6 Clips of MobileNet are redundant once the uint8 grid spans [0, 6] (to within rounding of the
+    scale: 255 * float32(6/255) is a hair above 6), so none is left in the exported graph."""
+    d, _ = trained["mobilenetv2_small"]
+    assert "Clip" in {n.op_type for n in onnx.load(SAMPLE_DIR / "mobilenetv2_small.onnx").graph.node}
+    assert not [n.name for n in onnx.load(d / "model_int8.onnx").graph.node if n.op_type == "Clip"]
+
+
+@pytest.fixture(scope="module")
+def trained_w4a4(tmp_path_factory, digits):
+    train, _ = digits
+    out = {}
+    for name in ("lenet_bn", "mobilenetv2_small"):
+        d = tmp_path_factory.mktemp(f"{name}_w4a4")
+        out[name] = (d, api.train_quant(SAMPLE_DIR / f"{name}.onnx", train, d, val_data=VAL,
+                                        quant=QuantConfig(weight_bits=4, activation_bits=4),
+                                        train=TrainConfig(steps=8, batch_size=32), **QUIET))
+    return out
+
+
+@pytest.mark.parametrize("name", ["lenet_bn", "mobilenetv2_small"])
+def test_4_bit_activations_clip_exactly_and_still_fuse(trained_w4a4, name):
+    """Below 8 bits each activation is clipped to its grid by an integer Clip after the QuantizeLinear: the
+    deployed integers equal the simulated ones exactly, and every Conv/Gemm still runs as an integer kernel."""
+    d, report = trained_w4a4[name]
+    fusion = report["export"]["fusion"]
+    assert fusion["unfused"] == [] and fusion["fused"] == fusion["expected"] > 0
+    assert report["export"]["agreement"]["max_diff_steps"] == 0.0
+    assert report["val"]["top1_qat"] == report["val"]["top1_int8"]
+    model = onnx.load(d / "model_int8.onnx")
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    integer_clips = [n for n in model.graph.node if n.op_type == "Clip" and inits[n.input[2]].dtype == np.uint8]
+    assert integer_clips and all(inits[n.input[1]] == 0 and inits[n.input[2]] == 15 for n in integer_clips)
+    assert not [n for n in model.graph.node if n.op_type == "Clip" and n not in integer_clips]  # ReLU6 dropped
 
 
 def test_int8_weights_are_the_simulated_ones(trained):

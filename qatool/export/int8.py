@@ -6,8 +6,12 @@ Rewrites, on a copy of the engine's QAT graph (current parameters, BN statistics
                                         range) and a DequantizeLinear with `axis`;
 - FoldedBias(acc, ...) -> out  becomes  the layer's bias input: an int32 initializer with scale
                                         s_input * s_weight and a DequantizeLinear; the layer writes `out`;
-- a Relu/Clip between a layer and its QuantizeLinear is removed when the Q's range already lies inside it
-  (the int8 kernel's saturation does the same); Dropout and Identity are removed;
+- activations of fewer bits than their 8-bit container get an integer Clip right after the QuantizeLinear
+  (uint8/int8 Clip to the b-bit grid), so the deployed model clips exactly where the simulation did; the
+  Conv/Gemm before it still fuses, and the Clip costs one cheap pass over 8-bit data;
+- a Relu/Clip between a layer and its QuantizeLinear is removed when the Q's grid already lies inside it (to
+  within half a step: the int8 kernel's saturation then gives the same integers); Dropout and Identity are
+  removed;
 - each DequantizeLinear feeds exactly one consumer (onnxruntime's node-unit rule).
 The int8 weights and int32 biases are bit-identical to what the simulation fake-quantized.
 """
@@ -24,7 +28,7 @@ from ..errors import ModelError
 from ..ir.graph import Graph, Node
 from ..ir.roles import STATE_KEY, TRAINABLE_KEY
 from ..quant.ops import bn_fold_factor, folded_bias
-from ..quant.qparams import (BIAS_GRID, MIN_SCALE, activation_grid, channel_shape, quantize, weight_grid,
+from ..quant.qparams import (BIAS_GRID, MIN_SCALE, Grid, activation_grid, channel_shape, quantize, weight_grid,
                              weight_scales)
 
 FLOAT_NODES_KEY = "qatool.float_nodes"
@@ -34,13 +38,14 @@ def qat_to_int8(qat: Graph, float_nodes: list[dict] | None = None) -> Graph:
     """The int8 QDQ graph of a QAT graph (which is left unchanged)."""
     g = copy.deepcopy(qat)
     weight_scale: dict[str, np.ndarray] = {}
+    grids: dict[str, Grid] = {}  # quantized tensor -> its activation grid
     producers = g.producers()
     new_nodes: list[Node] = []
     for node in g.nodes:
         if node.domain != "qatool":
             new_nodes.append(node)
         elif node.op_type == "FakeQuant":
-            new_nodes += _activation_qdq(g, node)
+            new_nodes += _activation_qdq(g, node, grids)
         elif node.op_type == "WeightQuant":
             new_nodes.append(_weight_dq(g, node, weight_scale))
         elif node.op_type == "FoldedBias":
@@ -49,7 +54,7 @@ def qat_to_int8(qat: Graph, float_nodes: list[dict] | None = None) -> Graph:
             raise ModelError(f"internal: unknown qatool op {node.op_type}")
     g.nodes = new_nodes
     g.other_opsets.pop("qatool", None)
-    _remove_redundant_activations(g)
+    _remove_redundant_activations(g, grids)
     remove_inference_noops(g)
     g.toposort()
     _requantize_pass_through(g)
@@ -62,7 +67,7 @@ def qat_to_int8(qat: Graph, float_nodes: list[dict] | None = None) -> Graph:
     return g
 
 
-def _activation_qdq(g: Graph, node: Node) -> list[Node]:
+def _activation_qdq(g: Graph, node: Node, grids: dict[str, Grid]) -> list[Node]:
     x, scale, zero, span = node.inputs
     s = np.maximum(g.initializers[scale], MIN_SCALE)  # a learned (LSQ) scale is floored as in the simulation
     if not g.initializers[span][0] <= g.initializers[span][1]:
@@ -73,8 +78,18 @@ def _activation_qdq(g: Graph, node: Node) -> list[Node]:
     g.initializers[s_name] = np.asarray(s, np.float32).reshape(())
     g.initializers[z_name] = np.asarray(g.initializers[zero], np.float32).astype(grid.storage).reshape(())
     q = g.unique_name(f"{t}_quantized")
-    return [Node("QuantizeLinear", [x, s_name, z_name], [q], g.unique_name(f"{t}_QuantizeLinear")),
-            Node("DequantizeLinear", [q, s_name, z_name], [t], g.unique_name(f"{t}_DequantizeLinear"))]
+    grids[q] = grid
+    nodes = [Node("QuantizeLinear", [x, s_name, z_name], [q], g.unique_name(f"{t}_QuantizeLinear"))]
+    info = np.iinfo(grid.storage)
+    if (grid.qmin, grid.qmax) != (info.min, info.max):  # b < 8 bits in an 8-bit container: clip to the grid
+        lo, hi = g.unique_name(f"{t}_qmin"), g.unique_name(f"{t}_qmax")
+        g.initializers[lo] = np.asarray(grid.qmin, grid.storage)
+        g.initializers[hi] = np.asarray(grid.qmax, grid.storage)
+        clipped = g.unique_name(f"{t}_quantized_clipped")
+        nodes.append(Node("Clip", [q, lo, hi], [clipped], g.unique_name(f"{t}_Clip")))
+        q = clipped
+    nodes.append(Node("DequantizeLinear", [q, s_name, z_name], [t], g.unique_name(f"{t}_DequantizeLinear")))
+    return nodes
 
 
 def _weight_dq(g: Graph, node: Node, weight_scale: dict[str, np.ndarray]) -> Node:
@@ -123,25 +138,30 @@ def _bias_into_layer(g: Graph, node: Node, producers: dict[str, Node], weight_sc
     layer.outputs = [node.outputs[0]]
 
 
-def _remove_redundant_activations(g: Graph) -> None:
-    """Drop Relu/Clip feeding only a QuantizeLinear whose representable range lies inside the activation's."""
+def _remove_redundant_activations(g: Graph, grids: dict[str, Grid]) -> None:
+    """Drop a Relu/Clip feeding only a QuantizeLinear whose grid lies inside the activation's range.
+
+    Exact, not approximate: with grid [lo, hi] (in float) inside [lo_act - s/2, hi_act + s/2], quantizing x and
+    quantizing clip(x, lo_act, hi_act) round and saturate to the same integers. The half step absorbs float
+    rounding of the scale (255 * float32(6/255) is a hair above 6)."""
     consumers = g.consumers()
     for node in [n for n in g.nodes if n.op_type in ("Relu", "Clip")]:
         users = consumers.get(node.outputs[0], [])
         if len(users) != 1 or users[0].op_type != "QuantizeLinear" or node.outputs[0] in g.output_names:
             continue
         q = users[0]
+        grid = grids.get(q.outputs[0])
+        if grid is None:
+            continue
         s = float(g.initializers[q.input(1)])
-        zp_arr = g.initializers[q.input(2)]
-        info = np.iinfo(zp_arr.dtype)
-        zp = int(zp_arr)
-        lo, hi = (info.min - zp) * s, (info.max - zp) * s
+        zp = int(g.initializers[q.input(2)])
+        lo, hi = (grid.qmin - zp) * s, (grid.qmax - zp) * s
         if node.op_type == "Relu":
             lo_act, hi_act = 0.0, np.inf
         else:
             lo_act = float(g.initializers[node.input(1)]) if node.input(1) else -np.inf
             hi_act = float(g.initializers[node.input(2)]) if node.input(2) else np.inf
-        if lo >= lo_act and hi <= hi_act:
+        if lo > lo_act - s / 2 and hi < hi_act + s / 2:
             q.inputs = [node.input(0), *q.inputs[1:]]
             g.nodes.remove(node)
 
