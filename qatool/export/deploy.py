@@ -15,6 +15,7 @@ from ..eval.backends import engine_logits, ort_logits, ort_session
 from ..ir.graph import to_onnx
 from ..ir.io import save_proto
 from ..train.data import LoadedImages
+from .pack import pack_int4_weights
 from .verify import Agreement, FusionReport, check_fusion, compare, output_scale
 
 
@@ -67,11 +68,14 @@ def meant_int8(session) -> list[tuple[str, str]]:
 
 
 def export_session(session, out_path: str | os.PathLike, data: LoadedImages | None = None, verify: bool = True,
-                   strict: bool = True, data_source: str = "") -> ExportResult:
+                   strict: bool = True, data_source: str = "", int4: bool = True) -> ExportResult:
     """Export, then (if `verify`) check fusion and simulation-vs-onnxruntime agreement on `data` (random inputs
-    when None). With `strict`, unfused nodes raise FusionError and nothing is written."""
+    when None). With `strict`, unfused nodes raise FusionError and nothing is written. With `int4`, weights of
+    4 bits or fewer are stored two to a byte (`pack.pack_int4_weights`: opset 21)."""
     out = Path(out_path)
     model = to_onnx(session.export_int8())
+    if int4:
+        model = pack_int4_weights(model)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
