@@ -9,8 +9,8 @@
 For each sample model and each bit width (W8A8, W4A4, W2A8) it runs, with the same float weights, data,
 steps, batch and threads:
 
-1. qatool: `api.train_quant` (its defaults: SGD momentum 0.9, lr 1e-3, batch 64, seed 0, BN frozen after half
-   the steps, activation observers after three quarters), then onnxruntime on the model_int8.onnx it writes;
+1. qatool: `api.train_quant` (its defaults: SGD momentum 0.9, lr 1e-3, batch 64, BN frozen after half the steps,
+   activation observers after three quarters), then onnxruntime on the model_int8.onnx it writes;
 2. PyTorch FX QAT: `prepare_qat_fx` (Conv+BN(+ReLU) fused into ConvBn QAT modules) with per-channel symmetric
    narrow-range weight fake-quant and moving-average min/max activation fake-quant, the same batches in the same
    order (qatool's `batch_indices`), BN frozen (`freeze_bn_stats`) and activation observers disabled
@@ -18,7 +18,9 @@ steps, batch and threads:
 3. onnxruntime `quantize_static` (QDQ, per channel, MinMax calibration on the first 256 training images that
    qatool's batches visit) of the float model after `quant_pre_process`, where a type of those bits exists.
 
-It reports top-1 on sample_models/data/mnist/val (1000 images), ms per training step (median over the run
+QAT runs once per seed (0, 1, 2: batch order and Dropout masks), since at 2 bits one run's randomness moves the
+accuracy by points; accuracies are the means (each run kept). It reports top-1 on sample_models/data/mnist/val
+(1000 images), ms per training step (median over the run
 without its first 5 steps, timed the same way on both sides), warm onnxruntime latency at batch 64 and 1
 (blocks of runs interleaved across the models, median) and file sizes, then checks the targets and says plainly which are missed.
 
@@ -59,7 +61,7 @@ THREADS = 2
 BATCH = 64
 LR = 1e-3
 MOMENTUM = 0.9
-SEED = 0
+SEEDS = (0, 1, 2)  # accuracy is the mean over these runs: at 2 bits one run's randomness moves it by points
 STEPS = 200
 QUICK_STEPS = 20
 CALIB_IMAGES = 256
@@ -99,11 +101,11 @@ class Data:
         d = self.train
         return d.uint8_batch(idx) if hasattr(d, "uint8_batch") else d.images[idx]
 
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, step: int, seed: int = SEEDS[0]) -> tuple[np.ndarray, np.ndarray]:
         """Training batch `step`: qatool's batch_indices over the training set, preprocessed as qatool does."""
         from qatool.train.data import batch_indices
 
-        idx = batch_indices(len(self.train), BATCH, step, SEED)
+        idx = batch_indices(len(self.train), BATCH, step, seed)
         return self.pre.normalize(self.uint8(idx)), np.asarray(self.train.labels)[idx]
 
     def calibration(self, n: int) -> np.ndarray:
@@ -134,7 +136,7 @@ def load_avg() -> list[float] | None:
 
 
 # ---- 1. qatool ----------------------------------------------------------------------------------------------
-def run_qatool(name: str, wb: int, ab: int, steps: int, out_dir: Path) -> dict:
+def run_qatool(name: str, wb: int, ab: int, steps: int, out_dir: Path, seed: int) -> dict:
     from qatool import api
     from qatool.quant.config import QuantConfig
     from qatool.train.config import TrainConfig
@@ -142,7 +144,7 @@ def run_qatool(name: str, wb: int, ab: int, steps: int, out_dir: Path) -> dict:
     load0, t0 = load_avg(), time.perf_counter()
     report = api.train_quant(SAMPLES / f"{name}.onnx", TRAIN_DIR, out_dir, val_data=VAL_DIR,
                              quant=QuantConfig(weight_bits=wb, activation_bits=ab),
-                             train=TrainConfig(steps=steps, batch_size=BATCH, lr=LR, momentum=MOMENTUM, seed=SEED),
+                             train=TrainConfig(steps=steps, batch_size=BATCH, lr=LR, momentum=MOMENTUM, seed=seed),
                              quiet=True, echo=lambda s: log(f"    qatool: {s}"))
     wall = time.perf_counter() - t0
     step_ms = [json.loads(line)["ms"] / 1e3 for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -211,7 +213,8 @@ def torch_bytes(model) -> int:
     return buf.tell()
 
 
-def run_torch(name: str, wb: int, ab: int, steps: int, data: Data, bn_at: int, obs_at: int) -> tuple[dict, object]:
+def run_torch(name: str, wb: int, ab: int, steps: int, data: Data, bn_at: int, obs_at: int,
+              seed: int) -> tuple[dict, object]:
     import warnings
 
     import torch
@@ -223,7 +226,7 @@ def run_torch(name: str, wb: int, ab: int, steps: int, data: Data, bn_at: int, o
     # torch.ao.quantization's FX API warns on every call that it is deprecated in favour of torchao's pt2e flow
     warnings.filterwarnings("ignore", message=r"(?s).*torch\.ao\.quantization.*deprecated", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=r"(?s)torch\.quantize_per_tensor, torch\.quantize_per_channel and other")
-    torch.manual_seed(SEED)  # Dropout masks (PyTorch's generator: not the same masks as qatool's)
+    torch.manual_seed(seed)  # Dropout masks (PyTorch's generator: not the same masks as qatool's)
     module = torch_module(name, onnx_weights(SAMPLES / f"{name}.onnx")).train()
     model = prepare_qat_fx(module, qconfig_mapping(wb, ab), example_inputs=(torch.zeros(1, 1, 28, 28),))
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
@@ -235,7 +238,7 @@ def run_torch(name: str, wb: int, ab: int, steps: int, data: Data, bn_at: int, o
             model.apply(nniqat.freeze_bn_stats)
         if step == max(obs_at, 1):  # as in qatool, an observer frozen before any batch still takes the first one
             disable_activation_observers(model)
-        x, y = data.batch(step)
+        x, y = data.batch(step, seed)
         out = model(torch.from_numpy(x))
         loss_t = F.cross_entropy(out, torch.from_numpy(y))
         opt.zero_grad(set_to_none=True)
@@ -383,6 +386,19 @@ def torch_runner(model):
 
 
 # ---- targets ------------------------------------------------------------------------------------------------
+def over_seeds(runs: list[dict], accuracies: tuple[str, ...], seeds: list[int]) -> dict:
+    """The first seed's run, with each accuracy replaced by its mean over the seeds (each seed's value kept
+    beside it) and ms per step by the median of the runs' medians."""
+    out = dict(runs[0])
+    for key in accuracies:
+        out[f"{key}_per_seed"] = dict(zip(map(str, seeds), (r[key] for r in runs)))
+        out[key] = round(statistics.mean(r[key] for r in runs), 5)
+    for key in ("ms_per_step", "ms_per_step_min"):
+        out[f"{key}_per_seed"] = [r[key] for r in runs]
+        out[key] = round(statistics.median(r[key] for r in runs), 2)
+    return out
+
+
 def pp(a: float, b: float) -> float:
     return round((a - b) * 100, 2)
 
@@ -432,11 +448,24 @@ def _pct(v) -> str:
     return "—" if v is None else f"{v * 100:.1f} %"
 
 
+def seeds_note(settings: dict) -> str:
+    seeds = settings.get("seeds", [settings.get("seed", 0)])
+    if len(seeds) == 1:
+        return f"Seed {seeds[0]}."
+    return (f"Seeds {', '.join(map(str, seeds))}: QAT accuracies are the mean of the {len(seeds)} runs (each run in "
+            "brackets), ms/step the median of the runs' medians; latency and size are the first seed's models.")
+
+
+def _per_seed(run: dict, key: str) -> str:
+    values = run.get(f"{key}_per_seed")
+    return f" ({' / '.join(f'{v * 100:.1f}' for v in values.values())})" if values and len(values) > 1 else ""
+
+
 def render_markdown(doc: dict) -> str:
     rows, lat = doc["rows"], doc["latency"]
     s = doc["settings"]
-    lines = [f"Steps {s['steps']}, batch {s['batch']}, SGD momentum {s['momentum']}, lr {s['lr']}, seed {s['seed']}; "
-             f"val = {s['val_images']} images.", ""]
+    lines = [f"Steps {s['steps']}, batch {s['batch']}, SGD momentum {s['momentum']}, lr {s['lr']}; "
+             f"val = {s['val_images']} images. {seeds_note(s)}", ""]
     lines += ["### Accuracy (top-1 on the val images)", "",
               "| model | bits | float | qatool int8 (onnxruntime) | qatool QAT simulation | PyTorch QAT int8 "
               "(converted, deployed) | PyTorch QAT fake-quant | onnxruntime PTQ (quantize_static) |",
@@ -444,9 +473,10 @@ def render_markdown(doc: dict) -> str:
     for r in rows:
         q, t, o = r["qatool"], r["torch"], r["ort_ptq"]
         ptq = _pct(o["top1"]) if o.get("supported") else "not supported (no 2-bit type)"
-        lines.append(f"| {r['model']} | {r['bits']} | {_pct(r['float_top1'])} | **{_pct(q['top1_int8'])}** | "
-                     f"{_pct(q['top1_qat_simulation'])} | {_pct(t['top1_int8_converted'])} | "
-                     f"{_pct(t['top1_fake_quant'])} | {ptq} |")
+        lines.append(f"| {r['model']} | {r['bits']} | {_pct(r['float_top1'])} | "
+                     f"**{_pct(q['top1_int8'])}**{_per_seed(q, 'top1_int8')} | "
+                     f"{_pct(q['top1_qat_simulation'])} | {_pct(t['top1_int8_converted'])}"
+                     f"{_per_seed(t, 'top1_int8_converted')} | {_pct(t['top1_fake_quant'])} | {ptq} |")
     lines += ["", "### Training step (ms, median over the run without its first 5 steps)", "",
               "| model | bits | qatool ms/step | PyTorch FX QAT ms/step | qatool / PyTorch | fastest step: qatool; "
               "PyTorch (ratio) | 1-min load average before → after: qatool; PyTorch |", "|---|---|---|---|---|---|---|"]
@@ -502,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     ap.add_argument("--bits", nargs="+", default=list(BITS), choices=list(BITS))
+    ap.add_argument("--seeds", nargs="+", type=int,
+                    help=f"training seeds (batch order, Dropout; default {' '.join(map(str, SEEDS))}, "
+                         f"{SEEDS[0]} with --quick); accuracies are their mean")
     ap.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps: a smoke run")
     ap.add_argument("--steps", type=int, help=f"training steps (default {STEPS}, {QUICK_STEPS} with --quick)")
     ap.add_argument("--out", type=Path, help="where to write the JSON (default: bench/results/qat_bench.json for a "
@@ -517,7 +550,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(THREADS)
     steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
-    complete = not args.quick and not args.steps and set(args.models) == set(MODELS) and set(args.bits) == set(BITS)
+    args.seeds = args.seeds or ([SEEDS[0]] if args.quick else list(SEEDS))
+    complete = not args.quick and not args.steps and set(args.models) == set(MODELS) and set(args.bits) == set(BITS) \
+        and len(args.seeds) >= len(SEEDS)
     out_json = args.out or (RESULTS if complete else None)  # a partial run never overwrites the full results
     info = machine()
     log(f"qat_bench: models {args.models}, bits {args.bits}, {steps} steps, batch {BATCH}; "
@@ -551,14 +586,21 @@ def main(argv: list[str] | None = None) -> int:
         torch_sizes = {"float (PyTorch)": torch_bytes(float_twin)}
         for bits in args.bits:
             wb, ab = BITS[bits]
-            log(f"  {name} {bits}: qatool QAT ...")
-            q = run_qatool(name, wb, ab, steps, work / name / bits)
-            log(f"  {name} {bits}: qatool int8 {q['top1_int8']:.4f} (simulation {q['top1_qat_simulation']:.4f}), "
-                f"{q['ms_per_step']:.1f} ms/step, {q['wall_s']:.0f} s")
-            log(f"  {name} {bits}: PyTorch FX QAT ...")
-            t, converted = run_torch(name, wb, ab, steps, data, q["freeze_bn_after"], q["freeze_observers_after"])
-            log(f"  {name} {bits}: PyTorch int8 {t['top1_int8_converted']:.4f} (fake-quant {t['top1_fake_quant']:.4f}), "
-                f"{t['ms_per_step']:.1f} ms/step, {t['wall_s']:.0f} s")
+            qs, ts, converted = [], [], None
+            for seed in args.seeds:
+                log(f"  {name} {bits} seed {seed}: qatool QAT ...")
+                q = run_qatool(name, wb, ab, steps, work / name / bits / f"seed{seed}", seed)
+                log(f"  {name} {bits} seed {seed}: qatool int8 {q['top1_int8']:.4f} (simulation "
+                    f"{q['top1_qat_simulation']:.4f}), {q['ms_per_step']:.1f} ms/step, {q['wall_s']:.0f} s")
+                log(f"  {name} {bits} seed {seed}: PyTorch FX QAT ...")
+                t, conv = run_torch(name, wb, ab, steps, data, q["freeze_bn_after"], q["freeze_observers_after"], seed)
+                log(f"  {name} {bits} seed {seed}: PyTorch int8 {t['top1_int8_converted']:.4f} (fake-quant "
+                    f"{t['top1_fake_quant']:.4f}), {t['ms_per_step']:.1f} ms/step, {t['wall_s']:.0f} s")
+                qs.append(q)
+                ts.append(t)
+                converted = converted or conv  # latency of the first seed's models
+            q = over_seeds(qs, ("top1_int8", "top1_qat_simulation"), args.seeds)
+            t = over_seeds(ts, ("top1_int8_converted", "top1_fake_quant"), args.seeds)
             log(f"  {name} {bits}: onnxruntime quantize_static ...")
             o = run_ort_ptq(name, wb, ab, data, work)
             log(f"  {name} {bits}: PTQ " + (f"{o['top1']:.4f}, {o['bytes']:,} bytes" if o["supported"] else o["note"]))
@@ -589,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "make bench  (.venv/bin/python bench/qat_bench.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
                    + ")",
         "settings": {"steps": steps, "batch": BATCH, "optimizer": "SGD", "momentum": MOMENTUM, "lr": LR,
-                     "seed": SEED, "threads": THREADS, "val_images": len(data.val),
+                     "seeds": args.seeds, "threads": THREADS, "val_images": len(data.val),
                      "train_images": len(data.train), "calibration_images": CALIB_IMAGES,
                      "ms_per_step": f"median over steps {SKIP_STEPS + 1}..{steps} (all steps if fewer than "
                                     f"{2 * SKIP_STEPS + 1})",

@@ -138,6 +138,8 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         raise UsageError(f"cannot create the output folder {out}: {e.strerror or e}") from e
     train_cfg = train or TrainConfig()
     float_graph, ckpt, quant_cfg = _training_model(model_path, resume, quant)
+    if train_cfg.scale_lr is not None and quant_cfg.scale_learning != "lsq":
+        raise UsageError("--scale-lr sets the learning rate of learned step sizes: it needs --scale-learning lsq")
     pre = resolve_preprocess(float_graph, preprocess)
     float_graph.metadata[METADATA_KEY] = pre.to_json()
     # the QAT graph and the teacher first: a model the engine cannot run fails before any image is read
@@ -183,8 +185,9 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     def save(step: int, arrays: dict) -> None:
         session.save(qat_path, train_cfg.to_dict(), step, arrays, info)
 
-    echo(f"QAT: steps {start}..{total}, batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr}; "
-         f"BN freezes at step {phases.freeze_bn_after}, observers at {phases.freeze_observers_after}")
+    scale_lr = f" (step sizes {train_cfg.scale_lr})" if train_cfg.scale_lr is not None else ""
+    echo(f"QAT: steps {start}..{total}, batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr}"
+         f"{scale_lr}; BN freezes at step {phases.freeze_bn_after}, observers at {phases.freeze_observers_after}")
     if teacher is not None:
         echo(f"distillation from {train_cfg.teacher}: T {train_cfg.distill_temperature}, "
              f"alpha {train_cfg.distill_alpha}")
@@ -240,10 +243,12 @@ def _json_default(o):
 
 
 # ---- export-int8 ------------------------------------------------------------------------------------------------
-def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, preprocess=None) -> dict:
+def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, preprocess=None,
+                int4: bool = True) -> dict:
     """The int8 model of a QAT checkpoint; verified on onnxruntime unless `verify` is False (see
     `qatool.export.deploy`). The verification batch comes from `calib_data`, else the validation data the
-    checkpoint recorded, else random inputs."""
+    checkpoint recorded, else random inputs. `int4=False` keeps weights of 4 bits or fewer one per byte (an
+    opset-13 file for onnxruntime older than 1.20)."""
     from .eval.backends import top1
     from .export.deploy import export_session
     from .train.checkpoint import load_checkpoint
@@ -263,7 +268,8 @@ def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, pre
             pre = resolve_preprocess(ckpt.float_graph, preprocess)
             dataset = ImageDataset.open(source)
             data = dataset.load(pre)
-    result = export_session(session, output_path, data, verify=verify, strict=True, data_source=str(source or ""))
+    result = export_session(session, output_path, data, verify=verify, strict=True, data_source=str(source or ""),
+                            int4=int4)
     report = result.to_dict()
     report["float_nodes"] = session.plan.report()["float_nodes"]
     if data is not None:

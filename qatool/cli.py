@@ -71,6 +71,9 @@ def convert(model: str, output: str, for_training: bool) -> None:
                    "observers; the export uses the learned scales.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), help="Default sgd (momentum 0.9).")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), help="Learning rate (default 1e-3).")
+@click.option("--scale-lr", type=click.FloatRange(0, min_open=True),
+              help="Learning rate of the LSQ step sizes (--scale-learning lsq), same optimizer and schedule "
+                   "(default: --lr).")
 @click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), help="SGD momentum (default 0.9).")
 @click.option("--weight-decay", type=click.FloatRange(0), help="L2 weight decay (default 0).")
 @click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]), help="LR schedule (default constant).")
@@ -100,8 +103,8 @@ def convert(model: str, output: str, for_training: bool) -> None:
 def train_quant(model, train_data, val_data, output_dir, labels, config_file, size, color, mean, std, augment,
                 bits, weight_bits, activation_bits, per_tensor, symmetric_activations, scale_update,
                 observer_momentum, freeze_bn_after, freeze_observers_after, exclude, reduce_range, scale_learning,
-                optimizer, lr, momentum, weight_decay, schedule, warmup_steps, steps, epochs, batch_size, seed,
-                init, init_method, init_images, mixed_precision, mixed_low_bits, save_every, teacher,
+                optimizer, lr, scale_lr, momentum, weight_decay, schedule, warmup_steps, steps, epochs, batch_size,
+                seed, init, init_method, init_images, mixed_precision, mixed_low_bits, save_every, teacher,
                 distill_temperature, distill_alpha, resume, quiet):
     """Quantization-aware training of MODEL on an image folder.
 
@@ -120,9 +123,9 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                "scale_update": scale_update, "observer_momentum": observer_momentum,
                "freeze_bn_after": freeze_bn_after, "freeze_observers_after": freeze_observers_after,
                "exclude": list(exclude) or None, "reduce_range": reduce_range, "scale_learning": scale_learning}
-    t_flags = {"optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-               "schedule": schedule, "warmup_steps": warmup_steps, "steps": steps, "epochs": epochs,
-               "batch_size": batch_size, "seed": seed, "save_every": save_every, "augment": augment,
+    t_flags = {"optimizer": optimizer, "lr": lr, "scale_lr": scale_lr, "momentum": momentum,
+               "weight_decay": weight_decay, "schedule": schedule, "warmup_steps": warmup_steps, "steps": steps,
+               "epochs": epochs, "batch_size": batch_size, "seed": seed, "save_every": save_every, "augment": augment,
                "teacher": teacher, "distill_temperature": distill_temperature, "distill_alpha": distill_alpha,
                "init": init, "init_method": init_method, "init_images": init_images,
                "mixed_precision": mixed_precision, "mixed_low_bits": mixed_low_bits}
@@ -142,18 +145,23 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the int8 model.")
 @click.option("--calib-data", type=click.Path(), help="Images to verify on (default: the checkpoint's val data).")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime checks (fusion and agreement).")
+@click.option("--no-int4", is_flag=True,
+              help="Store weights of 4 bits or fewer one per byte instead of two (INT4 needs opset 21, onnxruntime "
+                   ">= 1.20; without it the file keeps the model's opset).")
 @preprocessing_options
-def export_int8(checkpoint, output, calib_data, no_verify, size, color, mean, std):
+def export_int8(checkpoint, output, calib_data, no_verify, no_int4, size, color, mean, std):
     """Write the deployable int8 model of a QAT CHECKPOINT (qat.onnx).
 
     BN folded, int8 per-channel weights, int32 biases, Q/DQ activations with the trained scales. Unless
     --no-verify: onnxruntime must fuse every quantized node into an integer kernel (else the command fails
     naming each node and the rule it broke), and the simulation and onnxruntime are compared on a batch.
+    Weights of 4 bits or fewer are stored as INT4, two per byte; a Cast to int8 in front of each is folded
+    when onnxruntime loads the model, so they still run in its int8 kernels.
     """
     from . import api
 
     r = api.export_int8(checkpoint, output, calib_data=calib_data, verify=not no_verify,
-                        preprocess=preprocess_overrides(size, color, mean, std))
+                        preprocess=preprocess_overrides(size, color, mean, std), int4=not no_int4)
     click.echo(f"wrote {r['path']} ({r['size_bytes'] / 1024:.1f} KB)")
     for line in export_summary(r):
         click.echo(line)

@@ -158,11 +158,82 @@ def test_init_calibrate_and_mixed_precision(lenet, digits, tmp_path):
     assert set(bits.values()) <= {4, 8} and 4 in bits.values()
     assert any("calibrated (minmax)" in ln for ln in lines)
     assert any(ln.startswith("mixed precision:") for ln in lines)
-    # the int8 weights of a 4-bit layer hold values in [-7, 7] only
+    # a 4-bit layer's weights are stored as INT4 with values in [-7, 7]; the 8-bit ones reach 127 in int8
     model = onnx.load(tmp_path / "model_int8.onnx")
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    weights = [v for k, v in inits.items() if v.dtype == np.int8 and k.endswith("_quantized")]
-    assert min(int(np.abs(w).max()) for w in weights) <= 7 < max(int(np.abs(w).max()) for w in weights)
+    inits = {t.name: (t.data_type, numpy_helper.to_array(t)) for t in model.graph.initializer}
+    low = [v for k, (d, v) in inits.items() if d == onnx.TensorProto.INT4]
+    high = [v for k, (d, v) in inits.items() if d == onnx.TensorProto.INT8 and k.endswith("_quantized")]
+    assert low and high and max(int(np.abs(w).max()) for w in low) <= 7 < min(int(np.abs(w).max()) for w in high)
     resumed = api.train_quant(lenet, train, tmp_path, train=TrainConfig(steps=4), resume=tmp_path / "qat.onnx",
                               echo=lambda s: None, quiet=True)
     assert resumed["config"]["quant"]["layer_weight_bits"] == bits
+
+
+def test_optimizers_give_multiplied_parameters_their_own_learning_rate():
+    from qatool.train.optim import SGD, Adam
+
+    g = {"a": np.float32([1.0, -2.0]), "s": np.float32([0.5])}
+    sgd = SGD({"a": np.zeros(2, np.float32), "s": np.ones(1, np.float32)}, lr=0.01, lr_multipliers={"s": 30.0})
+    sgd.step(g)
+    sgd.step(g)  # momentum 0.9: the second update is lr * (0.9 g + g)
+    np.testing.assert_allclose(sgd.params["a"], -0.01 * 2.9 * g["a"], rtol=1e-6)
+    np.testing.assert_allclose(sgd.params["s"], 1 - 0.3 * 2.9 * g["s"], rtol=1e-6)
+    adam = Adam({"a": np.zeros(2, np.float32), "s": np.ones(1, np.float32)}, lr=0.01, lr_multipliers={"s": 30.0})
+    adam.step(g)  # Adam's first step moves each parameter by lr * sign(g)
+    np.testing.assert_allclose(adam.params["a"], [-0.01, 0.01], rtol=1e-5)
+    np.testing.assert_allclose(adam.params["s"], [1 - 0.3], rtol=1e-5)
+    with pytest.raises(ConfigError, match="unknown parameters: t"):
+        SGD({"a": np.zeros(2, np.float32)}, lr=0.01, lr_multipliers={"t": 2.0})
+
+
+def test_scale_lr_is_the_learning_rate_of_the_lsq_step_sizes_only(lenet, digits):
+    """One SGD step: with lr 1e-3 and scale_lr 0.5 the step sizes move as in a run with lr 0.5, the weights as in
+    a run with lr 1e-3 (same batch, so the same gradients)."""
+    from qatool.convert import normalize_proto
+    from qatool.ir.io import load_proto
+    from qatool.train.data import ImageDataset
+    from qatool.train.loop import Phases, train
+    from qatool.train.preprocess import resolve_preprocess
+    from qatool.train.session import QatSession
+
+    graph = normalize_proto(load_proto(lenet), for_training=True).graph
+    images = ImageDataset.open(digits[0]).load(resolve_preprocess(graph))
+    quant = QuantConfig(weight_bits=4, activation_bits=4, scale_learning="lsq")
+    assert QatSession.create(graph, QuantConfig()).learned_scales == []
+
+    def one_step(**cfg):
+        session = QatSession.create(graph, quant)
+        before = {k: v.copy() for k, v in session.model.params.items()}
+        train(session, images, TrainConfig(steps=1, batch_size=16, **cfg), Phases(1, 1), 0, 1, None,
+              lambda step, arrays: None, quiet=True)
+        return session.learned_scales, before, session.model.params
+
+    scales, init, fast = one_step(lr=0.5)
+    scales_b, init_b, mixed = one_step(lr=1e-3, scale_lr=0.5)
+    _, _, slow = one_step(lr=1e-3)
+    assert scales == scales_b
+    assert any(k.endswith(".lsq_scale") for k in scales) and any(".qscale" in k for k in scales)
+    for k in init:
+        np.testing.assert_array_equal(init[k], init_b[k], err_msg=k)
+        if k in scales:  # step sizes: lr 0.5
+            np.testing.assert_allclose(mixed[k], fast[k], rtol=1e-6, atol=0, err_msg=k)
+            assert not np.allclose(mixed[k], slow[k], rtol=1e-6, atol=0), k
+        else:  # everything else: lr 1e-3
+            np.testing.assert_array_equal(mixed[k], slow[k], err_msg=k)
+
+
+def test_scale_lr_flag(lenet, digits, tmp_path):
+    from click.testing import CliRunner
+
+    from qatool.cli import cli
+
+    train, _ = digits
+    args = ["train-quant", str(lenet), "--train-data", str(train), "--steps", "1", "--batch-size", "8", "-q",
+            "--scale-lr", "0.05"]
+    res = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "a")])
+    assert isinstance(res.exception, UsageError) and "needs --scale-learning lsq" in str(res.exception)
+    res = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "b"), "--scale-learning", "lsq"])
+    assert res.exit_code == 0, res.output
+    assert "sgd lr 0.001 (step sizes 0.05)" in res.output
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["config"]["train"]["scale_lr"] == 0.05

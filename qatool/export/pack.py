@@ -11,6 +11,7 @@ Packing is lossless by construction: only an int8 weight whose every value lies 
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
@@ -34,7 +35,7 @@ def pack_int4_weights(model: onnx.ModelProto) -> onnx.ModelProto:
         values = numpy_helper.to_array(t)
         packed = _unique(f"{t.name}_int4", taken)
         cast = helper.make_node("Cast", [packed], [t.name], name=_unique(f"{t.name}_Cast", taken), to=TensorProto.INT8)
-        t.CopyFrom(helper.make_tensor(packed, TensorProto.INT4, values.shape, values.ravel().tolist()))
+        t.CopyFrom(helper.make_tensor(packed, TensorProto.INT4, values.shape, _pack_nibbles(values), raw=True))
         casts.append(cast)
     nodes = casts + list(g.node)  # the Casts read initializers only, so first is topological order
     del g.node[:]
@@ -60,6 +61,14 @@ def _int4_weights(model: onnx.ModelProto) -> set[str]:
         if values.size and INT4_MIN <= int(values.min()) and int(values.max()) <= INT4_MAX:
             out.add(t.name)
     return out
+
+
+def _pack_nibbles(values) -> bytes:
+    """Two's-complement nibbles, the first element in the low half of each byte (ONNX's INT4 layout)."""
+    u = (values.ravel().astype(np.uint8) & 0x0F)
+    if u.size % 2:
+        u = np.append(u, np.uint8(0))
+    return (u[0::2] | (u[1::2] << 4)).astype(np.uint8).tobytes()
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

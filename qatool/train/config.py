@@ -21,6 +21,7 @@ class TrainConfig:
     batch_size: int = 64
     optimizer: str = "sgd"
     lr: float = 1e-3
+    scale_lr: float | None = None  # lr of the LSQ step sizes (same optimizer and schedule); None: lr
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "constant"
@@ -50,6 +51,8 @@ class TrainConfig:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.scale_lr is not None and not self.scale_lr > 0:
+            raise ConfigError(f"scale_lr must be > 0, got {self.scale_lr}")
         if self.init not in ("observe", "calibrate"):
             raise ConfigError(f"init must be observe or calibrate, got {self.init!r}")
         if self.init_method not in ("minmax", "percentile", "entropy"):

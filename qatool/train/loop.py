@@ -88,7 +88,9 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
     """Run steps [start, total). `save(step, optimizer_arrays)` writes a checkpoint at `step`. With a `teacher`
     (qatool.train.teacher.Teacher) the loss is the distillation loss."""
     model = session.model
-    opt = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.momentum, cfg.weight_decay)
+    # --scale-lr: the LSQ step sizes get their own learning rate, scheduled as lr is
+    multipliers = {k: cfg.scale_lr / cfg.lr for k in session.learned_scales} if cfg.scale_lr is not None else None
+    opt = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.momentum, cfg.weight_decay, multipliers)
     if optimizer_state:
         opt.load_state_arrays({k.removeprefix("optim/"): v for k, v in optimizer_state.items()
                                if k.startswith("optim/")})

@@ -13,11 +13,16 @@ from ..errors import ConfigError
 
 
 class SGD:
-    """SGD with momentum and weight decay, PyTorch's formulation: v = m*v + (g + wd*p); p -= lr*v."""
+    """SGD with momentum and weight decay, PyTorch's formulation: v = m*v + (g + wd*p); p -= lr*v.
 
-    def __init__(self, params: dict[str, np.ndarray], lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
+    `lr_multipliers` (name -> factor) gives some parameters their own learning rate, lr * factor (PyTorch's
+    parameter groups)."""
+
+    def __init__(self, params: dict[str, np.ndarray], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 lr_multipliers: dict[str, float] | None = None):
         self.params = params
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.lr_multipliers = _check_multipliers(params, lr_multipliers)
         self.velocity = {k: np.zeros_like(v) for k, v in params.items()}
 
     def step(self, grads: dict[str, np.ndarray], lr: float | None = None) -> None:
@@ -32,7 +37,8 @@ class SGD:
             v += g
             if wd:
                 v += wd * p
-            p -= lr * v
+            mult = self.lr_multipliers.get(name)
+            p -= (lr if mult is None else lr * np.float32(mult)) * v
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         return {f"velocity/{k}": v for k, v in self.velocity.items()}
@@ -43,12 +49,14 @@ class SGD:
 
 
 class Adam:
-    """Adam (Kingma & Ba) with L2 weight decay added to the gradient, PyTorch's `Adam` formulation."""
+    """Adam (Kingma & Ba) with L2 weight decay added to the gradient, PyTorch's `Adam` formulation.
+    `lr_multipliers` as in SGD."""
 
     def __init__(self, params: dict[str, np.ndarray], lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, lr_multipliers: dict[str, float] | None = None):
         self.params = params
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.lr_multipliers = _check_multipliers(params, lr_multipliers)
         self.m = {k: np.zeros_like(v) for k, v in params.items()}
         self.v = {k: np.zeros_like(v) for k, v in params.items()}
         self.t = np.zeros((), np.int64)
@@ -71,7 +79,8 @@ class Adam:
             m += np.float32(1 - b1) * g
             v *= np.float32(b2)
             v += np.float32(1 - b2) * (g * g)
-            p -= step_size * m / (np.sqrt(v) / corr2 + eps)
+            mult = self.lr_multipliers.get(name)
+            p -= (step_size if mult is None else step_size * np.float32(mult)) * m / (np.sqrt(v) / corr2 + eps)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         out = {f"m/{k}": v for k, v in self.m.items()}
@@ -86,15 +95,24 @@ class Adam:
         self.t[...] = arrays["t"]
 
 
+def _check_multipliers(params: dict[str, np.ndarray], multipliers: dict[str, float] | None) -> dict[str, float]:
+    multipliers = dict(multipliers or {})
+    unknown = sorted(set(multipliers) - set(params))
+    if unknown:
+        raise ConfigError(f"learning-rate multipliers for unknown parameters: {', '.join(unknown[:5])}")
+    return multipliers
+
+
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 
 
-def make_optimizer(name: str, params: dict[str, np.ndarray], lr: float, momentum: float, weight_decay: float):
+def make_optimizer(name: str, params: dict[str, np.ndarray], lr: float, momentum: float, weight_decay: float,
+                   lr_multipliers: dict[str, float] | None = None):
     if name == "sgd":
-        return SGD(params, lr, momentum=momentum, weight_decay=weight_decay)
+        return SGD(params, lr, momentum=momentum, weight_decay=weight_decay, lr_multipliers=lr_multipliers)
     if name == "adam":
-        return Adam(params, lr, weight_decay=weight_decay)
+        return Adam(params, lr, weight_decay=weight_decay, lr_multipliers=lr_multipliers)
     raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 

@@ -76,6 +76,12 @@ class QatSession:
     def input_name(self) -> str:
         return self.model.input_names[0]
 
+    @property
+    def learned_scales(self) -> list[str]:
+        """The LSQ step sizes (weight and activation scales trained by gradient): the trained parameters of the
+        QAT graph that the float model does not have. Empty without scale_learning lsq."""
+        return [k for k in self.model.params if k not in self.float_graph.initializers]
+
     def set_phase(self, step: int, freeze_bn_after: int, freeze_observers_after: int) -> None:
         self.model.ctx.bn_frozen = step >= freeze_bn_after
         self.model.ctx.observers_frozen = step >= freeze_observers_after
