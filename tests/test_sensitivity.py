@@ -167,7 +167,13 @@ def test_a_mixed_precision_plan_exports_each_layer_at_its_bits(lenet, digits, tm
     model = onnx.load(tmp_path / "mixed.onnx")
     weights = {n.input[1]: n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
     producers = {o: n for n in model.graph.node for o in n.output}
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
     for tensor, node in weights.items():
-        q = inits[producers[tensor].input[0]]  # the int8 initializer its DequantizeLinear reads
-        assert q.dtype == np.int8 and np.abs(q.astype(int)).max() == 2 ** (plan[node] - 1) - 1, node
+        src = producers[tensor].input[0]  # the integer weights its DequantizeLinear reads,
+        if src in producers:  # through a Cast from INT4 when they fit in 4 bits
+            assert producers[src].op_type == "Cast" and plan[node] <= 4, node
+            src = producers[src].input[0]
+        t = inits[src]
+        assert t.data_type == (onnx.TensorProto.INT4 if plan[node] <= 4 else onnx.TensorProto.INT8), node
+        q = numpy_helper.to_array(t).astype(int)
+        assert np.abs(q).max() == 2 ** (plan[node] - 1) - 1, node
