@@ -88,7 +88,7 @@ class QatSession:
 
     def save(self, path: str | os.PathLike, train: dict, step: int, arrays: dict[str, np.ndarray],
              info: dict | None = None) -> None:
-        own = {f"param/{k}": v for k, v in self.model.params.items() if k not in self.float_graph.initializers}
+        own = {f"param/{k}": self.model.params[k] for k in self.learned_scales}
         save_checkpoint(path, self.float_graph, self.model.to_graph(), self.quant, self.config, train, step,
                         {**arrays, **own}, info)
 
