@@ -2,9 +2,9 @@
 
 Sizes here are *effective* (bit-packed) weight sizes: sum over the quantized layers of params * bits / 8 bytes
 (a float layer counts 4 bytes per weight). Biases (int32 whatever the weight bits) and weights of layers that
-are not quantized are left out. The int8 ONNX container stores weights of fewer than 8 bits in int8 bytes
-(QuantizeLinear has no narrower type before opset 21 and onnxruntime's integer kernels read int8), so the file
-does not shrink below 8 bits: `weight_sizes` reports both the effective size and the size in the container.
+are not quantized are left out. The exported file stores weights of 5 to 8 bits one per byte and weights of 4
+bits or fewer two per byte (INT4, `qatool.export.pack`): `weight_sizes` reports both the effective size and the
+size in the file.
 """
 
 from __future__ import annotations
@@ -101,14 +101,16 @@ def plan_mixed_precision(sensitivity_report: dict, size_budget_bytes: int, low_b
 
 def weight_sizes(sensitivity_report: dict, plan: dict[str, int]) -> dict:
     """Sizes of the planned layers' weights in bytes: `effective` (bit-packed, what the budget counts),
-    `container` (as the int8 ONNX file stores them: one byte per weight of up to 8 bits, four when float) and
+    `container` (as the exported file stores them: half a byte per weight of up to 4 bits, one of up to 8, four
+    when float) and
     `float` (all of them float32)."""
     params = {r["node"]: int(r["params"]) for r in _layers(sensitivity_report)}
     unknown = sorted(set(plan) - set(params))
     if unknown:
         raise ConfigError(f"layers not in the sensitivity report: {', '.join(unknown[:5])}")
     effective = sum(params[n] * b / 8 for n, b in plan.items())
-    container = sum(params[n] * (4 if b == FLOAT_BITS else 1) for n, b in plan.items())
+    container = sum(params[n] * 4 if b == FLOAT_BITS else (params[n] + 1) // 2 if b <= 4 else params[n]
+                    for n, b in plan.items())
     return {"effective": int(round(effective)), "container": container,
             "float": sum(params[n] * 4 for n in plan)}
 
