@@ -175,3 +175,21 @@ def test_cli_errors_are_one_line(lenet, digits, tmp_path, case, code):
     assert r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qatool: error:"), r.stderr
+
+
+def test_onnxruntime_run_errors_become_one_model_error_line():
+    """A batch onnxruntime refuses (here: the wrong element type) is a ModelError naming the model, not
+    onnxruntime's exception."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from qatool.eval.backends import ort_run, ort_session
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    sess = ort_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    np.testing.assert_array_equal(ort_run(sess, np.float32([[-1, 0, 2]])), [[0, 0, 2]])
+    with pytest.raises(ModelError, match=r"^onnxruntime failed to run tiny\.onnx: .*") as e:
+        ort_run(sess, np.int64([[-1, 0, 2]]), "tiny.onnx")
+    assert "\n" not in str(e.value)

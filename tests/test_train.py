@@ -17,6 +17,7 @@ from qatool.errors import ConfigError, UsageError
 from qatool.ir.io import load_graph, save_graph
 from qatool.quant.config import QuantConfig
 from qatool.train.config import TrainConfig, load_config_file
+from qatool.train.loop import TrainingDiverged
 
 SCHEMAS = SAMPLE_DIR.parent / "schemas"
 
@@ -237,3 +238,14 @@ def test_scale_lr_flag(lenet, digits, tmp_path):
     assert "sgd lr 0.001 (step sizes 0.05)" in res.output
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["config"]["train"]["scale_lr"] == 0.05
+
+
+def test_a_step_size_pushed_below_zero_stops_training_with_advice(lenet, digits, tmp_path):
+    """An LSQ step size that an update drives to zero or below would be floored silently and the quantizer would
+    output zeros (loss at chance, then an export onnxruntime refuses): training stops and says what to lower."""
+    train, _ = digits
+    cfg = TrainConfig(steps=3, batch_size=16, lr=1e-3, scale_lr=1e4)
+    quant = QuantConfig(weight_bits=4, activation_bits=4, scale_learning="lsq")
+    with pytest.raises(TrainingDiverged, match=r"learned step size '.+' fell to -.+ lower --scale-lr"):
+        api.train_quant(lenet, train, tmp_path, quant=quant, train=cfg, echo=lambda s: None, quiet=True)
+    assert not (tmp_path / "model_int8.onnx").exists()

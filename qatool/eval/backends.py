@@ -27,9 +27,20 @@ def ort_session(model: onnx.ModelProto | str, threads: int | None = None,
         raise ModelError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from e
 
 
-def ort_logits(sess: ort.InferenceSession, data: LoadedImages, batch_size: int = 256) -> np.ndarray:
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x})[0] for x, _ in data.batches(batch_size)])
+def ort_run(sess: ort.InferenceSession, x: np.ndarray, what: str = "the model") -> np.ndarray:
+    """The first output for one batch; onnxruntime's own exceptions (wrong input type or shape, a quantization
+    parameter its kernel cannot take, ...) become one ModelError line naming `what`."""
+    try:
+        return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    except Exception as e:
+        if type(e).__module__.startswith("onnxruntime"):
+            raise ModelError(f"onnxruntime failed to run {what}: {str(e).splitlines()[0]}") from e
+        raise
+
+
+def ort_logits(sess: ort.InferenceSession, data: LoadedImages, batch_size: int = 256,
+               what: str = "the model") -> np.ndarray:
+    return np.concatenate([ort_run(sess, x, what) for x, _ in data.batches(batch_size)])
 
 
 def engine_logits(model, data: LoadedImages, output: str | None = None, batch_size: int = 256) -> np.ndarray:

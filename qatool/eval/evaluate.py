@@ -25,7 +25,7 @@ from ..ir.graph import Graph
 from ..ir.io import atomic_write_bytes, load_graph
 from ..train.data import ImageDataset, LoadedImages, StreamingImages, read_class_names
 from ..train.preprocess import Preprocess, resolve_preprocess
-from .backends import agreement, engine_logits, latency_ms, ort_logits, ort_session, top1, topk
+from .backends import agreement, engine_logits, latency_ms, ort_logits, ort_run, ort_session, top1, topk
 
 BACKENDS = ("ort", "engine")
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "eval-report.schema.json"
@@ -168,9 +168,8 @@ def _runner(entry: _Entry, threads: int | None):
     """(run one batch -> logits, logits over a data set with a batch size) for the entry's back end."""
     if entry.backend == "ort":
         sess = ort_session(str(entry.path), threads=threads)
-        name = sess.get_inputs()[0].name
-        return (_ort_errors(lambda x: sess.run(None, {name: x})[0], entry.path),
-                _ort_errors(lambda data, bs: ort_logits(sess, data, bs), entry.path))
+        what = entry.path.name
+        return (lambda x: ort_run(sess, x, what)), (lambda data, bs: ort_logits(sess, data, bs, what))
 
     from ..train.checkpoint import is_checkpoint
 
@@ -188,18 +187,6 @@ def _runner(entry: _Entry, threads: int | None):
     outs = [output] if output else None
     return ((lambda x: model.forward({name: x}, training=False, outputs=outs)[0]),
             (lambda data, bs: engine_logits(model, data, output, bs)))
-
-
-def _ort_errors(fn, path: Path):
-    """onnxruntime's own exceptions (wrong input type, shape, ...) become one ModelError line."""
-    def wrapped(*args):
-        try:
-            return fn(*args)
-        except Exception as e:
-            if type(e).__module__.startswith("onnxruntime"):
-                raise ModelError(f"onnxruntime failed to run {path.name}: {str(e).splitlines()[0]}") from e
-            raise
-    return wrapped
 
 
 def _padded(x: np.ndarray, n: int) -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from ..errors import ModelError, QatoolError
-from ..eval.backends import engine_logits, ort_logits, ort_session
+from ..eval.backends import engine_logits, ort_logits, ort_run, ort_session
 from ..ir.graph import to_onnx
 from ..ir.io import save_proto
 from ..train.data import LoadedImages
@@ -98,7 +98,7 @@ def export_session(session, out_path: str | os.PathLike, data: LoadedImages | No
             simulated, deployed, data_source = _random_run(session, sess)
         else:
             simulated = engine_logits(session.model, data, session.logits)
-            deployed = ort_logits(sess, data)
+            deployed = ort_logits(sess, data, what="the int8 model")
         agreement = compare(simulated, deployed, output_scale(model))
         os.replace(tmp, out)
     finally:
@@ -113,5 +113,5 @@ def _random_run(session, sess) -> tuple[np.ndarray, np.ndarray, str]:
     shape[0] = 16
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     simulated = session.model.forward({session.input_name: x}, outputs=[session.logits])[0]
-    deployed = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    deployed = ort_run(sess, x, "the int8 model")
     return simulated, deployed, "random inputs: no data given"

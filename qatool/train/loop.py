@@ -144,6 +144,10 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
                     if not np.isfinite(loss):
                         raise _diverged(step, f"loss {loss}")
                     opt.step(model.backward([dlogits]), lr=lr)
+                    collapsed = session.nonpositive_scale()
+                    if collapsed:
+                        raise _diverged(step, f"learned step size {collapsed[0]!r} fell to {collapsed[1]:.3g}, "
+                                              "not above zero: lower --scale-lr")
                 times.append(time.perf_counter() - t0)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)

@@ -82,6 +82,15 @@ class QatSession:
         QAT graph that the float model does not have. Empty without scale_learning lsq."""
         return [k for k in self.model.params if k not in self.float_graph.initializers]
 
+    def nonpositive_scale(self) -> tuple[str, float] | None:
+        """The first learned step size that an update pushed to zero or below, with its smallest value: the
+        quantizer is then meaningless (the simulation would floor it to MIN_SCALE and output zeros)."""
+        for k in self.learned_scales:
+            low = float(self.model.params[k].min())
+            if not low > 0:
+                return k, low
+        return None
+
     def set_phase(self, step: int, freeze_bn_after: int, freeze_observers_after: int) -> None:
         self.model.ctx.bn_frozen = step >= freeze_bn_after
         self.model.ctx.observers_frozen = step >= freeze_observers_after
