@@ -37,8 +37,7 @@ class SGD:
             v += g
             if wd:
                 v += wd * p
-            mult = self.lr_multipliers.get(name)
-            p -= (lr if mult is None else lr * np.float32(mult)) * v
+            p -= _scaled(lr, self.lr_multipliers.get(name)) * v
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         return {f"velocity/{k}": v for k, v in self.velocity.items()}
@@ -79,8 +78,7 @@ class Adam:
             m += np.float32(1 - b1) * g
             v *= np.float32(b2)
             v += np.float32(1 - b2) * (g * g)
-            mult = self.lr_multipliers.get(name)
-            p -= (step_size if mult is None else step_size * np.float32(mult)) * m / (np.sqrt(v) / corr2 + eps)
+            p -= _scaled(step_size, self.lr_multipliers.get(name)) * m / (np.sqrt(v) / corr2 + eps)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         out = {f"m/{k}": v for k, v in self.m.items()}
@@ -93,6 +91,10 @@ class Adam:
             self.m[k][...] = arrays[f"m/{k}"]
             self.v[k][...] = arrays[f"v/{k}"]
         self.t[...] = arrays["t"]
+
+
+def _scaled(lr: np.float32, multiplier: float | None) -> np.float32:
+    return lr if multiplier is None else lr * np.float32(multiplier)
 
 
 def _check_multipliers(params: dict[str, np.ndarray], multipliers: dict[str, float] | None) -> dict[str, float]:
