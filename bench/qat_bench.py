@@ -403,6 +403,14 @@ def pp(a: float, b: float) -> float:
     return round((a - b) * 100, 2)
 
 
+def _seed_differences(a: dict, a_key: str, b: dict, b_key: str) -> str:
+    """'; per seed +0.1 / -0.2 pp': the paired differences behind a mean over seeds (empty for one seed)."""
+    sa, sb = a.get(f"{a_key}_per_seed"), b.get(f"{b_key}_per_seed")
+    if not sa or not sb or len(sa) < 2:
+        return ""
+    return "; per seed " + " / ".join(f"{pp(sa[k], sb[k]):+.1f}" for k in sa if k in sb)
+
+
 def check_targets(rows: list[dict], lat: dict) -> list[dict]:
     t: list[dict] = []
 
@@ -413,7 +421,8 @@ def check_targets(rows: list[dict], lat: dict) -> list[dict]:
         m, b, q, pt, o = r["model"], r["bits"], r["qatool"], r["torch"], r["ort_ptq"]
         qi = q["top1_int8"]
         add("int8 top-1 >= PyTorch QAT (converted)", m, b, qi >= pt["top1_int8_converted"] - 1e-9,
-            f"qatool {qi:.1%} vs PyTorch {pt['top1_int8_converted']:.1%} ({pp(qi, pt['top1_int8_converted']):+.1f} pp)")
+            f"qatool {qi:.1%} vs PyTorch {pt['top1_int8_converted']:.1%} ({pp(qi, pt['top1_int8_converted']):+.1f} pp"
+            f"{_seed_differences(q, 'top1_int8', pt, 'top1_int8_converted')})")
         if o.get("supported"):
             add("int8 top-1 >= onnxruntime PTQ", m, b, qi >= o["top1"] - 1e-9,
                 f"qatool {qi:.1%} vs PTQ {o['top1']:.1%} ({pp(qi, o['top1']):+.1f} pp)")

@@ -122,6 +122,9 @@ def test_low_bit_weights_are_stored_as_int4_and_still_fuse(trained_w4a4, tmp_pat
     plain = api.export_int8(d / "qat.onnx", tmp_path / "int8.onnx", int4=False)
     assert plain["fusion"]["unfused"] == []
     assert report["export"]["size_bytes"] < 0.8 * plain["size_bytes"]
+    assert not packed.graph.value_info  # the opset converter's inferred types are dropped: they only weigh
+    clips = [n for n in packed.graph.node if n.op_type == "Clip"]  # every 4-bit activation shares one [0, 15]
+    assert len(clips) > 1 and len({(n.input[1], n.input[2]) for n in clips}) == 1
     x = np.random.default_rng(1).standard_normal((8, 1, 28, 28)).astype(np.float32)
     name = packed.graph.input[0].name
     np.testing.assert_array_equal(ort_session(packed).run(None, {name: x})[0],
@@ -155,6 +158,7 @@ def test_int8_weights_are_the_simulated_ones(trained):
 def test_sizes(trained):
     d, _ = trained["lenet_bn"]
     assert (d / "model_int8.onnx").stat().st_size <= 0.27 * (SAMPLE_DIR / "lenet_bn.onnx").stat().st_size
+    assert not onnx.load(d / "model_int8.onnx").graph.value_info  # onnxruntime infers intermediate types
 
 
 def test_export_int8_command_reproduces_train_quants_model(trained, tmp_path):

@@ -212,3 +212,52 @@ def test_lsq_ops_return_scaled_step_size_gradients():
     assert not wmask.all()  # the smaller step clips the largest weights: no gradient through them
     np.testing.assert_array_equal(dw, gw * wmask)
     np.testing.assert_allclose(ds, (gw * wdy).sum(axis=(1, 2, 3)) * lsq_grad_scale(8, weight_grid(4)), rtol=1e-5)
+
+
+def test_lsq_weight_step_rides_with_the_bn_fold():
+    """With a folded BN, the learned step is the unfolded weight's: the folded step is learned * |k| per channel,
+    so when the BN statistics move (k changes) the integer codes stay put; the step's gradient is LSQ's on the
+    folded step, divided by |k| (the learned step moves by the folded step's LSQ update over |k|)."""
+    from qatool.quant.ops import bn_fold_factor
+    from qatool.quant.qparams import lsq_fake_quant, lsq_grad_scale
+
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    gamma = np.float32([1.5, -0.7, 2.0])  # a negative gamma flips the folded weight, not the step's sign
+    var = np.float32([0.3, 2.0, 0.05])
+    learned = weight_scales(w, 0, weight_grid(2)) * np.float32(0.6)
+    wop = make("qatool.WeightQuant", [w, gamma, var, learned], {"bits": 2, "axis": 0}, n_outputs=2)
+    w_q, s_out = wop.forward(Context(training=True), w, gamma, var, learned)
+    k = bn_fold_factor(gamma, var, 1e-5)
+    np.testing.assert_allclose(s_out, learned * np.abs(k), rtol=1e-6)
+    folded = w * k.reshape(3, 1, 1, 1)
+    ref, _, dy_ds = lsq_fake_quant(folded, s_out, 0, weight_grid(2), 0)
+    np.testing.assert_array_equal(w_q, ref)
+    codes = w_q / s_out.reshape(3, 1, 1, 1)
+    assert set(np.unique(np.rint(codes))) == {-1.0, 0.0, 1.0}
+    # the running variance quadruples: k halves, the folded weight and its step halve, the codes stay
+    w_q2, s_out2 = wop.forward(Context(training=True), w, gamma, var * 4 + np.float32(3e-5), learned)
+    np.testing.assert_allclose(s_out2, s_out / 2, rtol=1e-4)
+    np.testing.assert_array_equal(np.rint(w_q2 / s_out2.reshape(3, 1, 1, 1)), np.rint(codes))
+    wop.forward(Context(training=True), w, gamma, var, learned)
+    g = rng.standard_normal(w.shape).astype(np.float32)
+    _, _, _, ds = wop.backward(g)
+    np.testing.assert_allclose(ds, (g * dy_ds).sum(axis=(1, 2, 3)) * lsq_grad_scale(18, weight_grid(2)) / np.abs(k),
+                               rtol=1e-5)
+
+
+def test_lsq_starts_where_the_observer_starts(lenet):
+    """The initial learned steps give the folded weights the observer's scales: step 0 of an LSQ run computes
+    what step 0 of a plain run computes."""
+    from qatool.convert import normalize_proto
+    from qatool.ir.io import load_proto
+    from qatool.quant.config import QuantConfig
+    from qatool.train.session import QatSession
+
+    graph = normalize_proto(load_proto(lenet), for_training=True).graph
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    outs = []
+    for learning in ("none", "lsq"):
+        s = QatSession.create(graph, QuantConfig(weight_bits=2, scale_learning=learning))
+        outs.append(s.model.forward({s.input_name: x}, training=False, outputs=[s.logits])[0])
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)

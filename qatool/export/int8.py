@@ -64,6 +64,7 @@ def qat_to_int8(qat: Graph, float_nodes: list[dict] | None = None) -> Graph:
     for key in (TRAINABLE_KEY, STATE_KEY):
         g.metadata.pop(key, None)
     g.metadata[FLOAT_NODES_KEY] = json.dumps(float_nodes or [])
+    g.value_info.clear()  # intermediate types and shapes: onnxruntime infers them; they only weigh on the file
     return g
 
 
@@ -82,9 +83,8 @@ def _activation_qdq(g: Graph, node: Node, grids: dict[str, Grid]) -> list[Node]:
     nodes = [Node("QuantizeLinear", [x, s_name, z_name], [q], g.unique_name(f"{t}_QuantizeLinear"))]
     info = np.iinfo(grid.storage)
     if (grid.qmin, grid.qmax) != (info.min, info.max):  # b < 8 bits in an 8-bit container: clip to the grid
-        lo, hi = g.unique_name(f"{t}_qmin"), g.unique_name(f"{t}_qmax")
-        g.initializers[lo] = np.asarray(grid.qmin, grid.storage)
-        g.initializers[hi] = np.asarray(grid.qmax, grid.storage)
+        lo = _shared_constant(g, "qmin", grid.qmin, grid.storage)
+        hi = _shared_constant(g, "qmax", grid.qmax, grid.storage)
         clipped = g.unique_name(f"{t}_quantized_clipped")
         nodes.append(Node("Clip", [q, lo, hi], [clipped], g.unique_name(f"{t}_Clip")))
         q = clipped
@@ -92,17 +92,30 @@ def _activation_qdq(g: Graph, node: Node, grids: dict[str, Grid]) -> list[Node]:
     return nodes
 
 
+def _shared_constant(g: Graph, base: str, value: int, dtype: np.dtype) -> str:
+    """One scalar initializer per value, shared by every node that needs it (the Clips of all b-bit activations)."""
+    a = np.asarray(value, dtype)
+    name = f"{base}_{a.dtype.name}_{value}"
+    held = g.initializers.get(name)
+    if held is not None and held.dtype == a.dtype and held.shape == a.shape and held == a:
+        return name
+    name = g.unique_name(name)  # taken by another tensor: this value gets its own
+    g.initializers[name] = a
+    return name
+
+
 def _weight_dq(g: Graph, node: Node, weight_scale: dict[str, np.ndarray]) -> Node:
     w = g.initializers[node.input(0)]
     axis = int(node.attrs.get("axis", 0))
     per_channel = bool(node.attrs.get("per_channel", 1))
     grid = weight_grid(int(node.attrs.get("bits", 8)))
+    k = None
     if node.input(1):
         k = bn_fold_factor(g.initializers[node.input(1)], g.initializers[node.input(2)],
                            float(node.attrs.get("epsilon", 1e-5)))
         w = w * k.reshape(channel_shape(w.ndim, axis))
-    if node.input(3):  # a learned step size (LSQ), floored as the simulation floors it
-        scale = np.maximum(g.initializers[node.input(3)], MIN_SCALE).astype(np.float32)
+    if node.input(3):  # a learned step size (LSQ), scaled by the fold as the simulation scales it
+        scale = folded_step(g.initializers[node.input(3)], k, per_channel)
     else:
         scale = weight_scales(w, axis if per_channel else None, grid)
     q = quantize(w, scale, 0, grid, axis if per_channel else None)

@@ -26,6 +26,7 @@ def pack_int4_weights(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     if _default_opset(model) < INT4_OPSET:
         model = version_converter.convert_version(model, INT4_OPSET)
+        del model.graph.value_info[:]  # the converter's shape inference adds them; qat_to_int8 writes none
     g = model.graph
     taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {n.name for n in g.node}
     casts = []

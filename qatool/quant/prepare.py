@@ -246,7 +246,7 @@ def _rewrite_layer(graph: Graph, layer: Layer, input_scale: str, config: QuantCo
     wq_inputs = [w, bn.input(1), bn.input(4)] if bn is not None else [w, "", ""]
     bits = config.weight_bits_of(node.name)
     learned = None
-    if config.scale_learning == "lsq":  # initialised as the observer would: max|w| / qmax of the folded weight
+    if config.scale_learning == "lsq":  # initialised as the observer would
         learned = graph.unique_name(f"{w}.lsq_scale")
         graph.initializers[learned] = _initial_weight_scale(graph, w, bn, w_axis, eps, bits, config.per_channel)
         wq_inputs.append(learned)
@@ -277,15 +277,19 @@ def _rewrite_layer(graph: Graph, layer: Layer, input_scale: str, config: QuantCo
 
 def _initial_weight_scale(graph: Graph, w: str, bn: Node | None, axis: int, eps: float, bits: int,
                           per_channel: bool) -> np.ndarray:
-    from .ops import bn_fold_factor
+    """The learned step size that starts where the observer would: max|w k| / qmax of the folded weight, divided
+    by the fold magnitude that `folded_step` multiplies it by."""
+    from .ops import bn_fold_factor, fold_magnitude
     from .qparams import channel_shape, weight_grid, weight_scales
 
     weight = graph.initializers[w].astype(np.float32)
+    k = None
     if bn is not None:
         k = bn_fold_factor(graph.initializers[bn.input(1)].astype(np.float32),
                            graph.initializers[bn.input(4)].astype(np.float32), eps)
         weight = weight * k.reshape(channel_shape(weight.ndim, axis))
-    return weight_scales(weight, axis if per_channel else None, weight_grid(bits))
+    observed = weight_scales(weight, axis if per_channel else None, weight_grid(bits))
+    return (observed / fold_magnitude(k, per_channel)).astype(np.float32)
 
 
 def prepare(graph: Graph, config: QuantConfig) -> tuple[Plan, dict[str, QuantTensor]]:
