@@ -27,7 +27,7 @@ from ..convert import remove_inference_noops
 from ..errors import ModelError
 from ..ir.graph import Graph, Node
 from ..ir.roles import STATE_KEY, TRAINABLE_KEY
-from ..quant.ops import bn_fold_factor, folded_bias
+from ..quant.ops import bn_fold_factor, folded_bias, folded_step
 from ..quant.qparams import (BIAS_GRID, MIN_SCALE, Grid, activation_grid, channel_shape, quantize, weight_grid,
                              weight_scales)
 
