@@ -165,11 +165,26 @@ def main() -> None:
     ap.add_argument("--scale-lr", type=float, default=0.01,
                     help="learning rate of the LSQ step sizes in the 'lsq, scale-lr' rows (default 0.01)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "beyond_bench.json"))
+    ap.add_argument("--comparisons", default="",
+                    help="only the comparisons whose name contains one of these comma-separated words "
+                         "(e.g. 'step sizes'); default all")
     ap.add_argument("--render", metavar="JSON", help="print the table of an earlier run and exit")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="combine earlier runs (e.g. one process per seed) into --out, print the table and exit")
     args = ap.parse_args()
     if args.render:
         render(json.loads(Path(args.render).read_text()))
         return
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        rows = [r for part in parts for r in part["rows"]]
+        merged = {**parts[0], "seeds": sorted({s for part in parts for s in part["seeds"]}),
+                  "seconds": round(sum(part["seconds"] for part in parts), 1), "merged_from": args.merge,
+                  "summary": summarize(rows), "rows": rows}
+        Path(args.out).write_text(json.dumps(merged, indent=2) + "\n")
+        render(merged)
+        return
+    wanted = [w.strip() for w in args.comparisons.split(",") if w.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
     rows: list[dict] = []
     t_start = time.perf_counter()
@@ -180,6 +195,8 @@ def main() -> None:
             done: dict[tuple, dict] = {}
             for what, method, quant, train, shared in comparisons(model, params, seed, args.steps, args.scale_lr,
                                                                   seed == seeds[0]):
+                if wanted and not any(w in what for w in wanted):
+                    continue
                 if shared is not None:
                     result = {**done[shared], "shared_with": " / ".join(shared)}
                 else:
@@ -200,7 +217,7 @@ def main() -> None:
         commit = ""
     out = {"benchmark": "beyond_bench", "steps": args.steps, "batch": BATCH, "lr": LR, "optimizer": "sgd",
            "momentum": 0.9, "scale_lr": args.scale_lr, "seeds": seeds, "commit": commit,
-           "seconds": round(time.perf_counter() - t_start, 1),
+           "seconds": round(time.perf_counter() - t_start, 1), "comparisons": wanted or "all",
            "machine": {"python": platform.python_version(), "numpy": np.__version__,
                        "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")},
            "summary": summarize(rows), "rows": rows}
