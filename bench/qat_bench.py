@@ -231,7 +231,7 @@ def run_torch(name: str, wb: int, ab: int, steps: int, data: Data, bn_at: int, o
     model = prepare_qat_fx(module, qconfig_mapping(wb, ab), example_inputs=(torch.zeros(1, 1, 28, 28),))
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     load0, t_run = load_avg(), time.perf_counter()
-    times, loss = [], float("nan")
+    times, losses, loss = [], [], float("nan")
     for step in range(steps):
         t0 = time.perf_counter()
         if step == bn_at:
@@ -246,6 +246,7 @@ def run_torch(name: str, wb: int, ab: int, steps: int, data: Data, bn_at: int, o
         opt.step()
         times.append(time.perf_counter() - t0)
         loss = float(loss_t.detach())
+        losses.append(round(loss, 5))
         if (step + 1) % 50 == 0 or step + 1 == steps:
             log(f"    torch: step {step + 1}/{steps} loss {loss:.4f} ({statistics.median(times) * 1e3:.0f} ms/step)")
     wall = time.perf_counter() - t_run
@@ -260,6 +261,7 @@ def run_torch(name: str, wb: int, ab: int, steps: int, data: Data, bn_at: int, o
         "ms_per_step": median_ms(times),
         "ms_per_step_min": min_ms(times),
         "final_loss": loss,
+        "losses": losses,  # every step's, to set beside qatool's metrics.jsonl
         "int8_state_dict_bytes": torch_bytes(converted),
         "quantized_engine": torch.backends.quantized.engine,
         "wall_s": round(wall, 1),
