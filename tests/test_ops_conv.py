@@ -42,6 +42,8 @@ CONV_CASES = {
     "depthwise_wide_s2": ((1, 2, 5, 71), (2, 1, 3, 3), True, {"group": 2, "pads": [1, 1, 1, 1], "strides": [2, 2]}),
     "depthwise_dil_nobias": ((1, 3, 8, 7), (3, 1, 3, 3), False, {"group": 3, "dilations": [2, 1],
                                                                "pads": [2, 1, 2, 1]}),
+    # stride 1: dX is computed as a conv of dY with the flipped kernel, unless a pad is wider than the kernel
+    "depthwise_pad_beyond_kernel": ((1, 2, 5, 6), (2, 1, 3, 3), True, {"group": 2, "pads": [3, 1, 2, 3]}),
     "wide_rows": ((1, 2, 4, 23), (3, 2, 3, 3), True, {"pads": [1, 1, 0, 1]}),
     # output of >= 256 pixels, group 1: one GEMM per image (the other cases use one GEMM per group)
     "per_image": ((2, 2, 17, 16), (3, 2, 3, 3), True, {"pads": [1, 1, 1, 1]}),

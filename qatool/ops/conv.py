@@ -246,7 +246,7 @@ class _Banded:
 
     def __init__(self, x_shape, kernel, strides, dilations, pb, out):
         self.n, self.c, self.h, self.w = x_shape
-        self.kernel, self.strides, self.dilations, self.out = kernel, strides, dilations, out
+        self.kernel, self.strides, self.dilations, self.pb, self.out = kernel, strides, dilations, pb, out
         self.lo, sizes, _ = _buffer_geometry(x_shape[2:], kernel, strides, dilations, pb, out)
         sh, sw = strides
         self.orows = max(out[0], -(-sizes[0] // sh))  # output rows per image on the grid
@@ -304,11 +304,24 @@ class _Banded:
                 y[..., o0:o0 + bb] = src
             else:
                 np.add(src, bias.reshape(-1, 1, 1), out=y[..., o0:o0 + bb])
-        self.xb, self.t = (xb if keep else None), t
+        self.xb, self.t, self.wk = (xb if keep else None), t, wk
         return y
+
+    def _dx_as_conv(self, gy):
+        """dX of a stride-1 conv is itself a depthwise conv: gy correlated with the flipped kernel, head padding
+        d(k-1) - pad. One more banded forward, which beats scattering into the padded buffer (96x28x28 at
+        batch 64: 47 against 68 ms). None where that padding would be negative (pads wider than the kernel)."""
+        pads = [d * (k - 1) - p for k, d, p in zip(self.kernel, self.dilations, self.pb)]
+        if any(s != 1 for s in self.strides) or any(p < 0 for p in pads):
+            return None
+        conv = _Banded(gy.shape, self.kernel, self.strides, self.dilations, pads, (self.h, self.w))
+        return conv.forward(gy, np.ascontiguousarray(self.wk[:, ::-1, ::-1]), None, keep=False)
 
     def backward(self, gy, x, need_x, need_w):
         kh, kw = self.kernel
+        dx = self._dx_as_conv(gy) if need_x else None
+        if dx is not None:
+            need_x = False
         xb = (self.xb if self.xb is not None else self._input_buffer(x)) if need_w else None
         dw = np.zeros((self.c, kh, kw), dtype=gy.dtype) if need_w else None
         dxb = np.zeros((self.c, self.rows, self.wb), dtype=gy.dtype) if need_x else None
@@ -325,8 +338,9 @@ class _Banded:
                 if need_x:
                     self._row_view(dxb, i, c0, width, writeable=True)[...] += np.matmul(
                         g, self.t[:, i, :width, :bb].swapaxes(1, 2))
-        dx = np.ascontiguousarray(self._image_region(dxb).swapaxes(0, 1)) if need_x else None
-        self.xb = self.t = None
+        if need_x:
+            dx = np.ascontiguousarray(self._image_region(dxb).swapaxes(0, 1))
+        self.xb = self.t = self.wk = None
         return dx, dw
 
 
