@@ -14,7 +14,8 @@ mean. Deployed accuracy = onnxruntime on the model_int8.onnx that train-quant wr
 bench/results/beyond_bench.json and prints the table; docs/benchmarks.md quotes it.
 
     python bench/beyond_bench.py [--models lenet_bn,mobilenetv2_small] [--seeds 0,1] [--steps 200]
-                                 [--scale-lr 0.01] [--out FILE] [--render bench/results/beyond_bench.json]
+                                 [--scale-lr 0.01] [--comparisons "step sizes"] [--out FILE]
+                                 [--render bench/results/beyond_bench.json] [--merge A.json B.json --out FILE]
 """
 
 from __future__ import annotations

@@ -406,7 +406,7 @@ def pp(a: float, b: float) -> float:
 
 
 def _seed_differences(a: dict, a_key: str, b: dict, b_key: str) -> str:
-    """'; per seed +0.1 / -0.2 pp': the paired differences behind a mean over seeds (empty for one seed)."""
+    """'; per seed +0.1 / -0.2': the paired differences (pp) behind a mean over seeds (empty for one seed)."""
     sa, sb = a.get(f"{a_key}_per_seed"), b.get(f"{b_key}_per_seed")
     if not sa or not sb or len(sa) < 2:
         return ""
