@@ -9,12 +9,13 @@
 For each sample model and each bit width (W8A8, W4A4, W2A8) it runs, with the same float weights, data,
 steps, batch and threads:
 
-1. qatool: `api.train_quant` (its defaults: SGD momentum 0.9, lr 1e-3, batch 64, BN frozen after half the steps,
-   activation observers after three quarters), then onnxruntime on the model_int8.onnx it writes;
+1. qatool: `api.train_quant` (its defaults: SGD momentum 0.9, lr 1e-3 with cosine decay, batch 64, BN frozen after
+   half the steps, activation observers after three quarters), then onnxruntime on the model_int8.onnx it writes;
 2. PyTorch FX QAT: `prepare_qat_fx` (Conv+BN(+ReLU) fused into ConvBn QAT modules) with per-channel symmetric
    narrow-range weight fake-quant and moving-average min/max activation fake-quant, the same batches in the same
-   order (qatool's `batch_indices`), BN frozen (`freeze_bn_stats`) and activation observers disabled
-   (`disable_observer`) at the same steps, then `convert_fx` and the converted model on the x86 engine;
+   order (qatool's `batch_indices`), the same lr at every step (qatool's `learning_rate`), BN frozen
+   (`freeze_bn_stats`) and activation observers disabled (`disable_observer`) at the same steps, then `convert_fx`
+   and the converted model on the x86 engine;
 3. onnxruntime `quantize_static` (QDQ, per channel, MinMax calibration on the first 256 training images that
    qatool's batches visit) of the float model after `quant_pre_process`, where a type of those bits exists.
 
@@ -61,6 +62,7 @@ THREADS = 2
 BATCH = 64
 LR = 1e-3
 MOMENTUM = 0.9
+SCHEDULE = "cosine"  # qatool's default lr schedule, given to both QAT methods step by step
 SEEDS = (0, 1, 2)  # accuracy is the mean over these runs: at 2 bits one run's randomness moves it by points
 STEPS = 200
 QUICK_STEPS = 20
@@ -144,7 +146,8 @@ def run_qatool(name: str, wb: int, ab: int, steps: int, out_dir: Path, seed: int
     load0, t0 = load_avg(), time.perf_counter()
     report = api.train_quant(SAMPLES / f"{name}.onnx", TRAIN_DIR, out_dir, val_data=VAL_DIR,
                              quant=QuantConfig(weight_bits=wb, activation_bits=ab),
-                             train=TrainConfig(steps=steps, batch_size=BATCH, lr=LR, momentum=MOMENTUM, seed=seed),
+                             train=TrainConfig(steps=steps, batch_size=BATCH, lr=LR, momentum=MOMENTUM,
+                                               schedule=SCHEDULE, seed=seed),
                              quiet=True, echo=lambda s: log(f"    qatool: {s}"))
     wall = time.perf_counter() - t0
     step_ms = [json.loads(line)["ms"] / 1e3 for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -223,6 +226,8 @@ def run_torch(name: str, wb: int, ab: int, steps: int, data: Data, bn_at: int, o
     from torch.ao.quantization import disable_observer
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 
+    from qatool.train.optim import learning_rate
+
     # torch.ao.quantization's FX API warns on every call that it is deprecated in favour of torchao's pt2e flow
     warnings.filterwarnings("ignore", message=r"(?s).*torch\.ao\.quantization.*deprecated", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=r"(?s)torch\.quantize_per_tensor, torch\.quantize_per_channel and other")
@@ -238,6 +243,8 @@ def run_torch(name: str, wb: int, ab: int, steps: int, data: Data, bn_at: int, o
             model.apply(nniqat.freeze_bn_stats)
         if step == max(obs_at, 1):  # as in qatool, an observer frozen before any batch still takes the first one
             disable_activation_observers(model)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, steps, LR, SCHEDULE)
         x, y = data.batch(step, seed)
         out = model(torch.from_numpy(x))
         loss_t = F.cross_entropy(out, torch.from_numpy(y))
@@ -475,7 +482,8 @@ def _per_seed(run: dict, key: str) -> str:
 def render_markdown(doc: dict) -> str:
     rows, lat = doc["rows"], doc["latency"]
     s = doc["settings"]
-    lines = [f"Steps {s['steps']}, batch {s['batch']}, SGD momentum {s['momentum']}, lr {s['lr']}; "
+    lines = [f"Steps {s['steps']}, batch {s['batch']}, SGD momentum {s['momentum']}, lr {s['lr']} "
+             f"({s.get('schedule', 'constant')}); "
              f"val = {s['val_images']} images. {seeds_note(s)}", ""]
     lines += ["### Accuracy (top-1 on the val images)", "",
               "| model | bits | float | qatool int8 (onnxruntime) | qatool QAT simulation | PyTorch QAT int8 "
@@ -644,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "make bench  (.venv/bin/python bench/qat_bench.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
                    + ")",
         "settings": {"steps": steps, "batch": BATCH, "optimizer": "SGD", "momentum": MOMENTUM, "lr": LR,
-                     "seeds": args.seeds, "threads": THREADS, "val_images": len(data.val),
+                     "schedule": SCHEDULE, "seeds": args.seeds, "threads": THREADS, "val_images": len(data.val),
                      "train_images": len(data.train), "calibration_images": CALIB_IMAGES,
                      "ms_per_step": f"median over steps {SKIP_STEPS + 1}..{steps} (all steps if fewer than "
                                     f"{2 * SKIP_STEPS + 1})",

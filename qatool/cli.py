@@ -76,7 +76,9 @@ def convert(model: str, output: str, for_training: bool) -> None:
                    "(default: --lr).")
 @click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), help="SGD momentum (default 0.9).")
 @click.option("--weight-decay", type=click.FloatRange(0), help="L2 weight decay (default 0).")
-@click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]), help="LR schedule (default constant).")
+@click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]),
+              help="LR schedule (default cosine: lr falls to 0 by the last step, so the final weights settle; with "
+                   "constant, low-bit accuracy can swing by points from one step to the next).")
 @click.option("--warmup-steps", type=click.IntRange(0), help="Linear LR warm-up steps (default 0).")
 @click.option("--steps", type=click.IntRange(0), help="Training steps (default 200).")
 @click.option("--epochs", type=click.FloatRange(0, min_open=True), help="Training length in epochs instead of steps.")

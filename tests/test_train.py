@@ -17,7 +17,7 @@ from qatool.errors import ConfigError, UsageError
 from qatool.ir.io import load_graph, save_graph
 from qatool.quant.config import QuantConfig
 from qatool.train.config import TrainConfig, load_config_file
-from qatool.train.loop import TrainingDiverged
+from qatool.train.loop import TrainingDiverged, TrainingInterrupted
 
 SCHEMAS = SAMPLE_DIR.parent / "schemas"
 
@@ -69,18 +69,43 @@ def _state(out_dir):
     return arrays
 
 
-@pytest.mark.parametrize("optimizer,scale_learning", [("sgd", "none"), ("adam", "none"), ("sgd", "lsq")])
-def test_resume_equals_one_run(lenet, digits, tmp_path, optimizer, scale_learning):
-    """N steps, then resume for M, equals N + M steps in one run, bit for bit (phases change in between)."""
+class _CtrlCDuringStep:
+    """Stands in for the loop's Ctrl-C flag: the key is pressed during step `at - 1`, so the loop saves a
+    checkpoint at step `at` and stops, as a real interruption does (deterministically here)."""
+
+    def __init__(self, at: int):
+        self.at, self.checks = at, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @property
+    def requested(self) -> bool:
+        self.checks += 1
+        return self.checks > self.at
+
+
+@pytest.mark.parametrize("optimizer,scale_learning,schedule", [
+    ("sgd", "none", "cosine"), ("adam", "none", "cosine"), ("sgd", "lsq", "cosine"), ("sgd", "none", "step")])
+def test_interrupted_then_resumed_equals_one_run(lenet, digits, tmp_path, monkeypatch, optimizer, scale_learning,
+                                                 schedule):
+    """7 steps stopped by Ctrl-C at step 4, then resumed, equal 7 steps in one run, bit for bit (the phases change
+    after the interruption; the lr schedule spans the 7 steps in both)."""
+    import qatool.train.loop as loop
+
     train, _ = digits
-    quant = QuantConfig(freeze_bn_after=3, freeze_observers_after=5, scale_learning=scale_learning)
+    quant = QuantConfig(freeze_bn_after=5, freeze_observers_after=6, scale_learning=scale_learning)
+    cfg = TrainConfig(steps=7, optimizer=optimizer, schedule=schedule)
     quiet = dict(echo=lambda s: None, quiet=True)
-    api.train_quant(lenet, train, tmp_path / "one", quant=quant, train=TrainConfig(steps=7, optimizer=optimizer),
-                    **quiet)
-    api.train_quant(lenet, train, tmp_path / "two", quant=quant, train=TrainConfig(steps=4, optimizer=optimizer),
-                    **quiet)
-    api.train_quant(lenet, train, tmp_path / "two", train=TrainConfig(steps=7, optimizer=optimizer),
-                    resume=tmp_path / "two" / "qat.onnx", **quiet)
+    api.train_quant(lenet, train, tmp_path / "one", quant=quant, train=cfg, **quiet)
+    with monkeypatch.context() as m:
+        m.setattr(loop, "_StopFlag", lambda: _CtrlCDuringStep(4))
+        with pytest.raises(TrainingInterrupted, match="interrupted at step 4"):
+            api.train_quant(lenet, train, tmp_path / "two", quant=quant, train=cfg, **quiet)
+    api.train_quant(lenet, train, tmp_path / "two", train=cfg, resume=tmp_path / "two" / "qat.onnx", **quiet)
     one, two = _state(tmp_path / "one"), _state(tmp_path / "two")
     assert one.keys() == two.keys()
     for k in one:
