@@ -24,7 +24,7 @@ class TrainConfig:
     scale_lr: float | None = None  # lr of the LSQ step sizes (same optimizer and schedule); None: lr
     momentum: float = 0.9
     weight_decay: float = 0.0
-    schedule: str = "cosine"  # lr decays to 0 over the run: at 2-4 bits a constant lr leaves the last step a lottery
+    schedule: str = "cosine"  # lr falls to 0 by the last step: at 2 bits a constant lr makes the last step a lottery
     warmup_steps: int = 0
     step_size: int | None = None
     step_gamma: float = 0.1
