@@ -89,7 +89,8 @@ class _CtrlCDuringStep:
 
 
 @pytest.mark.parametrize("optimizer,scale_learning,schedule", [
-    ("sgd", "none", "cosine"), ("adam", "none", "cosine"), ("sgd", "lsq", "cosine"), ("sgd", "none", "step")])
+    ("sgd", "none", "cosine"), ("adam", "none", "cosine"), ("sgd", "lsq", "cosine"), ("sgd", "none", "step"),
+    ("sgd", "none", "constant")])
 def test_interrupted_then_resumed_equals_one_run(lenet, digits, tmp_path, monkeypatch, optimizer, scale_learning,
                                                  schedule):
     """7 steps stopped by Ctrl-C at step 4, then resumed, equal 7 steps in one run, bit for bit (the phases change
