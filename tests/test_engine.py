@@ -144,3 +144,34 @@ def test_missing_feed_and_backward_without_forward():
         model.forward({})
     with pytest.raises(ModelError, match="forward"):
         model.backward([np.zeros((3, 3), np.float32)])
+
+
+def test_constant_held_bn_statistics_train_in_place():
+    """BN statistics held by Constant nodes (as Paddle exports them) become writable arrays of the engine's own:
+    a training-mode forward updates them instead of refusing read-only views of the proto's buffer."""
+    proto = small_net()
+    g = proto.graph
+    for name in ("mean", "var"):
+        init = next(t for t in g.initializer if t.name == name)
+        g.node.insert(0, helper.make_node("Constant", [], [name], value=init, name=f"const_{name}"))
+        g.initializer.remove(init)
+    model = qatool.engine.load(proto)
+    before = model.state["mean"].copy()
+    model.forward({"x": X}, training=True)
+    assert not np.array_equal(model.state["mean"], before)
+
+
+def test_model_copies_read_only_arrays():
+    from qatool.convert import normalize
+    from qatool.ir.graph import from_onnx
+
+    graph = normalize(from_onnx(small_net()), for_training=True).graph
+    frozen = {}
+    for name in ("mean", "var", "w1"):
+        arr = graph.initializers[name]
+        arr.flags.writeable = False
+        frozen[name] = arr
+    model = qatool.engine.Model(graph)
+    model.forward({"x": X}, training=True)
+    assert not np.array_equal(model.state["mean"], frozen["mean"])
+    assert all(model.graph.initializers[k].flags.writeable for k in frozen)

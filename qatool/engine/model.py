@@ -34,8 +34,9 @@ class Model:
         self.graph = graph
         self.dtype = np.dtype(dtype)
         trainable, state = read_roles(graph)
-        for name in trainable + state:
-            graph.initializers[name] = np.ascontiguousarray(graph.initializers[name], dtype=self.dtype)
+        for name in trainable + state:  # the engine updates these in place: each must be a writable array of its own
+            value = np.ascontiguousarray(graph.initializers[name], dtype=self.dtype)
+            graph.initializers[name] = value if value.flags.writeable else value.copy()
         self.params: dict[str, np.ndarray] = {k: graph.initializers[k] for k in trainable}
         self.state: dict[str, np.ndarray] = {k: graph.initializers[k] for k in state}
         self.constants: dict[str, np.ndarray] = {

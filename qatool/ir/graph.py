@@ -187,8 +187,8 @@ def _attr_value(a: onnx.AttributeProto) -> Any:
     v = helper.get_attribute_value(a)
     if isinstance(v, bytes):
         return v.decode("utf-8")
-    if isinstance(v, onnx.TensorProto):
-        return numpy_helper.to_array(v)
+    if isinstance(v, onnx.TensorProto):  # a copy: to_array may return a read-only view of the proto's buffer
+        return np.array(numpy_helper.to_array(v))
     if isinstance(v, list):
         return [x.decode("utf-8") if isinstance(x, bytes) else x for x in v]
     if isinstance(v, onnx.GraphProto):
