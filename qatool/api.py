@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .convert import ConvertResult, normalize_proto
@@ -78,18 +79,23 @@ def _training_model(model_path, resume, quant):
     return float_graph, ckpt, ckpt.quant
 
 
-def _training_data(train_data, val_data, labels, pre, n_outputs, model_path, echo):
-    from .train.data import ImageDataset, read_class_names
+def _open_data(train_data, val_data, class_names, n_outputs, model_path):
+    """The training and validation sets (listed, not yet decoded)."""
+    from .train.data import ImageDataset
 
-    class_names = read_class_names(labels) if labels else None
     train_set = ImageDataset.open(train_data, class_names)
     check_classes(train_set, n_outputs, model_path)
-    echo(f"loading {len(train_set)} training images from {train_data}")
+    val_set = ImageDataset.open(val_data, class_names or train_set.classes) if val_data is not None else None
+    return train_set, val_set
+
+
+def _load_data(train_set, val_set, pre, echo):
+    echo(f"loading {len(train_set)} training images from {train_set.source}")
     train_images = train_set.load(pre)
     val_images = None
-    if val_data is not None:
-        val_images = ImageDataset.open(val_data, class_names or train_set.classes).load(pre)
-        echo(f"loaded {len(val_images)} validation images from {val_data}")
+    if val_set is not None:
+        val_images = val_set.load(pre)
+        echo(f"loaded {len(val_images)} validation images from {val_set.source}")
     return train_images, val_images
 
 
@@ -118,18 +124,25 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     metrics.jsonl and report.json into `out_dir` and returns the report.
 
     `quant` / `train` are QuantConfig / TrainConfig; `preprocess` a dict of size/color/mean/std overrides;
-    `labels` a file of class names, one per line, in index order; `resume` a qat.onnx to continue from.
+    `labels` a file of class names, one per line, in output order (default: the model's own class names when
+    its metadata has them and the folders carry them, else sorted folder names); `resume` a qat.onnx to
+    continue from. With validation data the run measures the int8 accuracy before the first step (post-training
+    quantization) and at checkpoints, and by default writes the best of them (see qatool.train.validation).
     """
     import json
 
     from .eval.backends import ort_logits, ort_session, top1
     from .export.deploy import export_session
     from .ir.io import atomic_write_bytes
+    from .train.checkpoint import load_checkpoint
     from .train.config import TrainConfig
+    from .train.heads import check_class_order, check_logits, folder_class_names, set_logits, store_class_names
     from .train.loop import Phases, train as run_train
     from .train.preprocess import METADATA_KEY, resolve_preprocess
+    from .train.recipe import bn_evidence, has_batchnorm
     from .train.session import QatSession
     from .train.teacher import Teacher
+    from .train.validation import Validator, best_path
 
     out = Path(out_dir)
     try:
@@ -142,23 +155,25 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         raise UsageError("--scale-lr sets the learning rate of learned step sizes: it needs --scale-learning lsq")
     pre = resolve_preprocess(float_graph, preprocess)
     float_graph.metadata[METADATA_KEY] = pre.to_json()
+    if train_cfg.logits:
+        set_logits(float_graph, train_cfg.logits)
     # the QAT graph and the teacher first: a model the engine cannot run fails before any image is read
     session = QatSession.from_checkpoint(ckpt, train_cfg.seed) if ckpt else \
         QatSession.create(float_graph, quant_cfg, train_cfg.seed)
-    session.float_graph.metadata[METADATA_KEY] = pre.to_json()
     teacher = Teacher(train_cfg.teacher) if train_cfg.teacher else None
-    train_images, val_images = _training_data(train_data, val_data, labels, pre, _output_classes(float_graph),
-                                              model_path, echo)
+    train_set, val_set = _open_data(train_data, val_data, folder_class_names(float_graph, train_data, labels, echo),
+                                    _output_classes(float_graph), model_path)
+    classes = train_set.classes
+    for g in (float_graph, session.float_graph, session.model.graph):  # every output names its classes, in order
+        g.metadata[METADATA_KEY] = pre.to_json()
+        store_class_names(g, classes)
+    train_images, val_images = _load_data(train_set, val_set, pre, echo)
+    probe = session.model.forward({session.input_name: train_images.batch(np.arange(min(8, len(train_images))))[0]},
+                                  outputs=[session.logits])[0]
+    check_logits(probe, float_graph, session.logits)
     if ckpt is None and train_cfg.mixed_precision:  # (a resumed run's settings already hold the per-layer bits)
         quant_cfg = _mixed_precision(float_graph, train_images, quant_cfg, train_cfg, echo)
         session = QatSession.create(float_graph, quant_cfg, train_cfg.seed)
-        session.float_graph.metadata[METADATA_KEY] = pre.to_json()
-    if ckpt is None and train_cfg.init == "calibrate":
-        from .quant.calibrate import calibrate_session
-
-        calibrate_session(session, train_images, train_cfg.init_method, train_cfg.init_images, seed=train_cfg.seed)
-        echo(f"activation ranges calibrated ({train_cfg.init_method}) on {min(train_cfg.init_images, len(train_images))}"
-             " training images")
     skipped = len(train_images.skipped) + (len(val_images.skipped) if val_images else 0)
     if skipped:
         echo(f"skipped {skipped} unreadable images")
@@ -167,8 +182,10 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     top1_float = ckpt.info.get("top1_float") if ckpt else None
     if val_images is not None and top1_float is None:
         infer = normalize_proto(to_onnx(float_graph), for_training=False).graph
-        top1_float = top1(ort_logits(ort_session(to_onnx(infer)), val_images), val_images.labels)
+        float_out = ort_logits(ort_session(to_onnx(infer)), val_images)
+        top1_float = top1(float_out, val_images.labels)
         echo(f"float val top-1 (onnxruntime): {top1_float:.4f}")
+        check_class_order(top1_float, float_out, val_images.labels, classes, f"the validation images {val_data}")
 
     plan = session.plan.report()
     echo(f"quantized {len(plan['quantized_layers'])} layers ({len(plan['folded_batchnorm'])} with BN folded), "
@@ -177,13 +194,41 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     start = ckpt.step if ckpt else 0
     if start > total:
         raise UsageError(f"the checkpoint is at step {start}, beyond --steps {total}")
-    phases = Phases.resolve(total, quant_cfg.freeze_bn_after, quant_cfg.freeze_observers_after)
-    qat_path = out / "qat.onnx"
     info = {"model_signature": _model_signature(float_graph), "top1_float": top1_float,
             "val_data": str(Path(val_data).resolve()) if val_data else None}
 
-    def save(step: int, arrays: dict) -> None:
-        session.save(qat_path, train_cfg.to_dict(), step, arrays, info)
+    # BatchNormalization's phase, from evidence unless --freeze-bn-after says (qatool.train.recipe)
+    bn_check = ckpt.info.get("bn_check") if ckpt else None
+    if ckpt is None and quant_cfg.freeze_bn_after is None and has_batchnorm(float_graph):
+        evidence = bn_evidence(float_graph, train_images, train_cfg.batch_size, train_cfg.seed)
+        echo(evidence.summary())
+        bn_check = evidence.to_dict()
+    info["bn_check"] = bn_check
+    freeze_bn = quant_cfg.freeze_bn_after
+    if freeze_bn is None and bn_check and bn_check["freeze_from_start"]:
+        freeze_bn = 0
+    phases = Phases.resolve(total, freeze_bn, quant_cfg.freeze_observers_after)
+    qat_path = out / "qat.onnx"
+
+    def save(step: int, arrays: dict, path=qat_path) -> None:
+        session.save(path, train_cfg.to_dict(), step, arrays, info)
+
+    if ckpt is None and train_cfg.init == "calibrate":
+        from .quant.calibrate import calibrate_session
+
+        calibrate_session(session, train_images, train_cfg.init_method, train_cfg.init_images, seed=train_cfg.seed)
+        echo(f"activation ranges calibrated ({train_cfg.init_method}) on {min(train_cfg.init_images, len(train_images))}"
+             " training images")
+
+    # a safe start and a safe end: int8 accuracy before the first step and at checkpoints (qatool.train.validation)
+    validator = None
+    if val_images is not None:
+        validator = Validator(session, val_images, lambda path, step: save(step, {}, path), qat_path,
+                              train_cfg.keep, list(ckpt.info.get("validations", [])) if ckpt else [])
+        info["validations"] = validator.history
+        if ckpt is None and train_cfg.init == "calibrate":
+            acc = validator(0)
+            echo(f"start: int8 val top-1 {acc:.4f} before any QAT step (post-training quantization, same placement)")
 
     scale_lr = f" (step sizes {train_cfg.scale_lr})" if train_cfg.scale_lr is not None else ""
     echo(f"QAT: steps {start}..{total}, batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr}"
@@ -192,10 +237,15 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         echo(f"distillation from {train_cfg.teacher}: T {train_cfg.distill_temperature}, "
              f"alpha {train_cfg.distill_alpha}")
     result = run_train(session, train_images, train_cfg, phases, start, total, ckpt.arrays if ckpt else None,
-                       save, out / "metrics.jsonl", quiet, teacher)
+                       save, out / "metrics.jsonl", quiet, teacher, validator,
+                       train_cfg.validation_interval(total))
 
+    kept_step = validator.kept_step(total) if validator else total
+    deployed_session = session
+    if kept_step != total:
+        deployed_session = QatSession.from_checkpoint(load_checkpoint(best_path(qat_path)), train_cfg.seed)
     int8_path = out / "model_int8.onnx"
-    exported = export_session(session, int8_path, val_images, verify=True, strict=False,
+    exported = export_session(deployed_session, int8_path, val_images, verify=True, strict=False,
                               data_source=str(val_data) if val_data else "")
     fusion = exported.fusion
     echo(f"int8 kernels in onnxruntime: {fusion.fused} of {fusion.expected} nodes fused "
@@ -209,9 +259,17 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         val.update(top1_qat=top1(exported.simulated, val_images.labels),
                    top1_int8=top1(exported.deployed, val_images.labels),
                    agreement_top1=exported.agreement.agreement_top1, images=len(val_images),
-                   max_diff_steps=exported.agreement.max_diff_steps)
+                   max_diff_steps=exported.agreement.max_diff_steps, **validator.summary(),
+                   int8_step=kept_step, ended_below_start=validator.ended_below_start())
+        selected = (f"; the int8 model is step {kept_step}'s, the best of {len(validator.history)} validated "
+                    "checkpoints, selected on these validation images" if train_cfg.keep == "best" else "")
         echo(f"val top-1: float {top1_float:.4f}, QAT simulation {val['top1_qat']:.4f}, "
-             f"int8 onnxruntime {val['top1_int8']:.4f}; agreement {val['agreement_top1']:.4f}")
+             f"int8 onnxruntime {val['top1_int8']:.4f}; agreement {val['agreement_top1']:.4f}{selected}")
+        if validator.ended_below_start():
+            echo(f"warning: QAT ended below its start: int8 val top-1 {validator.history[-1]['top1_int8']:.4f} at "
+                 f"step {total} against {validator.start:.4f} before training (post-training quantization)"
+                 + (f"; model_int8.onnx is step {kept_step}'s" if train_cfg.keep == "best" else
+                    "; --keep best would have written the better one"))
     report = {
         "model": str(model_path),
         "steps": result.steps,
@@ -219,15 +277,19 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         "ms_per_step": round(result.ms_per_step, 3),
         "final_loss": result.final_loss,
         "skipped_images": skipped,
+        "classes": classes,
+        "logits": session.logits,
         "config": {"quant": quant_cfg.to_dict(), "train": train_cfg.to_dict(),
                    "preprocess": json.loads(pre.to_json()),
                    "freeze_bn_after": phases.freeze_bn_after,
-                   "freeze_observers_after": phases.freeze_observers_after},
+                   "freeze_observers_after": phases.freeze_observers_after,
+                   "bn_check": bn_check},
         "val": val,
         "placement": plan,
         "export": exported.to_dict(),
         "outputs": {"checkpoint": str(qat_path), "int8_model": str(int8_path),
-                    "metrics": str(out / "metrics.jsonl")},
+                    "metrics": str(out / "metrics.jsonl"),
+                    **({"best_checkpoint": str(best_path(qat_path))} if kept_step != total else {})},
     }
     atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, default=_json_default) + "\n").encode())
     echo(f"wrote {qat_path}, {int8_path}, {out / 'report.json'}")
@@ -253,6 +315,7 @@ def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, pre
     from .export.deploy import export_session
     from .train.checkpoint import load_checkpoint
     from .train.data import ImageDataset
+    from .train.heads import folder_class_names
     from .train.preprocess import resolve_preprocess
     from .train.session import QatSession
 
@@ -266,7 +329,7 @@ def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, pre
             source = None  # the recorded folder is gone: fall back to random inputs
         if source:
             pre = resolve_preprocess(ckpt.float_graph, preprocess)
-            dataset = ImageDataset.open(source)
+            dataset = ImageDataset.open(source, folder_class_names(ckpt.float_graph, source))
             data = dataset.load(pre)
     result = export_session(session, output_path, data, verify=verify, strict=True, data_source=str(source or ""),
                             int4=int4)

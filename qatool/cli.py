@@ -63,7 +63,8 @@ def convert(model: str, output: str, for_training: bool) -> None:
 @click.option("--observer-momentum", type=click.FloatRange(0, 1, max_open=True),
               help="Momentum of the moving-average observer (default 0.9).")
 @click.option("--freeze-bn-after", type=click.IntRange(0), help="Step after which BN uses running statistics "
-              "(default: half the steps).")
+              "(default: decided by a check of the float model on a few training batches: from the start when batch "
+              "statistics raise its loss, as for a model pretrained on other data; else half the steps).")
 @click.option("--freeze-observers-after", type=click.IntRange(0),
               help="Step after which activation ranges stop updating (default: three quarters of the steps).")
 @click.option("--scale-learning", type=click.Choice(["none", "lsq"]),
@@ -85,8 +86,8 @@ def convert(model: str, output: str, for_training: bool) -> None:
 @click.option("--batch-size", type=click.IntRange(1), help="Default 64.")
 @click.option("--seed", type=click.IntRange(0), help="Seed of every random choice (default 0).")
 @click.option("--init", "init", type=click.Choice(["observe", "calibrate"]),
-              help="observe (default): activation ranges start from the first training batches; calibrate: from "
-                   "post-training calibration on the training images.")
+              help="calibrate (default): activation ranges start from post-training calibration on the training "
+                   "images, and the run measures that start's int8 accuracy; observe: from the first batches.")
 @click.option("--init-method", type=click.Choice(["minmax", "percentile", "entropy"]),
               help="Calibration method for --init calibrate (default minmax).")
 @click.option("--init-images", type=click.IntRange(1), help="Images calibrated on for --init calibrate (512).")
@@ -95,6 +96,14 @@ def convert(model: str, output: str, for_training: bool) -> None:
                    "keep the --weight-bits, the rest get --mixed-low-bits.")
 @click.option("--mixed-low-bits", type=BITS, help="Bits of the less sensitive layers with --mixed-precision (4).")
 @click.option("--save-every", type=click.IntRange(1), help="Also save a checkpoint every N steps.")
+@click.option("--keep", type=click.Choice(["best", "last"]),
+              help="best (default): model_int8.onnx is the validated checkpoint of best int8 top-1, the start "
+                   "(post-training quantization) included, selected on --val-data; last: the final step.")
+@click.option("--validate-every", type=click.IntRange(1),
+              help="Steps between int8 validations on --val-data (default: a quarter of the run).")
+@click.option("--logits", metavar="TENSOR",
+              help="The tensor holding the logits, when the model outputs probabilities that no "
+                   "Softmax/LogSoftmax produces (found by itself otherwise).")
 @click.option("--teacher", type=click.Path(dir_okay=False),
               help="Distillation QAT: a float ONNX model (run in eval mode) whose outputs the model learns from.")
 @click.option("--distill-temperature", type=click.FloatRange(0, min_open=True), help="Softmax temperature (4).")
@@ -106,13 +115,17 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                 bits, weight_bits, activation_bits, per_tensor, symmetric_activations, scale_update,
                 observer_momentum, freeze_bn_after, freeze_observers_after, exclude, reduce_range, scale_learning,
                 optimizer, lr, scale_lr, momentum, weight_decay, schedule, warmup_steps, steps, epochs, batch_size,
-                seed, init, init_method, init_images, mixed_precision, mixed_low_bits, save_every, teacher,
-                distill_temperature, distill_alpha, resume, quiet):
+                seed, init, init_method, init_images, mixed_precision, mixed_low_bits, save_every, keep,
+                validate_every, logits, teacher, distill_temperature, distill_alpha, resume, quiet):
     """Quantization-aware training of MODEL on an image folder.
 
     MODEL is a float ONNX model (converted --for-training on the fly) or the output of
     `qatool convert --for-training`. Writes OUTPUT_DIR/qat.onnx (checkpoint), OUTPUT_DIR/model_int8.onnx
     (the deployable int8 model), metrics.jsonl and report.json.
+
+    With --val-data the run measures its start (post-training quantization, same placement) and the int8
+    accuracy at checkpoints, and writes the best of them (--keep). Classes follow the model's own class
+    names when its metadata has them (Paddle's 'character', 'labels', 'classes', ...), else sorted folders.
     """
     from . import api
     from .quant.config import QuantConfig
@@ -130,7 +143,8 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                "epochs": epochs, "batch_size": batch_size, "seed": seed, "save_every": save_every, "augment": augment,
                "teacher": teacher, "distill_temperature": distill_temperature, "distill_alpha": distill_alpha,
                "init": init, "init_method": init_method, "init_images": init_images,
-               "mixed_precision": mixed_precision, "mixed_low_bits": mixed_low_bits}
+               "mixed_precision": mixed_precision, "mixed_low_bits": mixed_low_bits, "keep": keep,
+               "validate_every": validate_every, "logits": logits}
     quant = {**q_file, **{k: v for k, v in q_flags.items() if v is not None}}
     train = {**t_file, **{k: v for k, v in t_flags.items() if v is not None}}
     pre = {k: tuple(v) for k, v in p_file.items() if k != "color"}

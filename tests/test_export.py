@@ -115,11 +115,12 @@ def test_low_bit_weights_are_stored_as_int4_and_still_fuse(trained_w4a4, tmp_pat
     file shrinks and the model computes the same as with int8 storage."""
     d, report = trained_w4a4["mobilenetv2_small"]
     packed = onnx.load(d / "model_int8.onnx")
+    source = report["outputs"].get("best_checkpoint", d / "qat.onnx")  # the checkpoint model_int8.onnx is of
     int4 = [t for t in packed.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     assert len(int4) == sum(n.op_type in ("Conv", "Gemm") for n in packed.graph.node)
     assert not [t for t in packed.graph.initializer
                 if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("_quantized")]
-    plain = api.export_int8(d / "qat.onnx", tmp_path / "int8.onnx", int4=False)
+    plain = api.export_int8(source, tmp_path / "int8.onnx", int4=False)
     assert plain["fusion"]["unfused"] == []
     assert report["export"]["size_bytes"] < 0.8 * plain["size_bytes"]
     assert not packed.graph.value_info  # the opset converter's inferred types are dropped: they only weigh
@@ -133,8 +134,9 @@ def test_low_bit_weights_are_stored_as_int4_and_still_fuse(trained_w4a4, tmp_pat
 
 def test_int8_weights_are_the_simulated_ones(trained):
     """Each DequantizeLinear(int8 weight) equals the WeightQuant output the simulation computed."""
-    d, _ = trained["mobilenetv2_small"]
-    session = QatSession.from_checkpoint(load_checkpoint(d / "qat.onnx"))
+    d, report = trained["mobilenetv2_small"]
+    source = report["outputs"].get("best_checkpoint", d / "qat.onnx")  # the checkpoint model_int8.onnx is of
+    session = QatSession.from_checkpoint(load_checkpoint(source))
     graph = session.model.graph
     sim = {}
     for node in graph.nodes:

@@ -47,7 +47,7 @@ def engine_logits(model, data: LoadedImages, output: str | None = None, batch_si
     """Eval-mode logits of an engine Model (`output` names another tensor than the first graph output)."""
     name = model.input_names[0]
     outs = [output] if output else None
-    return np.concatenate([model.forward({name: x}, training=False, outputs=outs)[0]
+    return np.concatenate([model.forward({name: x}, training=False, outputs=outs)[0].reshape(len(x), -1)
                            for x, _ in data.batches(batch_size)])
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import DataError, ModelError, UsageError
 from ..ir.graph import Graph
 from ..ir.io import atomic_write_bytes, load_graph
-from ..train.data import ImageDataset, LoadedImages, StreamingImages, read_class_names
+from ..train.data import ImageDataset, LoadedImages, StreamingImages
 from ..train.preprocess import Preprocess, resolve_preprocess
 from .backends import agreement, engine_logits, latency_ms, ort_logits, ort_run, ort_session, top1, topk
 
@@ -72,8 +72,12 @@ def evaluate(models, data, backend="ort", batch_size: int = DEFAULT_BATCH_SIZE,
         if any(target == m.resolve() for m in models):
             raise UsageError(f"--json {json_path} is one of the models; choose another file for the report")
 
-    dataset = ImageDataset.open(data, read_class_names(labels) if labels else None)
-    entries = [_check_model(m, b, dataset, preprocess_overrides) for m, b in zip(models, backends)]
+    from ..train.heads import folder_class_names
+
+    first_graph = load_graph(models[0])  # ModelError when missing or not ONNX
+    dataset = ImageDataset.open(data, folder_class_names(first_graph, data, labels))  # the first model's classes
+    entries = [_check_model(m, b, dataset, preprocess_overrides, first_graph if i == 0 else None)
+               for i, (m, b) in enumerate(zip(models, backends))]
 
     decoded: dict[tuple, LoadedImages] = {}  # decoding depends on size and colour only; mean/std apply per batch
     loaded: dict[Preprocess, LoadedImages] = {}
@@ -138,10 +142,11 @@ def _backends(backend, n: int) -> list[str]:
     return given
 
 
-def _check_model(path: Path, backend: str, dataset: ImageDataset, overrides: dict | None) -> _Entry:
+def _check_model(path: Path, backend: str, dataset: ImageDataset, overrides: dict | None,
+                 graph: Graph | None = None) -> _Entry:
     from ..train.checkpoint import is_checkpoint
 
-    graph = load_graph(path)  # ModelError when missing or not ONNX
+    graph = graph or load_graph(path)  # ModelError when missing or not ONNX
     pre = resolve_preprocess(graph, overrides)
     classes = _output_classes(graph)
     if classes is not None and dataset.num_classes > classes:

@@ -97,7 +97,7 @@ def export_session(session, out_path: str | os.PathLike, data: LoadedImages | No
         if data is None:
             simulated, deployed, data_source = _random_run(session, sess)
         else:
-            simulated = engine_logits(session.model, data, session.logits)
+            simulated = engine_logits(session.model, data)  # the graph output: what onnxruntime returns
             deployed = ort_logits(sess, data, what="the int8 model")
         agreement = compare(simulated, deployed, output_scale(model))
         os.replace(tmp, out)
@@ -112,6 +112,6 @@ def _random_run(session, sess) -> tuple[np.ndarray, np.ndarray, str]:
     shape = [d if isinstance(d, int) and d > 0 else 1 for d in shape]
     shape[0] = 16
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    simulated = session.model.forward({session.input_name: x}, outputs=[session.logits])[0]
+    simulated = session.model.forward({session.input_name: x})[0]
     deployed = ort_run(sess, x, "the int8 model")
     return simulated, deployed, "random inputs: no data given"

@@ -61,7 +61,7 @@ class BatchNormalization(Op):
 
         scale_v, bias_v = vec(scale), vec(bias)
         self.shapes = x.shape, np.shape(scale), np.shape(bias), np.shape(mean), np.shape(var)
-        self.training = bool(ctx.training)
+        self.training = bool(ctx.training and not ctx.bn_frozen)  # frozen: running statistics, as in eval
         self.scale_v = scale_v
         if self.training:
             count = x3.shape[0] * x3.shape[2]

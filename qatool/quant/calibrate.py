@@ -388,6 +388,7 @@ def calibrate(model_path, data, output, method: str = "minmax", quant: QuantConf
     from ..export.deploy import export_session
     from ..ir.io import load_proto
     from ..train.data import ImageDataset
+    from ..train.heads import folder_class_names, store_class_names
     from ..train.preprocess import METADATA_KEY, resolve_preprocess
     from ..train.session import QatSession
 
@@ -402,11 +403,13 @@ def calibrate(model_path, data, output, method: str = "minmax", quant: QuantConf
     float_graph.metadata[METADATA_KEY] = pre.to_json()
     session = QatSession.create(float_graph, quant)  # a model the engine cannot run fails before any image is read
 
-    calib_set = ImageDataset.open(data)
+    class_names = folder_class_names(float_graph, data, echo=say)
+    calib_set = ImageDataset.open(data, class_names)
+    store_class_names(session.model.graph, calib_set.classes)  # the int8 model names its classes
     calib_images = calib_set.load(pre)
     eval_images, eval_set = calib_images, calib_set
     if val_data is not None:
-        eval_set = ImageDataset.open(val_data)
+        eval_set = ImageDataset.open(val_data, class_names or calib_set.classes)
         eval_images = eval_set.load(pre)
     skipped = len(calib_images.skipped) + (len(eval_images.skipped) if val_data is not None else 0)
     if skipped:

@@ -85,7 +85,8 @@ def layer_sensitivity(float_graph, data, quant: QuantConfig | None = None, image
     (`exclude`). `images` / `calibration_images`: seeded random subsets measured on / calibrated on (None: all).
     Returns the report without the file names (see `sensitivity`)."""
     from ..engine.model import Model
-    from ..train.session import QatSession, loss_tensor
+    from ..train.heads import logits_tensor
+    from ..train.session import QatSession
 
     say = echo or (lambda s: None)
     quant = quant or QuantConfig(weight_bits=DEFAULT_BITS)
@@ -93,7 +94,7 @@ def layer_sensitivity(float_graph, data, quant: QuantConfig | None = None, image
     if not layers:
         raise ModelError("no Conv, Gemm or MatMul of the model can be quantized (check --exclude, and that weights "
                          "are initializers)")
-    output = loss_tensor(float_graph)
+    output = logits_tensor(float_graph)
     eval_idx = calibration_indices(len(data), images, seed)
     labels = np.asarray(data.labels)[eval_idx] if labelled else None
     float_model = Model(copy.deepcopy(float_graph))

@@ -34,11 +34,14 @@ class TrainConfig:
     teacher: str | None = None  # a float ONNX model: distillation QAT
     distill_temperature: float = 4.0
     distill_alpha: float = 0.5
-    init: str = "observe"  # "calibrate": activation ranges from post-training calibration before QAT
+    init: str = "calibrate"  # activation ranges from post-training calibration (the measured start); "observe"
     init_method: str = "minmax"
     init_images: int = 512
     mixed_precision: str | None = None  # a weight-size budget: per-layer bits from the layers' sensitivity
     mixed_low_bits: int = 4
+    keep: str = "best"  # the int8 model: the best validated checkpoint (start included), or "last"
+    validate_every: int | None = None  # steps between int8 validations; None: a quarter of the run
+    logits: str | None = None  # the logits tensor, when the output is probabilities no Softmax produces
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -57,6 +60,10 @@ class TrainConfig:
             raise ConfigError(f"init must be observe or calibrate, got {self.init!r}")
         if self.init_method not in ("minmax", "percentile", "entropy"):
             raise ConfigError(f"init_method must be minmax, percentile or entropy, got {self.init_method!r}")
+        if self.keep not in ("best", "last"):
+            raise ConfigError(f"keep must be best or last, got {self.keep!r}")
+        if self.validate_every is not None and self.validate_every < 1:
+            raise ConfigError(f"validate_every must be >= 1, got {self.validate_every}")
         if self.distill_temperature <= 0:
             raise ConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if not 0.0 <= self.distill_alpha <= 1.0:
@@ -68,6 +75,9 @@ class TrainConfig:
         if self.epochs is not None:
             return max(1, round(self.epochs * n_images / self.batch_size))
         return DEFAULT_STEPS
+
+    def validation_interval(self, total: int) -> int:
+        return self.validate_every or max(1, total // 4)
 
     def to_dict(self) -> dict:
         return asdict(self)

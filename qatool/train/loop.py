@@ -84,9 +84,11 @@ class _StopFlag:
 
 def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainConfig, phases: Phases, start: int, total: int,
           optimizer_state: dict[str, np.ndarray] | None, save: Callable[[int, dict], None],
-          metrics_path: Path | None = None, quiet: bool = False, teacher=None) -> TrainResult:
+          metrics_path: Path | None = None, quiet: bool = False, teacher=None,
+          validate: Callable[[int], float] | None = None, validate_every: int | None = None) -> TrainResult:
     """Run steps [start, total). `save(step, optimizer_arrays)` writes a checkpoint at `step`. With a `teacher`
-    (qatool.train.teacher.Teacher) the loss is the distillation loss."""
+    (qatool.train.teacher.Teacher) the loss is the distillation loss. `validate(step)` (the int8 accuracy, see
+    qatool.train.validation) runs every `validate_every` steps and after the last one."""
     model = session.model
     # --scale-lr: the LSQ step sizes get their own learning rate, scheduled as lr is
     multipliers = {k: cfg.scale_lr / cfg.lr for k in session.learned_scales} if cfg.scale_lr is not None else None
@@ -133,9 +135,10 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
                                    cfg.step_gamma)
                 with np.errstate(over="ignore", invalid="ignore"):  # divergence is detected, not warned about
                     try:
-                        (logits,) = model.forward({session.input_name: x}, training=True, outputs=[session.logits])
+                        (out,) = model.forward({session.input_name: x}, training=True, outputs=[session.logits])
                     except DivergedError as e:
                         raise _diverged(step, str(e)) from None
+                    logits = out.reshape(len(out), -1)  # a (N, C, 1, 1) head's logits as (N, C)
                     if teacher is not None:
                         loss, dlogits = distillation_loss(logits, teacher.logits(x), y, cfg.distill_temperature,
                                                           cfg.distill_alpha)
@@ -143,7 +146,7 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
                         loss, dlogits = softmax_cross_entropy(logits, y)
                     if not np.isfinite(loss):
                         raise _diverged(step, f"loss {loss}")
-                    opt.step(model.backward([dlogits]), lr=lr)
+                    opt.step(model.backward([dlogits.reshape(out.shape)]), lr=lr)
                     collapsed = session.nonpositive_scale()
                     if collapsed:
                         raise _diverged(step, f"learned step size {collapsed[0]!r} fell to {collapsed[1]:.3g}, "
@@ -159,8 +162,12 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
                 progress.update(step, loss=loss, acc=correct / seen, lr=lr)
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
                     checkpoint(step + 1)
+                if validate and validate_every and (step + 1) % validate_every == 0 and step + 1 < total:
+                    validate(step + 1)
             step = total
             checkpoint(total)
+            if validate:
+                validate(total)
     except KeyboardInterrupt:  # a second Ctrl-C, possibly mid-step: nothing consistent to save
         raise TrainingInterrupted(f"interrupted twice at step {step}; stopped without saving") from None
     finally:

@@ -20,18 +20,7 @@ from ..quant.config import QuantConfig
 from ..quant.prepare import Plan, QuantTensor, prepare
 from ..quant.qparams import activation_grid
 from .checkpoint import Checkpoint, save_checkpoint
-
-LOSS_HEADS = ("Softmax", "LogSoftmax")
-
-
-def loss_tensor(graph: Graph) -> str:
-    """The tensor to take the loss on: the first graph output, or the input of a final Softmax/LogSoftmax."""
-    out = graph.output_names[0]
-    producer = graph.producers().get(out)
-    if producer is not None and producer.op_type in LOSS_HEADS:
-        return producer.input(0)
-    return out
-
+from .heads import logits_tensor
 
 @dataclass
 class QatSession:
@@ -50,7 +39,7 @@ class QatSession:
         if not plan.layers:
             raise ModelError("no Conv, Gemm or MatMul of the model can be quantized "
                              "(check --exclude, and that weights are initializers)")
-        return cls(float_graph, config, model, plan, quant, loss_tensor(qat))
+        return cls(float_graph, config, model, plan, quant, logits_tensor(qat))
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, seed: int = 0) -> QatSession:

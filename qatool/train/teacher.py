@@ -12,6 +12,7 @@ from ..errors import ModelError
 from ..eval.backends import ort_session
 from ..ir.graph import to_onnx
 from ..ir.io import load_proto
+from .heads import logits_tensor
 
 
 class Teacher:
@@ -20,9 +21,9 @@ class Teacher:
     def __init__(self, path: str | os.PathLike):
         graph = normalize_proto(load_proto(path), for_training=False).graph
         out = graph.outputs[0]
-        producer = graph.producers().get(out.name)
-        if producer is not None and producer.op_type in ("Softmax", "LogSoftmax"):
-            graph.outputs = [dataclasses.replace(out, name=producer.input(0))]
+        logits = logits_tensor(graph)
+        if logits != out.name:
+            graph.outputs = [dataclasses.replace(out, name=logits, shape=None)]
             graph.cleanup()
         self.session = ort_session(to_onnx(graph))
         self.input_name = self.session.get_inputs()[0].name
@@ -30,7 +31,8 @@ class Teacher:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         try:
-            return self.session.run(None, {self.input_name: x})[0]
+            out = self.session.run(None, {self.input_name: x})[0]
+            return out.reshape(len(out), -1)
         except Exception as e:  # onnxruntime's own error types
             raise ModelError(f"the teacher {self.path} cannot run on the training images: "
                              f"{str(e).splitlines()[0]}") from e

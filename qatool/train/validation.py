@@ -1,0 +1,78 @@
+"""A safe start and a safe end: the int8 accuracy of a QAT session, measured before the first step and at
+checkpoints, and the best of them kept.
+
+Each measurement exports the session's current state to the int8 model (the same export that writes
+model_int8.onnx) and runs it on onnxruntime over the validation images: the accuracy a user would get if the
+run stopped there. The measurement before any step is post-training quantization with the run's own placement
+(and, with the default calibrated start, its calibrated ranges): QAT's floor. With `keep="best"` the
+checkpoint of the best measurement is saved beside qat.onnx (qat_best.onnx) and becomes the int8 model; the
+choice is made on the validation images, so their accuracy is optimistic for the selected model, which every
+report of it says.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..eval.backends import ort_logits, ort_session, top1
+from ..ir.graph import to_onnx
+
+KEEP = ("best", "last")
+
+
+def int8_top1(session, data) -> float:
+    """Top-1 on `data` of the int8 model of the session's current state, run by onnxruntime."""
+    sess = ort_session(to_onnx(session.export_int8()))
+    return top1(ort_logits(sess, data, what="the int8 model"), data.labels)
+
+
+def best_path(qat_path: str | os.PathLike) -> Path:
+    p = Path(qat_path)
+    return p.with_name(p.stem + "_best" + p.suffix)
+
+
+@dataclass
+class Validator:
+    """Measures int8 top-1 at the steps it is called for and keeps the best checkpoint (ties: the later step,
+    which has trained longer at the same accuracy)."""
+
+    session: object
+    data: object
+    save_best: object  # callable(path, step): writes the session's checkpoint at `path`
+    qat_path: Path
+    keep: str = "best"
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def start(self) -> float | None:
+        return self.history[0]["top1_int8"] if self.history and self.history[0]["step"] == 0 else None
+
+    @property
+    def best(self) -> dict | None:
+        return max(reversed(self.history), key=lambda r: r["top1_int8"]) if self.history else None
+
+    def __call__(self, step: int) -> float:
+        acc = int8_top1(self.session, self.data)
+        improved = self.best is None or acc >= self.best["top1_int8"]
+        self.history.append({"step": step, "top1_int8": acc})
+        if improved and self.keep == "best":
+            self.save_best(best_path(self.qat_path), step)
+        return acc
+
+    def summary(self) -> dict:
+        best = self.best
+        return {"keep": self.keep, "checkpoints": list(self.history),
+                "start_top1_int8": self.start,
+                "best_step": best["step"] if best else None,
+                "best_top1_int8": best["top1_int8"] if best else None,
+                "selected_on": "validation data"}
+
+    def kept_step(self, last: int) -> int:
+        """The step whose state becomes the int8 model."""
+        best = self.best
+        return best["step"] if self.keep == "best" and best is not None else last
+
+    def ended_below_start(self) -> bool:
+        return self.start is not None and bool(self.history) and self.history[-1]["top1_int8"] < self.start

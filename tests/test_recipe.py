@@ -1,0 +1,123 @@
+"""The recipe's evidence-based choices and its safe start and end, on real digits.
+
+A "pretrained elsewhere" stand-in: the sample LeNet with its BatchNormalizations re-parametrised so that
+eval mode computes exactly what it did (running statistics moved, scale and shift compensating), while the
+batch statistics of any batch are far from the running ones, as for a model trained on other data.
+"""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from helpers import ort_run
+from qatool import api
+from qatool.convert import normalize
+from qatool.ir.io import load_graph, save_graph
+from qatool.quant.config import QuantConfig
+from qatool.train.config import TrainConfig
+from qatool.train.data import ImageDataset
+from qatool.train.preprocess import resolve_preprocess
+from qatool.train.recipe import bn_evidence
+
+
+def _elsewhere(lenet, path):
+    g = load_graph(lenet)
+    for bn in [n for n in g.nodes if n.op_type == "BatchNormalization"]:
+        gamma, beta, mean, var = (g.initializers[bn.input(i)] for i in range(1, 5))
+        eps = float(bn.attrs.get("epsilon", 1e-5))
+        s = np.sqrt(var + eps)
+        # running sigma x 3 and mean + 2 sigma; gamma' (x - m') / s' + beta' is then the eval output it was
+        g.initializers[bn.input(1)] = (gamma * 3.0).astype(np.float32)
+        g.initializers[bn.input(2)] = (beta + gamma * 2.0).astype(np.float32)
+        g.initializers[bn.input(3)] = (mean + 2.0 * s).astype(np.float32)
+        g.initializers[bn.input(4)] = ((var + eps) * 9.0 - eps).astype(np.float32)
+    save_graph(g, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def elsewhere(lenet, tmp_path_factory):
+    return _elsewhere(lenet, tmp_path_factory.mktemp("elsewhere") / "lenet_elsewhere.onnx")
+
+
+def _images(model, folder):
+    g = normalize(load_graph(model), for_training=True).graph
+    return g, ImageDataset.open(folder).load(resolve_preprocess(g))
+
+
+def test_the_stand_in_computes_what_lenet_computes(lenet, elsewhere):
+    x = np.random.default_rng(0).random((4, 1, 28, 28)).astype(np.float32)
+    a, b = ort_run(str(lenet), {"input": x})[0], ort_run(str(elsewhere), {"input": x})[0]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_bn_evidence_freezes_only_a_model_whose_batch_statistics_mislead(lenet, elsewhere, digits):
+    train, _ = digits
+    g, images = _images(lenet, train)
+    own = bn_evidence(g, images, batch_size=32)
+    assert not own.freeze_from_start, own.summary()
+    assert own.train_loss < 1.25 * own.eval_loss + 0.05
+    g2, images2 = _images(elsewhere, train)
+    before = {k: v.copy() for k, v in g2.initializers.items()}
+    other = bn_evidence(g2, images2, batch_size=32)
+    assert other.freeze_from_start, other.summary()
+    assert abs(other.eval_loss - own.eval_loss) < 1e-3  # eval mode is unchanged by the re-parametrisation
+    assert all(np.array_equal(before[k], g2.initializers[k]) for k in before), "the probe changed the graph"
+
+
+def test_train_quant_freezes_bn_from_the_start_on_evidence(elsewhere, digits, tmp_path):
+    train, val = digits
+    said = []
+    report = api.train_quant(elsewhere, train, tmp_path, val_data=val, train=TrainConfig(steps=8, batch_size=32),
+                             echo=said.append, quiet=True)
+    assert report["config"]["bn_check"]["freeze_from_start"]
+    assert report["config"]["freeze_bn_after"] == 0
+    assert any("running statistics from the first step" in s for s in said)
+    assert all(json.loads(ln)["bn_frozen"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines())
+    assert report["val"]["top1_int8"] >= report["val"]["top1_float"] - 0.02
+
+
+def test_an_explicit_freeze_step_skips_the_check(elsewhere, digits, tmp_path):
+    train, val = digits
+    report = api.train_quant(elsewhere, train, tmp_path, val_data=val, quant=QuantConfig(freeze_bn_after=4),
+                             train=TrainConfig(steps=6, batch_size=32), echo=lambda s: None, quiet=True)
+    assert report["config"]["bn_check"] is None and report["config"]["freeze_bn_after"] == 4
+
+
+def _ort_top1(path, folder):
+    g = load_graph(path)
+    data = ImageDataset.open(folder).load(resolve_preprocess(g))
+    x, y = data.batch(np.arange(len(data)))
+    out = ort_run(str(path), {onnx.load(path).graph.input[0].name: x})[0]
+    return float(np.mean(out.argmax(1) == y))
+
+
+def test_start_and_checkpoints_are_measured_and_the_best_is_kept(lenet, digits, tmp_path):
+    """A learning rate that wrecks the model: the run says it ended below its start, and the int8 model written
+    is the best validated one, which is the start (post-training quantization)."""
+    train, val = digits
+    said = []
+    report = api.train_quant(lenet, train, tmp_path, val_data=val,
+                             train=TrainConfig(steps=8, lr=3.0, schedule="constant", validate_every=2),
+                             echo=said.append, quiet=True)
+    v = report["val"]
+    steps = [c["step"] for c in v["checkpoints"]]
+    assert steps == [0, 2, 4, 6, 8]
+    assert v["start_top1_int8"] == v["checkpoints"][0]["top1_int8"] > 0.9
+    assert v["ended_below_start"] and any("QAT ended below its start" in s for s in said)
+    assert v["int8_step"] == v["best_step"] == max(v["checkpoints"], key=lambda c: (c["top1_int8"], c["step"]))["step"]
+    assert v["top1_int8"] == pytest.approx(v["best_top1_int8"])
+    assert _ort_top1(tmp_path / "model_int8.onnx", val) == pytest.approx(v["best_top1_int8"])
+    assert (tmp_path / "qat_best.onnx").is_file() and report["outputs"]["best_checkpoint"]
+    assert any("selected on these validation images" in s for s in said)
+
+
+def test_keep_last_writes_the_final_step(lenet, digits, tmp_path):
+    train, val = digits
+    report = api.train_quant(lenet, train, tmp_path, val_data=val,
+                             train=TrainConfig(steps=8, validate_every=4, keep="last"),
+                             echo=lambda s: None, quiet=True)
+    v = report["val"]
+    assert v["int8_step"] == 8 and v["top1_int8"] == pytest.approx(v["checkpoints"][-1]["top1_int8"])
