@@ -291,9 +291,23 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
                     "metrics": str(out / "metrics.jsonl"),
                     **({"best_checkpoint": str(best_path(qat_path))} if kept_step != total else {})},
     }
+    report["peak_rss_mb"] = peak_rss_mb()
     atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, default=_json_default) + "\n").encode())
-    echo(f"wrote {qat_path}, {int8_path}, {out / 'report.json'}")
+    memory = f" (peak memory {report['peak_rss_mb']:,.0f} MB)" if report["peak_rss_mb"] else ""
+    echo(f"wrote {qat_path}, {int8_path}, {out / 'report.json'}{memory}")
     return report
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process so far, in MB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return round(peak / (1024**2 if sys.platform == "darwin" else 1024), 1)
 
 
 def _json_default(o):

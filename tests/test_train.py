@@ -28,6 +28,8 @@ def test_train_quant_writes_checkpoint_int8_model_and_valid_report(lenet, digits
     jsonschema.validate(report, json.loads((SCHEMAS / "train-report.schema.json").read_text()))
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["val"] == report["val"] and on_disk["steps"] == 12
+    assert report["peak_rss_mb"] > 50  # a Python process with numpy and onnxruntime loaded
+    assert [c["step"] for c in report["val"]["checkpoints"]] == [0, 3, 6, 9, 12]  # start, each quarter, end
     v = report["val"]
     assert v["top1_float"] > 0.9, "the sample LeNet is a trained model"
     assert v["agreement_top1"] >= 0.99

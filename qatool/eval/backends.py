@@ -38,17 +38,31 @@ def ort_run(sess: ort.InferenceSession, x: np.ndarray, what: str = "the model") 
         raise
 
 
-def ort_logits(sess: ort.InferenceSession, data: LoadedImages, batch_size: int = 256,
+MAX_EVAL_BATCH = 256
+EVAL_INPUT_BYTES = 16 * 1024**2  # float input per evaluation batch: ~27 images at 3x224x224, 256 at 28x28
+
+
+def eval_batch_size(data) -> int:
+    """The batch of an evaluation pass, from the size of one input: a model's activations are some tens of times
+    its input, so a fixed input budget bounds the working set whatever the number of images."""
+    h, w = data.preprocess.size
+    per_image = h * w * data.preprocess.channels * 4
+    return int(max(1, min(MAX_EVAL_BATCH, EVAL_INPUT_BYTES // per_image)))
+
+
+def ort_logits(sess: ort.InferenceSession, data: LoadedImages, batch_size: int | None = None,
                what: str = "the model") -> np.ndarray:
-    return np.concatenate([ort_run(sess, x, what) for x, _ in data.batches(batch_size)])
+    bs = batch_size or eval_batch_size(data)
+    return np.concatenate([ort_run(sess, x, what) for x, _ in data.batches(bs)])
 
 
-def engine_logits(model, data: LoadedImages, output: str | None = None, batch_size: int = 256) -> np.ndarray:
+def engine_logits(model, data: LoadedImages, output: str | None = None, batch_size: int | None = None) -> np.ndarray:
     """Eval-mode logits of an engine Model (`output` names another tensor than the first graph output)."""
     name = model.input_names[0]
     outs = [output] if output else None
+    bs = batch_size or eval_batch_size(data)
     return np.concatenate([model.forward({name: x}, training=False, outputs=outs)[0].reshape(len(x), -1)
-                           for x, _ in data.batches(batch_size)])
+                           for x, _ in data.batches(bs)])
 
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:

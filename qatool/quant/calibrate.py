@@ -250,15 +250,19 @@ def entropy_window(hist: np.ndarray, zero_bin: int, levels: int, eps: float = 1e
 def collect_ranges(float_graph: Graph, tensors: list[str], data, method: str = "minmax",
                    max_images: int | None = DEFAULT_IMAGES, grid: Grid | None = None,
                    percentile: float = DEFAULT_PERCENTILE, bins: int = DEFAULT_BINS,
-                   batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> dict[str, TensorRange]:
+                   batch_size: int | None = None, seed: int = 0) -> dict[str, TensorRange]:
     """Calibrated ranges of `tensors` of the float graph (run in eval mode on a copy) over `max_images` images
     of `data` (LoadedImages or StreamingImages; a seeded random subset when there are more).
 
     `grid` is the activation grid the ranges are for (default 8-bit asymmetric): a signed grid means
     symmetric activations (percentile of |x|, symmetric entropy windows), and its number of levels is the
-    number of groups of the entropy search.
+    number of groups of the entropy search. `batch_size` None: at most DEFAULT_BATCH_SIZE, fewer for large inputs
+    (`qatool.eval.backends.eval_batch_size`).
     """
     from ..engine.model import Model
+    from ..eval.backends import eval_batch_size
+
+    batch_size = batch_size or min(DEFAULT_BATCH_SIZE, eval_batch_size(data))
 
     if method not in METHODS:
         raise UsageError(f"the calibration method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -325,7 +329,7 @@ def apply_ranges(session, ranges: dict[str, TensorRange | tuple[float, float]]) 
 
 def calibrate_session(session, data, method: str = "minmax", max_images: int | None = DEFAULT_IMAGES,
                       percentile: float = DEFAULT_PERCENTILE, bins: int = DEFAULT_BINS,
-                      batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> dict[str, TensorRange]:
+                      batch_size: int | None = None, seed: int = 0) -> dict[str, TensorRange]:
     """Calibrate every activation quantizer of a QAT session on the float model and write the ranges into it.
 
     `data`: LoadedImages or StreamingImages (preprocessed as the model expects); `max_images`: a seeded random

@@ -62,10 +62,13 @@ def single_layer_config(graph, layer: Layer, base: QuantConfig) -> QuantConfig:
 
 
 def _logits(model, output: str, data, indices: np.ndarray) -> np.ndarray:
+    from ..eval.backends import eval_batch_size
+
     name = model.input_names[0]
     outs = []
-    for start in range(0, len(indices), BATCH_SIZE):
-        x, _ = data.batch(indices[start:start + BATCH_SIZE])
+    batch = min(BATCH_SIZE, eval_batch_size(data))
+    for start in range(0, len(indices), batch):
+        x, _ = data.batch(indices[start:start + batch])
         outs.append(model.forward({name: x}, training=False, outputs=[output])[0])
     return np.concatenate(outs)
 

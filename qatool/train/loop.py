@@ -159,6 +159,7 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
                           "bn_frozen": model.ctx.bn_frozen, "observers_frozen": model.ctx.observers_frozen}
                 if log:
                     log.write(json.dumps(record) + "\n")
+                    log.flush()  # a user may follow the run with tail -f
                 progress.update(step, loss=loss, acc=correct / seen, lr=lr)
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
                     checkpoint(step + 1)
