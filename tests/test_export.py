@@ -64,13 +64,16 @@ def test_relu6_clips_are_dropped_at_8_bits(trained):
 
 @pytest.fixture(scope="module")
 def trained_w4a4(tmp_path_factory, digits):
+    """Short W4A4 runs that export their last step (keep last): after 8 steps on 400 images the best-validated
+    checkpoint can be the one at the BN freeze, whose 4-bit activations sit near rounding ties (agreement 0.995 on
+    MobileNet); these tests check the export of the trained model."""
     train, _ = digits
     out = {}
     for name in ("lenet_bn", "mobilenetv2_small"):
         d = tmp_path_factory.mktemp(f"{name}_w4a4")
         out[name] = (d, api.train_quant(SAMPLE_DIR / f"{name}.onnx", train, d, val_data=VAL,
                                         quant=QuantConfig(weight_bits=4, activation_bits=4),
-                                        train=TrainConfig(steps=8, batch_size=32), **QUIET))
+                                        train=TrainConfig(steps=8, batch_size=32, keep="last"), **QUIET))
     return out
 
 
