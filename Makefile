@@ -22,10 +22,11 @@ demo: $(STAMP)
 
 # The benchmark's peer is PyTorch (CPU build, from the local wheel); qatool itself never imports it.
 bench: $(STAMP)
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 scikit-learn
 	$(PY) bench/engine_speed.py
 	$(PY) bench/qat_bench.py
 	$(PY) bench/beyond_bench.py
+	$(PY) bench/real_models.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -89,7 +89,9 @@ def comparisons(model: Path, params: dict[str, int], seed: int, steps: int, scal
     """(comparison, method, QuantConfig, TrainConfig, shared-with) for one model and seed; the first method of
     each comparison is the plain one. `shared-with` names an earlier (comparison, method) with the same settings,
     whose result is reused instead of training again."""
-    base = TrainConfig(steps=steps, batch_size=BATCH, lr=LR, seed=seed)
+    # the plain method of these comparisons: observed ranges (the default until the calibrated start became it) and
+    # the last step (the val images are what is reported, so no checkpoint is selected on them)
+    base = TrainConfig(steps=steps, batch_size=BATCH, lr=LR, seed=seed, init="observe", keep="last")
 
     def train(**kw) -> TrainConfig:
         return TrainConfig(**{**base.to_dict(), **kw})
