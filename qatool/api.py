@@ -139,7 +139,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     from .train.heads import check_class_order, check_logits, folder_class_names, set_logits, store_class_names
     from .train.loop import Phases, train as run_train
     from .train.preprocess import METADATA_KEY, resolve_preprocess
-    from .train.recipe import bn_evidence, has_batchnorm
+    from .train.recipe import bn_evidence, gradient_evidence, has_batchnorm
     from .train.session import QatSession
     from .train.teacher import Teacher
     from .train.validation import Validator, best_path
@@ -204,10 +204,6 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         echo(evidence.summary())
         bn_check = evidence.to_dict()
     info["bn_check"] = bn_check
-    freeze_bn = quant_cfg.freeze_bn_after
-    if freeze_bn is None and bn_check and bn_check["freeze_from_start"]:
-        freeze_bn = 0
-    phases = Phases.resolve(total, freeze_bn, quant_cfg.freeze_observers_after)
     qat_path = out / "qat.onnx"
 
     def save(step: int, arrays: dict, path=qat_path) -> None:
@@ -219,6 +215,15 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         calibrate_session(session, train_images, train_cfg.init_method, train_cfg.init_images, seed=train_cfg.seed)
         echo(f"activation ranges calibrated ({train_cfg.init_method}) on {min(train_cfg.init_images, len(train_images))}"
              " training images")
+        if bn_check and not bn_check["freeze_from_start"]:  # the quantized start's gradients
+            grad_check = gradient_evidence(session, train_images, train_cfg.batch_size, train_cfg.seed)
+            echo(grad_check.summary())
+            bn_check["gradient"] = grad_check.to_dict()
+            bn_check["freeze_from_start"] = grad_check.freeze_from_start
+    freeze_bn = quant_cfg.freeze_bn_after
+    if freeze_bn is None and bn_check and bn_check["freeze_from_start"]:
+        freeze_bn = 0
+    phases = Phases.resolve(total, freeze_bn, quant_cfg.freeze_observers_after)
 
     # a safe start and a safe end: int8 accuracy before the first step and at checkpoints (qatool.train.validation)
     validator = None

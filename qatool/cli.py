@@ -63,8 +63,9 @@ def convert(model: str, output: str, for_training: bool) -> None:
 @click.option("--observer-momentum", type=click.FloatRange(0, 1, max_open=True),
               help="Momentum of the moving-average observer (default 0.9).")
 @click.option("--freeze-bn-after", type=click.IntRange(0), help="Step after which BN uses running statistics "
-              "(default: decided by a check of the float model on a few training batches: from the start when batch "
-              "statistics raise its loss, as for a model pretrained on other data; else half the steps).")
+              "(default: decided by checks on a few training batches: from the start when batch statistics raise the "
+              "float model's loss, as for a model pretrained on other data, or blow up the quantized model's "
+              "gradient; else half the steps).")
 @click.option("--freeze-observers-after", type=click.IntRange(0),
               help="Step after which activation ranges stop updating (default: three quarters of the steps).")
 @click.option("--scale-learning", type=click.Choice(["none", "lsq"]),
