@@ -34,8 +34,9 @@ def run_demo(output_dir: str | Path, echo: Callable[[str], None] = print, steps:
     report = api.train_quant(train_path, data_dir / "train", out / "qat", val_data=data_dir / "val",
                              train=TrainConfig(steps=steps), quiet=quiet, echo=lambda s: echo("   " + s))
     int8_path = out / "model_int8.onnx"
-    echo(f"\n== 3/4  qatool export-int8 {out / 'qat' / 'qat.onnx'} -o {int8_path}")
-    exported = api.export_int8(out / "qat" / "qat.onnx", int8_path)
+    kept = Path(report["outputs"].get("best_checkpoint", out / "qat" / "qat.onnx"))  # what model_int8.onnx is of
+    echo(f"\n== 3/4  qatool export-int8 {kept} -o {int8_path}")
+    exported = api.export_int8(kept, int8_path)
     f, a = exported["fusion"], exported["agreement"]
     echo(f"   {f['fused']} of {f['expected']} quantized nodes run as onnxruntime integer kernels; "
          f"simulation vs int8 top-1 agreement {a['agreement_top1']:.4f} on {a['images']} images")

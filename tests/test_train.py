@@ -277,3 +277,13 @@ def test_a_step_size_pushed_below_zero_stops_training_with_advice(lenet, digits,
     with pytest.raises(TrainingDiverged, match=r"learned step size '.+' fell to -.+ lower --scale-lr"):
         api.train_quant(lenet, train, tmp_path, quant=quant, train=cfg, echo=lambda s: None, quiet=True)
     assert not (tmp_path / "model_int8.onnx").exists()
+
+
+def test_demo_re_exports_the_checkpoint_train_quant_deployed(tmp_path):
+    """The demo's export-int8 step starts from the checkpoint model_int8.onnx was made of (the best validated one),
+    so its int8 model has the accuracy train-quant reported."""
+    from qatool.demo import run_demo
+
+    result = run_demo(tmp_path, echo=lambda s: None, steps=8, quiet=True)
+    int8 = next(r for r in result["eval"]["results"] if r["model"].endswith("model_int8.onnx"))
+    assert int8["top1"] == pytest.approx(result["train"]["val"]["top1_int8"])
