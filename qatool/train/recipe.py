@@ -27,6 +27,7 @@ The quantized start's gradients (`gradient_evidence`)
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -69,29 +70,55 @@ def has_batchnorm(graph: Graph) -> bool:
     return any(n.op_type == "BatchNormalization" for n in graph.nodes)
 
 
+@contextmanager
+def _probing(model: Model):
+    """Run a probe on `model` and leave it as it was: Dropout off (only BN's behaviour is compared), observers
+    held, and afterwards the running statistics (which training mode moves) and the phase flags put back."""
+    ctx = model.ctx
+    flags = ctx.bn_frozen, ctx.observers_frozen
+    state = {k: v.copy() for k, v in model.state.items()}
+    dropout = [st.op for st in model._steps if st.op.op_type == "Dropout" and not st.op.is_test]
+    for op in dropout:
+        op.is_test = 1
+    ctx.observers_frozen = True
+
+    def restore() -> None:
+        for k, v in state.items():
+            model.state[k][...] = v
+
+    try:
+        yield restore  # for the probe to call after each training-mode forward
+    finally:
+        restore()
+        for op in dropout:
+            op.is_test = 0
+        ctx.bn_frozen, ctx.observers_frozen = flags
+
+
+def _probe_index(n: int, count: int, seed: int) -> np.ndarray:
+    """The seeded training images every probe uses."""
+    return np.random.default_rng([seed, 7]).permutation(n)[:count]
+
+
 def bn_evidence(float_graph: Graph, data, batch_size: int, seed: int = 0,
                 batches: int = BN_PROBE_BATCHES) -> BnEvidence:
     """Float loss and accuracy on `batches` seeded training batches, with BN's running statistics and with batch
     statistics (Dropout off in both; `float_graph` is not changed: the probe runs on a copy)."""
     model = Model(copy.deepcopy(float_graph), seed=seed)
-    for step in model._steps:  # only BN's behaviour is compared: Dropout off in training mode too
-        if step.op.op_type == "Dropout":
-            step.op.is_test = 1
     logits = logits_tensor(model.graph)
-    state = {k: v.copy() for k, v in model.state.items()}
-    rng = np.random.default_rng([seed, 7])
-    n = min(len(data), batch_size * batches)
-    index = rng.permutation(len(data))[:n]
+    index = _probe_index(len(data), batch_size * batches, seed)
+    n = len(index)
     totals = {False: [0.0, 0], True: [0.0, 0]}
-    for start in range(0, n, batch_size):
-        x, y = data.batch(index[start:start + batch_size])
-        for training in (False, True):
-            out = model.forward({model.input_names[0]: x}, training=training, outputs=[logits])[0]
-            loss, _ = softmax_cross_entropy(out.reshape(len(out), -1).astype(np.float32), y)
-            totals[training][0] += loss * len(y)
-            totals[training][1] += int((out.reshape(len(out), -1).argmax(1) == y).sum())
-            for k, v in state.items():  # training mode moved the running statistics: put them back
-                model.state[k][...] = v
+    with _probing(model) as restore:
+        for start in range(0, n, batch_size):
+            x, y = data.batch(index[start:start + batch_size])
+            for training in (False, True):
+                out = model.forward({model.input_names[0]: x}, training=training, outputs=[logits])[0]
+                out = out.reshape(len(out), -1).astype(np.float32)
+                loss, _ = softmax_cross_entropy(out, y)
+                totals[training][0] += loss * len(y)
+                totals[training][1] += int((out.argmax(1) == y).sum())
+                restore()
     return BnEvidence(n, totals[False][0] / n, totals[True][0] / n, totals[False][1] / n, totals[True][1] / n)
 
 
@@ -119,28 +146,16 @@ def gradient_evidence(session, data, batch_size: int, seed: int = 0) -> Gradient
     """The parameters' gradient norm of one seeded training batch through the calibrated QAT session, with BN's
     batch statistics and with its running statistics (observers held, state restored, Dropout off)."""
     model = session.model
-    ctx = model.ctx
-    flags = ctx.bn_frozen, ctx.observers_frozen
-    state = {k: v.copy() for k, v in model.state.items()}
-    index = np.random.default_rng([seed, 7]).permutation(len(data))[:batch_size]
+    index = _probe_index(len(data), batch_size, seed)
     x, y = data.batch(index)
-    dropout = [st.op for st in model._steps if st.op.op_type == "Dropout" and not st.op.is_test]
     norms = {}
-    try:
-        for op in dropout:
-            op.is_test = 1
-        ctx.observers_frozen = True
+    with _probing(model) as restore:
         for frozen in (False, True):
-            ctx.bn_frozen = frozen
+            model.ctx.bn_frozen = frozen
             out = model.forward({session.input_name: x}, training=True, outputs=[session.logits])[0]
             _, grad = softmax_cross_entropy(out.reshape(len(out), -1), y)
             grads = model.backward([grad.reshape(out.shape)])
             with np.errstate(over="ignore", invalid="ignore"):
                 norms[frozen] = float(np.sqrt(sum(float(np.square(g, dtype=np.float64).sum()) for g in grads.values())))
-            for k, v in state.items():
-                model.state[k][...] = v
-    finally:
-        for op in dropout:
-            op.is_test = 0
-        ctx.bn_frozen, ctx.observers_frozen = flags
+            restore()
     return GradientEvidence(len(index), norms[False], norms[True])
