@@ -161,3 +161,12 @@ def test_gradient_check_freezes_bn_where_batch_statistics_amplify(lenet, digits,
     session, images = _calibrated_session(model, train, QuantConfig())
     evidence = gradient_evidence(session, images, batch_size=32)
     assert evidence.freeze_from_start and evidence.batch_stats_norm > GRAD_RATIO * evidence.running_stats_norm
+
+
+def test_a_run_of_no_steps_measures_its_start_once_and_writes_it(lenet, digits, tmp_path):
+    train, val = digits
+    report = api.train_quant(lenet, train, tmp_path, val_data=val, train=TrainConfig(steps=0),
+                             echo=lambda s: None, quiet=True)
+    v = report["val"]
+    assert [c["step"] for c in v["checkpoints"]] == [0] and v["int8_step"] == 0
+    assert v["top1_int8"] == pytest.approx(v["start_top1_int8"]) and not v["ended_below_start"]

@@ -54,6 +54,8 @@ class Validator:
         return max(reversed(self.history), key=lambda r: r["top1_int8"]) if self.history else None
 
     def __call__(self, step: int) -> float:
+        if self.history and self.history[-1]["step"] == step:  # already measured (a run of 0 steps, a resume)
+            return self.history[-1]["top1_int8"]
         acc = int8_top1(self.session, self.data)
         improved = self.best is None or acc >= self.best["top1_int8"]
         self.history.append({"step": step, "top1_int8": acc})
