@@ -192,3 +192,21 @@ def test_probabilities_without_softmax_ask_for_logits(lenet, digits, tmp_path):
     with pytest.raises(UsageError, match="no tensor of that name"):
         api.train_quant(path, train, tmp_path / "out2", val_data=val, train=TrainConfig(steps=2, logits="nope"),
                         echo=lambda s: None, quiet=True)
+
+
+def test_eval_and_calibrate_read_the_class_order_from_the_metadata(lenet, word_digits, tmp_path):
+    """eval, calibrate and export-int8 open image folders in the model's own class order too."""
+    from qatool.quant.calibrate import calibrate
+
+    train, val = word_digits
+    model = _named_lenet(lenet, tmp_path, softmax_head=False)
+    table = api.evaluate([model], val, latency=False)
+    assert table["results"][0]["top1"] > 0.9
+    report = calibrate(model, train, tmp_path / "ptq.onnx", val_data=val, images=64)
+    assert report["top1_float"] > 0.9 and report["top1_int8"] > 0.9
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "ptq.onnx").metadata_props}
+    assert meta["qatool.classes"].splitlines() == WORDS
+    out = api.train_quant(model, train, tmp_path / "qat", val_data=val, train=TrainConfig(steps=2, keep="last"),
+                          echo=lambda s: None, quiet=True)
+    exported = api.export_int8(tmp_path / "qat" / "qat.onnx", tmp_path / "again.onnx", calib_data=val)
+    assert exported["top1_int8"] == pytest.approx(out["val"]["top1_int8"]) and exported["top1_int8"] > 0.9
