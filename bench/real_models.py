@@ -392,12 +392,15 @@ def versions() -> dict:
              "os.path.dirname(qatool.__file__)), 'numpy': numpy.__version__, 'onnx': onnx.__version__, "
              "'onnxruntime': onnxruntime.__version__}))")
     try:
-        info = json.loads(subprocess.run([str(py), "-c", probe], capture_output=True, text=True,
-                                         timeout=120).stdout)
-    except (OSError, ValueError):
-        info = {"dir": str(ROOT)}
+        # -I and cwd=/: the current directory must not shadow the installed qatool (python -c puts cwd first)
+        info = json.loads(subprocess.run([str(py), "-I", "-c", probe], capture_output=True, text=True,
+                                         timeout=120, cwd="/").stdout)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        info = {"dir": None}  # unknown: never guess this checkout (a frozen copy may be what runs)
 
     def git(*a):
+        if not info["dir"]:
+            return ""
         try:
             return subprocess.run(["git", "-C", info["dir"], *a], capture_output=True, text=True, timeout=30).stdout
         except OSError:
