@@ -525,6 +525,7 @@ def merge(paths: list[Path]) -> dict:
         doc.setdefault("versions", d.get("versions"))
         doc.setdefault("host", d.get("host"))
         doc.setdefault("settings", d.get("settings"))
+        doc.setdefault("notes", []).extend(d.get("notes", []))
     commits = {(pt["versions"] or {}).get("qatool_commit") for pt in doc["parts"]}
     doc["qatool_commits"] = sorted(c for c in commits if c)
     doc["seeds_run"] = seeds_run(doc)
@@ -627,7 +628,9 @@ def render(doc: dict) -> str:
                 run_ = r.get("run", {})
                 err = run_.get("error") or r.get("failed")
                 bn = r.get("bn_check")
-                if bn is None:
+                if "report" not in r:
+                    bn_s = "— (no report.json)"
+                elif bn is None:
                     bn_s = f"no check, freeze at {r.get('freeze_bn_after')}"
                 else:
                     bn_s = (("frozen from start" if bn.get("freeze_from_start") else
@@ -640,6 +643,8 @@ def render(doc: dict) -> str:
                              f"{r.get('int8_step')} / {r.get('steps')} | {bn_s} | {r.get('agreement_top1')} | "
                              f"{'—' if ms is None else f'{ms:.0f}'} | {run_.get('wall_seconds')} | "
                              f"{r.get('peak_rss_mb') or run_.get('peak_rss_mb')} |")
+    if doc.get("notes"):
+        lines += ["", "Run notes:"] + [f"- {n}" for n in doc["notes"]]
     sr = doc.get("seeds_run") or seeds_run(doc)
     lines += ["", "Seeds run: " + "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in rows.items())
                                            for m, rows in sr.items())]
