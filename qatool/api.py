@@ -245,13 +245,16 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
                        save, out / "metrics.jsonl", quiet, teacher, validator,
                        train_cfg.validation_interval(total))
 
-    kept_step = validator.kept_step(total) if validator else total
-    deployed_session = session
-    if kept_step != total:
-        deployed_session = QatSession.from_checkpoint(load_checkpoint(best_path(qat_path)), train_cfg.seed)
     int8_path = out / "model_int8.onnx"
-    exported = export_session(deployed_session, int8_path, val_images, verify=True, strict=False,
-                              data_source=str(val_data) if val_data else "")
+    source = str(val_data) if val_data else ""
+    exported = export_session(session, int8_path, val_images, verify=True, strict=False, data_source=source)
+    kept_step = total
+    if validator is not None:  # the export measured the last step; an earlier best replaces it
+        validator.record(total, top1(exported.deployed, val_images.labels))
+        kept_step = validator.kept_step(total)
+        if kept_step != total:
+            best = QatSession.from_checkpoint(load_checkpoint(best_path(qat_path)), train_cfg.seed)
+            exported = export_session(best, int8_path, val_images, verify=True, strict=False, data_source=source)
     fusion = exported.fusion
     echo(f"int8 kernels in onnxruntime: {fusion.fused} of {fusion.expected} nodes fused "
          f"({', '.join(f'{k} {v}' for k, v in sorted(fusion.kernels.items()))})")

@@ -88,7 +88,8 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
           validate: Callable[[int], float] | None = None, validate_every: int | None = None) -> TrainResult:
     """Run steps [start, total). `save(step, optimizer_arrays)` writes a checkpoint at `step`. With a `teacher`
     (qatool.train.teacher.Teacher) the loss is the distillation loss. `validate(step)` (the int8 accuracy, see
-    qatool.train.validation) runs every `validate_every` steps and after the last one."""
+    qatool.train.validation) runs every `validate_every` steps before the last one (the last step is measured by
+    the export that follows)."""
     model = session.model
     # --scale-lr: the LSQ step sizes get their own learning rate, scheduled as lr is
     multipliers = {k: cfg.scale_lr / cfg.lr for k in session.learned_scales} if cfg.scale_lr is not None else None
@@ -167,8 +168,6 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
                     validate(step + 1)
             step = total
             checkpoint(total)
-            if validate:
-                validate(total)
     except KeyboardInterrupt:  # a second Ctrl-C, possibly mid-step: nothing consistent to save
         raise TrainingInterrupted(f"interrupted twice at step {step}; stopped without saving") from None
     finally:

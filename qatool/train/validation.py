@@ -54,9 +54,15 @@ class Validator:
         return max(reversed(self.history), key=lambda r: r["top1_int8"]) if self.history else None
 
     def __call__(self, step: int) -> float:
+        """Measure the session's current state at `step` and record it."""
         if self.history and self.history[-1]["step"] == step:  # already measured (a run of 0 steps, a resume)
             return self.history[-1]["top1_int8"]
-        acc = int8_top1(self.session, self.data)
+        return self.record(step, int8_top1(self.session, self.data))
+
+    def record(self, step: int, acc: float) -> float:
+        """Record an int8 top-1 measured elsewhere (the final export's), saving the checkpoint if it is the best."""
+        if self.history and self.history[-1]["step"] == step:
+            return self.history[-1]["top1_int8"]
         improved = self.best is None or acc >= self.best["top1_int8"]
         self.history.append({"step": step, "top1_int8": acc})
         if improved and self.keep == "best":
