@@ -12,7 +12,8 @@ from qatool.quant.qparams import (BIAS_GRID, MIN_SCALE, activation_grid, activat
 
 def test_grids():
     assert (weight_grid(8).qmin, weight_grid(8).qmax) == (-127, 127)
-    assert (weight_grid(4).qmin, weight_grid(4).qmax) == (-7, 7)
+    assert (weight_grid(4).qmin, weight_grid(4).qmax) == (-8, 7)  # full range at 3-4 bits
+    assert (weight_grid(3).qmin, weight_grid(3).qmax) == (-4, 3)
     assert (weight_grid(2).qmin, weight_grid(2).qmax) == (-1, 1)
     assert (activation_grid(8, False).qmin, activation_grid(8, False).qmax) == (0, 255)
     assert (activation_grid(4, True).qmin, activation_grid(4, True).qmax) == (-8, 7)
