@@ -8,9 +8,13 @@ Steps, in order:
    constant is evaluated with the engine's own op and replaced by its result (so weights written as
    `ConstantOfShape` or `Transpose(W)` become plain initializers, and `Shape -> Gather/Slice` chains on static
    dims fold away);
-5. for inference: BatchNormalization folded into the preceding Conv/ConvTranspose/Gemm, Dropout and Identity
-   removed; for training: BN and Dropout kept, and the roles of the initializers (trainable / state) recorded in
-   the model's metadata.
+4b. Identity removed (so a layer's consumers are seen through it); a bias written as a separate Add after a
+   Conv or MatMul becomes the layer's bias (`ir/bias_add.py`; a MatMul with a bias becomes a Gemm), as
+   onnxruntime's integer kernels take it;
+5. for inference: BatchNormalization folded into the preceding Conv/ConvTranspose/Gemm, Dropout removed;
+   for training: BN and Dropout kept; HardSwish, HardSigmoid and Div by a constant rewritten into elementwise
+   forms whose pieces run as integer kernels once quantized (`ir/integer_forms.py`); and the roles of the
+   initializers (trainable / state) recorded in the model's metadata.
 Graph input and output names never change.
 """
 
@@ -23,6 +27,8 @@ import onnx
 
 from .errors import ModelError, QatoolError
 from .export import bn_fold
+from .ir import integer_forms
+from .ir.bias_add import fold_bias_adds
 from .ir.graph import Graph, Node, from_onnx, to_onnx
 from .ir.roles import infer_roles, write_roles
 
@@ -40,6 +46,8 @@ class ConvertResult:
     opset_from: int
     ops_before: dict[str, int]
     folded_constants: int = 0
+    folded_bias_adds: list[str] = field(default_factory=list)
+    integer_forms: dict[str, int] = field(default_factory=dict)  # op_type -> nodes rewritten
     folded_bn: list[str] = field(default_factory=list)
     kept_bn: list[tuple[str, str]] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
@@ -64,6 +72,12 @@ class ConvertResult:
         ]
         if self.folded_constants:
             lines.append(f"folded {self.folded_constants} constant nodes into initializers")
+        if self.folded_bias_adds:
+            lines.append(f"folded {len(self.folded_bias_adds)} bias Adds into the Conv/MatMul before them "
+                         "(a MatMul with a bias becomes a Gemm)")
+        if self.integer_forms:
+            done = ", ".join(f"{k} {v}" for k, v in self.integer_forms.items())
+            lines.append(f"rewrote into forms onnxruntime runs as integer kernels when quantized: {done}")
         if self.folded_bn:
             lines.append(f"folded {len(self.folded_bn)} BatchNormalization into the preceding Conv/Gemm")
         for name, why in self.kept_bn:
@@ -97,12 +111,15 @@ def normalize_proto(model: onnx.ModelProto, for_training: bool) -> ConvertResult
     graph.toposort()
     result.folded_constants = fold_constants(graph)
     graph.cleanup()
+    result.removed = remove_inference_noops(graph, ("Identity",))  # a no-op in training too; Dropout is not
+    result.folded_bias_adds = fold_bias_adds(graph, lambda t: _rank(graph, t))
     if for_training:
+        result.integer_forms = integer_forms.rewrite_all(graph)
         result.trainable, result.state = infer_roles(graph)
         write_roles(graph, result.trainable, result.state)
     else:
         result.folded_bn, result.kept_bn = bn_fold.fold_all(graph)
-        result.removed = remove_inference_noops(graph)
+        result.removed += remove_inference_noops(graph)
         graph.metadata.pop("qatool.trainable", None)
         graph.metadata.pop("qatool.state", None)
         result.trainable, result.state = infer_roles(graph)
@@ -144,6 +161,20 @@ def _known_dims(graph: Graph, value: str) -> list[int | None] | None:
     if info is None or info.shape is None:
         return None
     return [d if isinstance(d, int) and d > 0 else None for d in info.shape]
+
+
+def _rank(graph: Graph, value: str) -> int | None:
+    """The rank of a value when known: from shape inference, or from the Flatten/Reshape that writes it (shape
+    inference ran before constant folding, so a Reshape whose shape was computed is only known now)."""
+    dims = _known_dims(graph, value)
+    if dims is not None:
+        return len(dims)
+    producer = graph.producers().get(value)
+    if producer is not None and producer.op_type == "Flatten":
+        return 2
+    if producer is not None and producer.op_type == "Reshape" and producer.input(1) in graph.initializers:
+        return int(graph.initializers[producer.input(1)].size)
+    return None
 
 
 def _fold_shape_read(graph: Graph, node: Node, producers: dict[str, Node]) -> np.ndarray | None:
@@ -212,12 +243,12 @@ def _constant_value(graph: Graph, node: Node, producers: dict[str, Node]) -> lis
     return list(out) if isinstance(out, tuple) else [out]
 
 
-def remove_inference_noops(graph: Graph) -> list[str]:
-    """Remove Dropout and Identity: their consumers read the node's input instead."""
+def remove_inference_noops(graph: Graph, op_types=tuple(_INFERENCE_NOOPS)) -> list[str]:
+    """Remove Dropout and Identity (or only `op_types` of them): their consumers read the node's input instead."""
     removed = []
     outputs = set(graph.output_names)
     consumers = graph.consumers()
-    for node in [n for n in graph.nodes if n.op_type in _INFERENCE_NOOPS]:
+    for node in [n for n in graph.nodes if n.op_type in op_types]:
         src, dst = node.input(0), node.outputs[0]
         if any(o in consumers or o in outputs for o in node.outputs[1:] if o):
             continue  # Dropout's mask is read by something

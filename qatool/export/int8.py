@@ -2,6 +2,7 @@
 
 Rewrites, on a copy of the engine's QAT graph (current parameters, BN statistics and quantizer state):
 - FakeQuant(x) -> t            becomes  QuantizeLinear(x) -> DequantizeLinear -> t (trained scale / zero point);
+                                        of a constant x, its integers and a DequantizeLinear;
 - WeightQuant(W, [gamma, var]) becomes  an int8 initializer (W folded with its BN, per-channel scales, narrow
                                         range) and a DequantizeLinear with `axis`;
 - FoldedBias(acc, ...) -> out  becomes  the layer's bias input: an int32 initializer with scale
@@ -12,6 +13,8 @@ Rewrites, on a copy of the engine's QAT graph (current parameters, BN statistics
 - a Relu/Clip between a layer and its QuantizeLinear is removed when the Q's grid already lies inside it (to
   within half a step: the int8 kernel's saturation then gives the same integers); Dropout and Identity are
   removed;
+- a Mul of a DequantizeLinear by a positive scalar becomes a DequantizeLinear of the same integers with the
+  scale multiplied (the rescaling the simulation computed in float);
 - each DequantizeLinear feeds exactly one consumer (onnxruntime's node-unit rule).
 The int8 weights and int32 biases are bit-identical to what the simulation fake-quantized.
 """
@@ -54,6 +57,7 @@ def qat_to_int8(qat: Graph, float_nodes: list[dict] | None = None) -> Graph:
             raise ModelError(f"internal: unknown qatool op {node.op_type}")
     g.nodes = new_nodes
     g.other_opsets.pop("qatool", None)
+    _fold_rescales(g)
     _remove_redundant_activations(g, grids)
     remove_inference_noops(g)
     g.toposort()
@@ -80,6 +84,9 @@ def _activation_qdq(g: Graph, node: Node, grids: dict[str, Grid]) -> list[Node]:
     g.initializers[z_name] = np.asarray(g.initializers[zero], np.float32).astype(grid.storage).reshape(())
     q = g.unique_name(f"{t}_quantized")
     grids[q] = grid
+    if x in g.initializers:  # a constant operand: its integers are computed here, on the b-bit grid
+        g.initializers[q] = quantize(g.initializers[x].astype(np.float32), s, g.initializers[z_name], grid)
+        return [Node("DequantizeLinear", [q, s_name, z_name], [t], g.unique_name(f"{t}_DequantizeLinear"))]
     nodes = [Node("QuantizeLinear", [x, s_name, z_name], [q], g.unique_name(f"{t}_QuantizeLinear"))]
     info = np.iinfo(grid.storage)
     if (grid.qmin, grid.qmax) != (info.min, info.max):  # b < 8 bits in an 8-bit container: clip to the grid
@@ -149,6 +156,25 @@ def _bias_into_layer(g: Graph, node: Node, producers: dict[str, Node], weight_sc
                         {"axis": 0}))
     layer.inputs = [layer.input(0), layer.input(1), bias_out]
     layer.outputs = [node.outputs[0]]
+
+
+def _fold_rescales(g: Graph) -> None:
+    """Mul(DequantizeLinear(q, s, z), c) -> DequantizeLinear(q, s * c, z) for a per-tensor DequantizeLinear and
+    a positive scalar constant c: the same values (up to float rounding of s * c), and the consumer reads a
+    DequantizeLinear, so it fuses (`quant.prepare._is_rescale`: the Mul of HardSigmoid's x * alpha)."""
+    producers = g.producers()
+    for node in [n for n in g.nodes if n.op_type == "Mul" and len(n.inputs) == 2]:
+        for i, j in ((0, 1), (1, 0)):
+            dq, c = producers.get(node.input(i)), g.initializers.get(node.input(j))
+            if dq is None or dq.op_type != "DequantizeLinear" or c is None or c.size != 1 \
+                    or not float(c.reshape(())) > 0 or g.initializers[dq.input(1)].size != 1:
+                continue
+            scale = g.unique_name(f"{node.outputs[0]}_scale")
+            g.initializers[scale] = (g.initializers[dq.input(1)] * c.astype(np.float32).reshape(())).astype(
+                np.float32).reshape(())
+            node.op_type, node.attrs, node.name = "DequantizeLinear", {}, g.unique_name(f"{node.name}_DequantizeLinear")
+            node.inputs = [dq.input(0), scale, dq.input(2)]
+            break
 
 
 def _remove_redundant_activations(g: Graph, grids: dict[str, Grid]) -> None:

@@ -273,6 +273,11 @@ def collect_ranges(float_graph: Graph, tensors: list[str], data, method: str = "
     if method != "minmax" and bins < levels:
         raise ConfigError(f"the histogram needs at least as many bins as the grid has levels ({levels}), got {bins}")
     tensors = list(dict.fromkeys(tensors))
+    # a constant operand (hard-swish's + 3) has the range of its values, whatever the method
+    constants = {t: _constant_range(float_graph.initializers[t]) for t in tensors if t in float_graph.initializers}
+    tensors = [t for t in tensors if t not in constants]
+    if not tensors:
+        return constants
     model = Model(copy.deepcopy(float_graph))
     known = set(model.input_names) | {o for n in model.graph.nodes for o in n.outputs if o}
     missing = [t for t in tensors if t not in known]
@@ -289,6 +294,7 @@ def collect_ranges(float_graph: Graph, tensors: list[str], data, method: str = "
                 raise DataError(f"the float model's tensor {t!r} holds non-finite values on the calibration data")
             lo[t], hi[t] = min(lo[t], vmin), max(hi[t], vmax)
     ranges = {t: TensorRange(lo[t], hi[t], lo[t], hi[t]) for t in tensors}
+    ranges.update(constants)
     if method == "minmax":
         return ranges
 
@@ -308,6 +314,11 @@ def collect_ranges(float_graph: Graph, tensors: list[str], data, method: str = "
     return ranges
 
 
+def _constant_range(value: np.ndarray) -> TensorRange:
+    lo, hi = float(np.min(value)), float(np.max(value))
+    return TensorRange(lo, hi, lo, hi)
+
+
 def apply_ranges(session, ranges: dict[str, TensorRange | tuple[float, float]]) -> None:
     """Write calibrated ranges into the session's activation quantizers: span = [lo, hi] and the scale / zero
     point the observer computes from that span (in place: the engine's live state arrays)."""
@@ -322,7 +333,7 @@ def apply_ranges(session, ranges: dict[str, TensorRange | tuple[float, float]]) 
         lo, hi = (r.lo, r.hi) if isinstance(r, TensorRange) else r
         span = np.array([lo, hi], np.float32)
         inits[q.span][...] = span
-        scale, zero = activation_qparams(float(span[0]), float(span[1]), grid)
+        scale, zero = activation_qparams(float(span[0]), float(span[1]), grid, q.addend)
         inits[q.scale][...] = scale
         inits[q.zero_point][...] = zero
 

@@ -64,7 +64,8 @@ class FakeQuant(Op):
     """With learn_scale=1 (LSQ) the scale is a trained parameter: the observer only initialises it (its first
     batch), and backward returns the scale's gradient."""
 
-    attrs = {"bits": 8, "symmetric": 0, "observer": "moving_average", "momentum": 0.9, "learn_scale": 0}
+    attrs = {"bits": 8, "symmetric": 0, "observer": "moving_average", "momentum": 0.9, "learn_scale": 0,
+             "addend": 0.0}
 
     def __init__(self, node: Node, opset: int = 13):
         super().__init__(node, opset)
@@ -84,7 +85,7 @@ class FakeQuant(Op):
             m = dt(self.momentum)
             span[0] = span[0] * m + lo * (dt(1) - m)
             span[1] = span[1] * m + hi * (dt(1) - m)
-        s, z = activation_qparams(float(span[0]), float(span[1]), self.grid)
+        s, z = activation_qparams(float(span[0]), float(span[1]), self.grid, float(self.addend))
         scale[...] = s
         zero_point[...] = z
 

@@ -6,9 +6,14 @@ here is what runs after export:
   following BatchNormalization folded into it), adds its bias on the int32 grid, and quantizes its output
   after a following Relu/Clip (which the output's range makes redundant in the int8 model);
 - Add, Mul, Concat, GlobalAveragePool, AveragePool and Sigmoid read quantized inputs and quantize their output
-  (onnxruntime has QLinear kernels for them);
+  (onnxruntime has QLinear kernels for them); a constant operand of an Add or Mul (hard-swish's + 3 and / 6,
+  a scale) is quantized per tensor on the activation grid, as onnxruntime's quantizer does, so the node still
+  runs as a QLinearAdd / QLinearMul;
 - MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice, Identity and Dropout pass their input's
   quantization through (no new observer);
+- a Mul of a quantized tensor by a positive scalar constant that only quantized Adds and Muls read is a
+  rescaling: no quantizer, and in the int8 model its input's DequantizeLinear with the scale multiplied
+  (HardSigmoid = Clip(x * alpha + beta, 0, 1) then runs as one QLinearAdd);
 - anything else stays float; the plan says which nodes and why. The graph input is quantized by the first
   quantized op that reads it, like every other float tensor a quantized op reads.
 """
@@ -25,6 +30,7 @@ from .config import QuantConfig
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
 ACTIVATION_QUANT = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid")
+CONSTANT_OPERAND_QUANT = ("Add", "Mul")  # a constant operand is quantized like an activation (per tensor)
 PASS_THROUGH = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Identity",
                 "Dropout")
 FUSED_ACTIVATIONS = ("Relu", "Clip")
@@ -48,12 +54,15 @@ class Plan:
     quantized: list[str] = field(default_factory=list)  # tensors that get their own FakeQuant, in order
     source: dict[str, str] = field(default_factory=dict)  # tensor -> the quantized tensor it shares scale with
     float_nodes: list[tuple[str, str, str]] = field(default_factory=list)  # (name, op_type, why)
+    rescaled: dict[str, str] = field(default_factory=dict)  # Mul-by-constant output -> its quantized input
+    addends: dict[str, float] = field(default_factory=dict)  # quantized output of an Add of a constant -> it
 
     def report(self) -> dict:
         return {
             "quantized_layers": [layer.node.name for layer in self.layers],
             "folded_batchnorm": [layer.bn.name for layer in self.layers if layer.bn is not None],
             "quantized_activations": len(self.quantized),
+            "rescaled": len(self.rescaled),
             "float_nodes": [{"node": n, "op_type": t, "reason": why} for n, t, why in self.float_nodes],
         }
 
@@ -107,6 +116,25 @@ def _constant_clip(graph: Graph, clip: Node | None) -> bool:
         not i or i in graph.initializers for i in clip.inputs[1:]))
 
 
+def _is_rescale(graph: Graph, node: Node, plan: Plan, consumers: dict[str, list[Node]], config: QuantConfig) -> bool:
+    """A Mul of a quantized tensor by a positive scalar constant, read only by Adds and Muls that are quantized:
+    the product needs no quantizer of its own, its DequantizeLinear is the input's with the scale multiplied
+    (HardSigmoid's x * alpha before its + beta)."""
+    if node.op_type != "Mul" or _is_excluded(node, config) or len(node.inputs) != 2:
+        return False
+    a, b = node.inputs
+    x, c = (a, b) if b in graph.initializers else (b, a)
+    value = graph.initializers.get(c)
+    if value is None or x in graph.initializers or value.size != 1 or not float(value.reshape(())) > 0:
+        return False
+    if x not in plan.source or x in plan.rescaled:
+        return False
+    out = node.outputs[0]
+    users = consumers.get(out, [])
+    return bool(users) and out not in graph.output_names and all(
+        u.op_type in CONSTANT_OPERAND_QUANT and not _is_excluded(u, config) for u in users)
+
+
 def mark(graph: Graph, config: QuantConfig) -> Plan:
     """Decide where fake quantization goes; the graph is not changed."""
     plan = Plan()
@@ -115,6 +143,8 @@ def mark(graph: Graph, config: QuantConfig) -> Plan:
     absorbed: set[int] = set()
 
     def ensure_quantized(tensor: str) -> str:
+        if tensor in plan.rescaled:  # read through its rescaled DequantizeLinear
+            return tensor
         if tensor not in plan.source:
             plan.quantized.append(tensor)
             plan.source[tensor] = tensor
@@ -152,17 +182,22 @@ def mark(graph: Graph, config: QuantConfig) -> Plan:
                 absorbed.add(id(bn))
             act = quantize_output(bn if bn is not None else node)
             plan.layers.append(Layer(node, bn, act, source))
+        elif _is_rescale(graph, node, plan, consumers, config):
+            plan.rescaled[node.outputs[0]] = node.input(0) if node.input(1) in graph.initializers else node.input(1)
         elif node.op_type in ACTIVATION_QUANT:
             data = [i for i in node.inputs if i]
             if node.op_type == "AveragePool" or node.op_type == "GlobalAveragePool" or node.op_type == "Sigmoid":
                 data = data[:1]
-            if any(i in graph.initializers for i in data):
+            constants = [i for i in data if i in graph.initializers]
+            if constants and (node.op_type not in CONSTANT_OPERAND_QUANT or len(constants) == len(data)):
                 plan.float_nodes.append((node.name, node.op_type, "it has a constant operand"))
                 continue
             for i in data:
                 ensure_quantized(i)
-            quantize_output(node)
+            act = quantize_output(node)
             plan.activation_ops.append(node)
+            if node.op_type == "Add" and len(constants) == 1 and graph.initializers[constants[0]].size == 1:
+                plan.addends[(act or node).outputs[0]] = float(graph.initializers[constants[0]].reshape(()))
         elif node.op_type in PASS_THROUGH:
             src = plan.source.get(node.input(0))
             if src is None:
@@ -184,6 +219,7 @@ class QuantTensor:
     scale: str
     zero_point: str
     span: str
+    addend: float = 0.0  # the scalar an Add adds before this quantizer (`qparams.off_tie`)
 
 
 def insert(graph: Graph, plan: Plan, config: QuantConfig) -> dict[str, QuantTensor]:
@@ -194,16 +230,21 @@ def insert(graph: Graph, plan: Plan, config: QuantConfig) -> dict[str, QuantTens
     quant: dict[str, QuantTensor] = {}
     for t in plan.quantized:
         q = QuantTensor(t, graph.unique_name(f"{t}.qscale"), graph.unique_name(f"{t}.qzero"),
-                        graph.unique_name(f"{t}.qspan"))
+                        graph.unique_name(f"{t}.qspan"), plan.addends.get(t, 0.0))
         graph.initializers[q.scale] = np.ones((), np.float32)
         graph.initializers[q.zero_point] = np.zeros((), np.float32)
         graph.initializers[q.span] = np.array([np.inf, -np.inf], np.float32)
         lsq = config.scale_learning == "lsq"
         attrs = {"bits": config.activation_bits, "symmetric": int(config.symmetric_activations),
                  "observer": config.scale_update.replace("-", "_"), "momentum": float(config.observer_momentum),
-                 "learn_scale": int(lsq)}
+                 "learn_scale": int(lsq), "addend": q.addend}
         producer = producers.get(t)
-        if producer is None:  # a graph input: consumers read the quantized copy
+        if t in graph.initializers:  # a constant operand: the quantized ops read the quantized copy
+            new = graph.unique_name(f"{t}.q")
+            for node in plan.activation_ops:
+                node.inputs = [new if i == t else i for i in node.inputs]
+            fq = Node("FakeQuant", [t, q.scale, q.zero_point, q.span], [new], f"{t}.fakequant", attrs, DOMAIN)
+        elif producer is None:  # a graph input: consumers read the quantized copy
             new = graph.unique_name(f"{t}.q")
             graph.replace_uses(t, new)
             fq = Node("FakeQuant", [t, q.scale, q.zero_point, q.span], [new], f"{t}.fakequant", attrs, DOMAIN)

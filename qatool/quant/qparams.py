@@ -64,15 +64,35 @@ def activation_grid(bits: int, symmetric: bool) -> Grid:
 BIAS_GRID = Grid(-(2**31), 2**31 - 1)
 
 
-def activation_qparams(lo: float, hi: float, grid: Grid) -> tuple[np.float32, int]:
-    """(scale, zero point) for a float range [lo, hi]; the range is first stretched to contain 0."""
+def activation_qparams(lo: float, hi: float, grid: Grid, addend: float = 0.0) -> tuple[np.float32, int]:
+    """(scale, zero point) for a float range [lo, hi]; the range is first stretched to contain 0. `addend`: the
+    constant an Add adds before this quantizer (`off_tie`)."""
     lo32, hi32 = np.float32(min(lo, 0.0)), np.float32(max(hi, 0.0))
     if grid.signed:  # symmetric: zero point 0
         scale = np.maximum(np.maximum(-lo32, hi32) / np.float32(grid.qmax), MIN_SCALE)
-        return np.float32(scale), 0
-    scale = np.float32(np.maximum((hi32 - lo32) / np.float32(grid.qmax - grid.qmin), MIN_SCALE))
+        return off_tie(np.float32(scale), addend), 0
+    scale = off_tie(np.float32(np.maximum((hi32 - lo32) / np.float32(grid.qmax - grid.qmin), MIN_SCALE)), addend)
     zp = int(np.clip(grid.qmin - np.rint(lo32 / scale), grid.qmin, grid.qmax))
     return scale, zp
+
+
+# onnxruntime's QLinearAdd computes in fixed point (MLAS: integer multipliers of the scale ratios, a rounding
+# shift), the simulation in float; the two round alike except at ties. An Add of a constant c hits a tie for
+# every input at its zero point when c / scale lies half-way between two levels, and the common ranges make
+# that systematic: Paddle's hard-swish adds 3 and clips to [0, 6] (3 / (6 / 255) = 127.5), a HardSigmoid adds
+# 0.5 and clips to [0, 1]. Measured on PaddleOCR's text-direction model: 5 % of such an Add's outputs one step
+# apart, top-1 agreement 0.996; with the scale moved off the tie, 1.000.
+TIE_MARGIN = 0.05
+
+
+def off_tie(scale: np.float32, addend: float) -> np.float32:
+    """The scale, narrowed just enough that addend / scale is a quarter step from a level rather than near half
+    of one. Narrowed, not widened: the range shrinks by about half a step at its ends, so a Clip the range
+    was taken after (hard-swish's [0, 6]) stays redundant and the Add still fuses."""
+    t = abs(float(addend)) / float(scale)
+    if t < 1.0 or abs(t - np.floor(t) - 0.5) >= TIE_MARGIN:
+        return scale
+    return np.float32(abs(float(addend)) / (np.floor(t) + 0.75))
 
 
 # At <= 4 bits (qmax <= 7) the weight scale is chosen per channel by error: of the scales max|w| / qmax * r for

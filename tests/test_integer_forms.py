@@ -1,0 +1,152 @@
+"""Rewrites that expose integer kernels to onnxruntime (bias Adds folded into their layer, HardSwish /
+HardSigmoid / Div in elementwise form, constant operands quantized, Mul-by-scalar as a rescaled DequantizeLinear,
+Add outputs kept off rounding ties): each keeps the float model's outputs, and the quantized zoo of exporter
+patterns runs every Add and Mul as an integer kernel with no float op left between a DequantizeLinear and a
+QuantizeLinear, agreeing with the simulation."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from helpers import assert_close_rel, ort_run
+from qatool.convert import normalize_proto
+from qatool.engine.model import Model
+from qatool.export.deploy import export_session
+from qatool.export.verify import optimized_graph
+from qatool.quant.calibrate import calibrate_session
+from qatool.quant.config import QuantConfig
+from qatool.quant.qparams import activation_grid, activation_qparams, off_tie
+from qatool.train.data import LoadedImages
+from qatool.train.preprocess import Preprocess
+from qatool.train.session import QatSession
+from test_exporter_patterns import exporter_zoo
+
+F = onnx.TensorProto.FLOAT
+rng = np.random.default_rng(0)
+
+
+def _model(nodes, inits, x_shape, y_shape, y="y"):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, x_shape)],
+                              [helper.make_tensor_value_info(y, F, y_shape)],
+                              initializer=[numpy_helper.from_array(np.asarray(v, np.float32), k)
+                                           for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def _same_outputs(proto, converted, x):
+    (want,) = ort_run(proto, {"x": x})
+    (got,) = ort_run(onnx.load_from_string(converted.SerializeToString()), {"x": x}) if isinstance(
+        converted, onnx.ModelProto) else (Model(converted).forward({"x": x})[0],)
+    assert_close_rel(got, want, 1e-5)
+
+
+def test_bias_adds_fold_into_conv_and_matmul_becomes_gemm():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Add", ["c", "b"], ["cb"], name="conv_bias"),  # Paddle's (1, C, 1, 1) bias
+             helper.make_node("Relu", ["cb"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("MatMul", ["f", "wm"], ["m"], name="fc"),
+             helper.make_node("Add", ["bm", "m"], ["y"], name="fc_bias")]  # constant first
+    inits = {"w": rng.standard_normal((4, 3, 3, 3)), "b": rng.standard_normal((1, 4, 1, 1)),
+             "wm": rng.standard_normal((4 * 3 * 3, 5)), "bm": rng.standard_normal(5)}
+    proto = _model(nodes, inits, [2, 3, 5, 5], [2, 5])
+    for for_training in (True, False):
+        result = normalize_proto(proto, for_training=for_training)
+        ops = result.graph.op_counts()
+        assert result.folded_bias_adds == ["conv_bias", "fc_bias"]
+        assert "Add" not in ops and "MatMul" not in ops and ops["Gemm"] == 1
+        assert result.graph.output_names == ["y"]
+        _same_outputs(proto, result.graph, rng.standard_normal((2, 3, 5, 5)).astype(np.float32))
+
+
+@pytest.mark.parametrize("why, bias_shape, shared", [
+    ("broadcasts along the width, not the channels", (5,), False),
+    ("the conv output has another consumer", (1, 4, 1, 1), True),
+])
+def test_bias_add_is_left_alone_where_it_is_not_a_bias(why, bias_shape, shared):
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "b"], ["a"])]
+    nodes.append(helper.make_node("Mul", ["a", "c"] if shared else ["a", "a"], ["y"]))
+    inits = {"w": rng.standard_normal((4, 3, 3, 3)), "b": rng.standard_normal(bias_shape)}
+    proto = _model(nodes, inits, [2, 3, 5, 5], [2, 4, 5, 5])
+    result = normalize_proto(proto, for_training=True)
+    assert result.folded_bias_adds == [] and result.graph.op_counts()["Add"] == 1, why
+    _same_outputs(proto, result.graph, rng.standard_normal((2, 3, 5, 5)).astype(np.float32))
+
+
+def test_training_form_of_the_exporter_zoo_keeps_its_outputs():
+    """HardSwish, HardSigmoid and the Paddle hard-swish's Div become Mul/Add/Clip; the outputs stay ONNX's."""
+    proto = exporter_zoo()
+    result = normalize_proto(proto, for_training=True)
+    ops = result.graph.op_counts()
+    assert not {"HardSwish", "HardSigmoid", "Div"} & set(ops)
+    assert result.integer_forms == {"HardSwish": 1, "HardSigmoid": 2, "Div": 1}
+    _same_outputs(proto, result.graph, rng.standard_normal((4, 3, 5, 5)).astype(np.float32))
+    inference = normalize_proto(proto, for_training=False).graph.op_counts()  # a float deployment keeps its ops
+    assert inference["HardSwish"] == 1 and inference["HardSigmoid"] == 1
+
+
+def test_div_by_a_constant_with_zeros_stays_a_div():
+    nodes = [helper.make_node("Div", ["x", "c"], ["y"])]
+    proto = _model(nodes, {"c": [1.0, 0.0, 2.0]}, [2, 3], [2, 3])
+    assert normalize_proto(proto, for_training=True).graph.op_counts() == {"Div": 1}
+
+
+def test_off_tie_moves_a_constant_off_half_a_step_and_only_then():
+    grid = activation_grid(8, False)
+    s, z = activation_qparams(0.0, 6.0, grid, addend=3.0)  # hard-swish: 3 / (6 / 255) = 127.5
+    t = 3.0 / float(s)
+    assert z == 0 and abs(t - np.floor(t) - 0.5) > 0.2
+    assert 255 * float(s) <= 6.0  # narrowed: the Clip at 6 stays redundant
+    assert activation_qparams(0.0, 6.0, grid)[0] == np.float32(6.0 / 255)
+    assert off_tie(np.float32(6.0 / 255), 2.0) == np.float32(6.0 / 255)  # 85.0: a level, no tie
+    assert off_tie(np.float32(0.1), 0.04) == np.float32(0.1)  # below one step: nothing to move
+
+
+@pytest.fixture(scope="module")
+def zoo_int8(tmp_path_factory):
+    graph = normalize_proto(exporter_zoo(), for_training=True).graph
+    session = QatSession.create(graph, QuantConfig())
+    images = LoadedImages(rng.integers(0, 256, (64, 5, 5, 3), dtype=np.uint8), np.zeros(64, np.int64),
+                          Preprocess((5, 5), "rgb", (0.5,), (0.25,)))
+    calibrate_session(session, images, max_images=64)
+    out = tmp_path_factory.mktemp("zoo") / "zoo_int8.onnx"
+    result = export_session(session, out, images)  # strict: every node meant to be int8 must fuse
+    return session, result, onnx.load(out)
+
+
+def test_zoo_runs_every_add_and_mul_as_an_integer_kernel(zoo_int8):
+    session, result, model = zoo_int8
+    kernels = result.fusion.kernels
+    # Adds: hard-swish's + 3, the residual, the two HardSigmoids' + beta; Muls: hard-swish's two (the / 6 one
+    # included), the SE scale, HardSwish's x * gate. The HardSigmoids' * alpha are rescaled DequantizeLinears.
+    assert kernels["QLinearAdd"] == 4 and kernels["QLinearMul"] == 4
+    assert kernels["QLinearConv"] == 3 and kernels["QGemm"] == 1 and kernels["QLinearGlobalAveragePool"] == 1
+    assert len(session.plan.rescaled) == 2 and result.fusion.unfused == []
+    opt = optimized_graph(result.path)
+    producers = {o: n for n in opt.graph.node for o in n.output}
+    users = {}
+    for n in opt.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    between = [n.op_type for n in opt.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+               and any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)
+               and any(u.op_type == "QuantizeLinear" for u in users.get(n.output[0], []))]
+    assert between == []
+
+
+def test_zoo_simulation_agrees_with_onnxruntime(zoo_int8):
+    _, result, _ = zoo_int8
+    assert result.agreement.agreement_top1 == 1.0
+    assert result.agreement.max_abs_diff < 0.02  # Softmax output: a few steps at most
+
+
+def test_constant_operands_are_stored_as_integers(zoo_int8):
+    """The + 3 of hard-swish is an integer initializer read by a DequantizeLinear, no QuantizeLinear at run time."""
+    _, _, model = zoo_int8
+    inits = {t.name for t in model.graph.initializer}
+    quantize_inputs = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert not quantize_inputs & inits
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("three")]
+    assert dq and all(n.input[0] in inits for n in dq)
