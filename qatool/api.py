@@ -132,7 +132,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     import json
 
     from .eval.backends import ort_logits, ort_session, top1
-    from .export.deploy import export_session
+    from .export.deploy import export_session, time_export
     from .ir.io import atomic_write_bytes
     from .train.checkpoint import load_checkpoint
     from .train.config import TrainConfig
@@ -248,18 +248,20 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     int8_path = out / "model_int8.onnx"
     source = str(val_data) if val_data else ""
     exported = export_session(session, int8_path, val_images, verify=True, strict=False, data_source=source)
-    kept_step = total
+    kept_step, kept_session = total, session
     if validator is not None:  # the export measured the last step; an earlier best replaces it
         validator.record(total, top1(exported.deployed, val_images.labels))
         kept_step = validator.kept_step(total)
         if kept_step != total:
             best = QatSession.from_checkpoint(load_checkpoint(best_path(qat_path)), train_cfg.seed)
             exported = export_session(best, int8_path, val_images, verify=True, strict=False, data_source=source)
-    fusion = exported.fusion
-    echo(f"int8 kernels in onnxruntime: {fusion.fused} of {fusion.expected} nodes fused "
-         f"({', '.join(f'{k} {v}' for k, v in sorted(fusion.kernels.items()))})")
-    for name, op_type, why in fusion.unfused:
-        echo(f"  not fused: {name} ({op_type}): {why}")
+            kept_session = best
+    from .export.latency import latency_lines
+    from .export.verify import fusion_lines
+
+    time_export(kept_session, exported)
+    for line in fusion_lines(exported.fusion.to_dict()) + latency_lines(exported.latency.to_dict()):
+        echo(line)
     for note in exported.notes:
         echo(f"note: {note}")
     val = {"top1_float": top1_float, "top1_qat": None, "top1_int8": None, "agreement_top1": None}
@@ -354,7 +356,7 @@ def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, pre
             dataset = ImageDataset.open(source, folder_class_names(ckpt.float_graph, source))
             data = dataset.load(pre)
     result = export_session(session, output_path, data, verify=verify, strict=True, data_source=str(source or ""),
-                            int4=int4)
+                            int4=int4, latency=verify)
     report = result.to_dict()
     report["float_nodes"] = session.plan.report()["float_nodes"]
     if data is not None:

@@ -73,10 +73,13 @@ def export_summary(export: dict) -> list[str]:
     """The lines that describe a verified int8 export (fusion on onnxruntime, simulation vs onnxruntime)."""
     lines = []
     if export.get("fusion"):
-        f = export["fusion"]
-        kernels = ", ".join(f"{k} {v}" for k, v in sorted(f["kernels"].items()))
-        lines.append(f"onnxruntime: {f['fused']} of {f['expected']} quantized nodes run as integer kernels ({kernels})")
-        lines += [f"  not fused: {u['node']} ({u['op_type']}): {u['reason']}" for u in f["unfused"]]
+        from .export.verify import fusion_lines
+
+        lines += fusion_lines(export["fusion"])
+    if export.get("latency"):
+        from .export.latency import latency_lines
+
+        lines += latency_lines(export["latency"])
     if export.get("agreement"):
         a = export["agreement"]
         steps = f"{a['max_diff_steps']:.1f}" if a["max_diff_steps"] is not None else "n/a"

@@ -139,7 +139,7 @@ def test_calibrate_command(lenet, digits, tmp_path):
     assert res.exit_code == 0, res.output
     assert out.is_file()
     assert "calibrating (entropy) on 64 images" in res.output
-    assert "4 of 4 quantized nodes run as integer kernels" in res.output
+    assert "4 of 4 quantized nodes fused" in res.output and "integer kernels (QGemm" in res.output
     assert "top-1 on" in res.output and "int8 onnxruntime" in res.output
 
 

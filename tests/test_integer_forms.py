@@ -81,10 +81,24 @@ def test_training_form_of_the_exporter_zoo_keeps_its_outputs():
     result = normalize_proto(proto, for_training=True)
     ops = result.graph.op_counts()
     assert not {"HardSwish", "HardSigmoid", "Div"} & set(ops)
-    assert result.integer_forms == {"HardSwish": 1, "HardSigmoid": 2, "Div": 1}
+    assert result.integer_forms == {"HardSwish": 1, "HardSigmoid": 2, "Div": 1, "Mul": 1}  # the / 6 moved
     _same_outputs(proto, result.graph, rng.standard_normal((4, 3, 5, 5)).astype(np.float32))
     inference = normalize_proto(proto, for_training=False).graph.op_counts()  # a float deployment keeps its ops
     assert inference["HardSwish"] == 1 and inference["HardSigmoid"] == 1
+
+
+def test_a_scalar_moves_only_onto_a_factor_the_product_alone_reads():
+    nodes = [helper.make_node("Mul", ["x", "x"], ["p"]), helper.make_node("Mul", ["p", "c"], ["y"])]
+    proto = _model(nodes, {"c": 0.5}, [2, 3], [2, 3])  # x is read twice by the product: nothing to move onto
+    assert normalize_proto(proto, for_training=True).integer_forms == {}
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Mul", ["x", "r"], ["p"]),
+             helper.make_node("Mul", ["p", "c"], ["y"])]
+    proto = _model(nodes, {"c": 0.5}, [2, 3], [2, 3])
+    result = normalize_proto(proto, for_training=True)
+    assert result.integer_forms == {"Mul": 1}
+    scale = next(n for n in result.graph.nodes if n.op_type == "Mul" and "c" in n.inputs)
+    assert scale.inputs == ["r", "c"] and result.graph.output_names == ["y"]
+    _same_outputs(proto, result.graph, rng.standard_normal((2, 3)).astype(np.float32))
 
 
 def test_div_by_a_constant_with_zeros_stays_a_div():
@@ -104,26 +118,47 @@ def test_off_tie_moves_a_constant_off_half_a_step_and_only_then():
     assert off_tie(np.float32(0.1), 0.04) == np.float32(0.1)  # below one step: nothing to move
 
 
-@pytest.fixture(scope="module")
-def zoo_int8(tmp_path_factory):
-    graph = normalize_proto(exporter_zoo(), for_training=True).graph
+def _ptq(proto, out):
+    """Calibrated on random images, exported and verified (strict: every node meant to be int8 must fuse)."""
+    graph = normalize_proto(proto, for_training=True).graph
     session = QatSession.create(graph, QuantConfig())
     images = LoadedImages(rng.integers(0, 256, (64, 5, 5, 3), dtype=np.uint8), np.zeros(64, np.int64),
                           Preprocess((5, 5), "rgb", (0.5,), (0.25,)))
     calibrate_session(session, images, max_images=64)
+    return session, export_session(session, out, images)
+
+
+@pytest.fixture(scope="module")
+def zoo_int8(tmp_path_factory):
     out = tmp_path_factory.mktemp("zoo") / "zoo_int8.onnx"
-    result = export_session(session, out, images)  # strict: every node meant to be int8 must fuse
+    session, result = _ptq(exporter_zoo(), out)
     return session, result, onnx.load(out)
+
+
+def test_fusion_report_names_float_ops_between_dequantize_and_quantize(tmp_path):
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+             helper.make_node("Tanh", ["c1"], ["t"], name="tanh"),
+             helper.make_node("Conv", ["t", "w2", "b2"], ["y"], name="conv2")]
+    inits = {"w1": rng.standard_normal((4, 3, 1, 1)), "b1": np.zeros(4), "w2": rng.standard_normal((2, 4, 1, 1)),
+             "b2": np.zeros(2)}
+    _, result = _ptq(_model(nodes, inits, ["N", 3, 5, 5], ["N", 2, 5, 5]), tmp_path / "m.onnx")
+    assert result.fusion.float_between == [("tanh", "Tanh", "onnxruntime has no integer kernel for Tanh")]
+    from qatool.export.verify import fusion_lines
+
+    lines = fusion_lines(result.fusion.to_dict())
+    assert lines[0].startswith("onnxruntime's optimised graph: 2 integer kernels (QLinearConv 2); 2 of 2")
+    assert "1 float ops between DequantizeLinear and QuantizeLinear" in lines[1] and "Tanh x1" in lines[1]
 
 
 def test_zoo_runs_every_add_and_mul_as_an_integer_kernel(zoo_int8):
     session, result, model = zoo_int8
     kernels = result.fusion.kernels
-    # Adds: hard-swish's + 3, the residual, the two HardSigmoids' + beta; Muls: hard-swish's two (the / 6 one
-    # included), the SE scale, HardSwish's x * gate. The HardSigmoids' * alpha are rescaled DequantizeLinears.
-    assert kernels["QLinearAdd"] == 4 and kernels["QLinearMul"] == 4
+    # Adds: hard-swish's + 3, the residual, the two HardSigmoids' + beta; Muls: hard-swish's x * clip, the SE
+    # scale, HardSwish's x * gate. The HardSigmoids' * alpha and hard-swish's / 6 (moved onto the clip) are
+    # rescaled DequantizeLinears.
+    assert kernels["QLinearAdd"] == 4 and kernels["QLinearMul"] == 3
     assert kernels["QLinearConv"] == 3 and kernels["QGemm"] == 1 and kernels["QLinearGlobalAveragePool"] == 1
-    assert len(session.plan.rescaled) == 2 and result.fusion.unfused == []
+    assert len(session.plan.rescaled) == 3 and result.fusion.unfused == [] and result.fusion.float_between == []
     opt = optimized_graph(result.path)
     producers = {o: n for n in opt.graph.node for o in n.output}
     users = {}
@@ -150,3 +185,24 @@ def test_constant_operands_are_stored_as_integers(zoo_int8):
     assert not quantize_inputs & inits
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("three")]
     assert dq and all(n.input[0] in inits for n in dq)
+
+
+def test_latency_is_measured_against_the_float_model_and_a_slower_int8_is_explained(zoo_int8, monkeypatch):
+    from qatool.export import latency
+    from qatool.export.deploy import time_export
+
+    session, result, _ = zoo_int8
+    time_export(session, result)
+    d = result.latency.to_dict()
+    assert set(d["batches"]) == {"1", "32"}  # 5 x 5 images: the larger batch is the cap
+    assert all(v["float_ms"] > 0 and v["int8_ms"] > 0 for v in d["batches"].values())
+    lines = latency.latency_lines(d)
+    assert lines[0].startswith("latency on onnxruntime (median of 5 interleaved rounds): batch 1: float")
+    # when int8 is slower, the profile names where its time goes: a clock whose every reading is further from
+    # the last makes the second session of each round (int8) the slower one
+    from qatool.export.deploy import _float_model
+
+    monkeypatch.setattr(latency.time, "perf_counter", iter(np.arange(0.0, 1e4) ** 1.5).__next__)
+    slow = latency.measure(_float_model(session), str(result.path), [1, 3, 5, 5])
+    assert slow.costliest and abs(sum(share for _, share in slow.costliest) - 1.0) < 0.5
+    assert "SLOWER" in latency.latency_lines(slow.to_dict())[-1]

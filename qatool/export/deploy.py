@@ -15,6 +15,8 @@ from ..eval.backends import engine_logits, ort_logits, ort_run, ort_session
 from ..ir.graph import to_onnx
 from ..ir.io import save_proto
 from ..train.data import LoadedImages
+from .latency import Latency
+from .latency import measure as measure_latency
 from .pack import pack_int4_weights
 from .verify import Agreement, FusionReport, check_fusion, compare, output_scale
 
@@ -54,11 +56,13 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
     simulated: np.ndarray | None = field(default=None, repr=False)
     deployed: np.ndarray | None = field(default=None, repr=False)
+    latency: Latency | None = None
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "size_bytes": self.size_bytes,
                 "fusion": self.fusion.to_dict() if self.fusion else None,
                 "agreement": self.agreement.to_dict() if self.agreement else None,
+                "latency": self.latency.to_dict() if self.latency else None,
                 "verified_on": self.data_source, "notes": self.notes}
 
 
@@ -68,10 +72,11 @@ def meant_int8(session) -> list[tuple[str, str]]:
 
 
 def export_session(session, out_path: str | os.PathLike, data: LoadedImages | None = None, verify: bool = True,
-                   strict: bool = True, data_source: str = "", int4: bool = True) -> ExportResult:
+                   strict: bool = True, data_source: str = "", int4: bool = True, latency: bool = False) -> ExportResult:
     """Export, then (if `verify`) check fusion and simulation-vs-onnxruntime agreement on `data` (random inputs
     when None). With `strict`, unfused nodes raise FusionError and nothing is written. With `int4`, weights of
-    4 bits or fewer are stored two to a byte (`pack.pack_int4_weights`: opset 21)."""
+    4 bits or fewer are stored two to a byte (`pack.pack_int4_weights`: opset 21). With `latency` (and
+    `verify`), the int8 model is timed against the session's float model (`latency.measure`)."""
     out = Path(out_path)
     model = to_onnx(session.export_int8())
     if int4:
@@ -88,7 +93,7 @@ def export_session(session, out_path: str | os.PathLike, data: LoadedImages | No
     os.close(fd)
     try:
         save_proto(model, tmp)
-        fusion = check_fusion(tmp, meant_int8(session))
+        fusion = check_fusion(tmp, meant_int8(session), {n: why for n, _, why in session.plan.float_nodes})
         if strict and fusion.unfused:
             lines = "; ".join(f"{n} ({t}): {why}" for n, t, why in fusion.unfused)
             raise FusionError(f"{len(fusion.unfused)} of {fusion.expected} nodes meant to be int8 did not fuse "
@@ -100,11 +105,40 @@ def export_session(session, out_path: str | os.PathLike, data: LoadedImages | No
             simulated = engine_logits(session.model, data)  # the graph output: what onnxruntime returns
             deployed = ort_logits(sess, data, what="the int8 model")
         agreement = compare(simulated, deployed, output_scale(model))
+        timing = measure_latency(_float_model(session), tmp, _input_shape(session)) if latency else None
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return ExportResult(out, out.stat().st_size, fusion, agreement, data_source, range_notes(session), simulated,
-                        deployed)
+                        deployed, timing)
+
+
+def time_export(session, result: ExportResult) -> ExportResult:
+    """Time the written int8 model against the session's float model (`latency.measure`); in place."""
+    result.latency = measure_latency(_float_model(session), result.path, _input_shape(session))
+    return result
+
+
+def _float_model(session) -> onnx.ModelProto:
+    """The float model a user would deploy instead: the session's float graph for inference (BN folded)."""
+    from ..convert import normalize
+
+    return to_onnx(normalize(session.float_graph, for_training=False).graph)
+
+
+def _input_shape(session) -> list[int]:
+    """The model's image input (N, C, H, W), its dynamic dims taken from the preprocessing it carries."""
+    from ..errors import QatoolError
+    from ..train.preprocess import resolve_preprocess
+
+    shape = list(session.model.graph.inputs[0].shape or [])
+    if len(shape) == 4 and not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        try:
+            pre = resolve_preprocess(session.float_graph)
+            shape[1:] = [pre.channels, *pre.size]
+        except QatoolError:
+            pass
+    return [d if isinstance(d, int) and d > 0 else 1 for d in shape]
 
 
 def _random_run(session, sess) -> tuple[np.ndarray, np.ndarray, str]:

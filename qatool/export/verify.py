@@ -42,10 +42,36 @@ class FusionReport:
     expected: int = 0  # nodes meant to run as integer kernels
     fused: int = 0
     unfused: list[tuple[str, str, str]] = field(default_factory=list)  # (node, op_type, why)
+    # float ops of the optimised graph that read a DequantizeLinear and feed a QuantizeLinear: each costs two
+    # conversions and a float pass (node, op_type, why it is float)
+    float_between: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def integer_kernels(self) -> int:
+        return sum(self.kernels.values())
 
     def to_dict(self) -> dict:
-        return {"kernels": self.kernels, "expected": self.expected, "fused": self.fused,
-                "unfused": [{"node": n, "op_type": t, "reason": r} for n, t, r in self.unfused]}
+        return {"kernels": self.kernels, "integer_kernels": self.integer_kernels, "expected": self.expected,
+                "fused": self.fused, "unfused": [{"node": n, "op_type": t, "reason": r} for n, t, r in self.unfused],
+                "float_between_qdq": [{"node": n, "op_type": t, "reason": r} for n, t, r in self.float_between]}
+
+
+def fusion_lines(f: dict) -> list[str]:
+    """The summary lines of a FusionReport's dict: onnxruntime's own count of integer kernels, the nodes that
+    did not fuse, and the float ops left between a DequantizeLinear and a QuantizeLinear."""
+    kernels = ", ".join(f"{k} {v}" for k, v in sorted(f["kernels"].items()))
+    total = f.get("integer_kernels", sum(f["kernels"].values()))
+    lines = [f"onnxruntime's optimised graph: {total} integer kernels ({kernels}); {f['fused']} of {f['expected']} "
+             "quantized nodes fused"]
+    lines += [f"  not fused: {u['node']} ({u['op_type']}): {u['reason']}" for u in f["unfused"]]
+    between = f.get("float_between_qdq", [])
+    if between:
+        groups: dict[tuple[str, str], int] = {}
+        for b in between:
+            groups[(b["op_type"], b["reason"])] = groups.get((b["op_type"], b["reason"]), 0) + 1
+        lines.append(f"  {len(between)} float ops between DequantizeLinear and QuantizeLinear (two conversions each): "
+                     + "; ".join(f"{t} x{n} ({why})" for (t, why), n in groups.items()))
+    return lines
 
 
 def optimized_graph(model_path: str | Path) -> onnx.ModelProto:
@@ -55,8 +81,10 @@ def optimized_graph(model_path: str | Path) -> onnx.ModelProto:
         return onnx.load(out)
 
 
-def check_fusion(model_path: str | Path, meant_int8: list[tuple[str, str]]) -> FusionReport:
-    """`meant_int8`: (node name, op_type) of every node that should have become an integer kernel."""
+def check_fusion(model_path: str | Path, meant_int8: list[tuple[str, str]],
+                 float_reasons: dict[str, str] | None = None) -> FusionReport:
+    """`meant_int8`: (node name, op_type) of every node that should have become an integer kernel;
+    `float_reasons`: node name -> why the placement left it float (for the float ops found between Q/DQ)."""
     opt = optimized_graph(model_path)
     by_name = {n.name: n.op_type for n in opt.graph.node}
     report = FusionReport(expected=len(meant_int8))
@@ -64,6 +92,7 @@ def check_fusion(model_path: str | Path, meant_int8: list[tuple[str, str]]) -> F
         if n.op_type.startswith("QLinear") or n.op_type in ("QGemm", "MatMulIntegerToFloat", "ConvInteger",
                                                              "MatMulInteger"):
             report.kernels[n.op_type] = report.kernels.get(n.op_type, 0) + 1
+    report.float_between = _float_between_qdq(opt, float_reasons or {})
     source = onnx.load(str(model_path))
     for name, op_type in meant_int8:
         if by_name.get(name) in INT8_KERNELS.get(op_type, ()):
@@ -71,6 +100,23 @@ def check_fusion(model_path: str | Path, meant_int8: list[tuple[str, str]]) -> F
         else:
             report.unfused.append((name, op_type, _why_not_fused(source, name)))
     return report
+
+
+def _float_between_qdq(opt: onnx.ModelProto, reasons: dict[str, str]) -> list[tuple[str, str, str]]:
+    producers = {o: n for n in opt.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in opt.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    found = []
+    for n in opt.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.domain not in ("", "ai.onnx"):
+            continue
+        reads_dq = any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)
+        feeds_q = any(u.op_type == "QuantizeLinear" for o in n.output for u in consumers.get(o, []))
+        if reads_dq and feeds_q:
+            found.append((n.name, n.op_type, reasons.get(n.name, f"onnxruntime has no integer {n.op_type} here")))
+    return found
 
 
 def _why_not_fused(model: onnx.ModelProto, name: str) -> str:
@@ -127,6 +173,8 @@ def output_scale(model: onnx.ModelProto) -> float | None:
 
 
 def compare(simulated: np.ndarray, deployed: np.ndarray, scale: float | None) -> Agreement:
+    simulated = simulated.reshape(len(simulated), -1)  # one row per input, whatever the output's rank
+    deployed = deployed.reshape(len(deployed), -1)
     diff = np.abs(simulated.astype(np.float64) - deployed.astype(np.float64))
     max_abs = float(diff.max()) if diff.size else 0.0
     agree = float(np.mean(simulated.argmax(1) == deployed.argmax(1))) if simulated.size else 1.0

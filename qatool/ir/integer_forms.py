@@ -11,6 +11,9 @@
 - Div(x, c) = Mul(x, 1 / c) for a constant c without zeros (Paddle's and TF's hard-swish end in a division by
   6): onnxruntime has QLinearMul and no integer Div. The two differ by float rounding of 1 / c only (at most an
   ulp of the quotient), and training and export both see the Mul.
+- Mul(Mul(u, v), c) = Mul(u, Mul(v, c)) for a positive scalar c and a factor v read only by the product: the
+  scaling of v is then a rescaled DequantizeLinear once quantized, one rounding fewer than a QLinearMul after
+  the product.
 
 Each rewrite is pattern (`*_match`) / check (`*_why_not`) / rewrite; `rewrite_all` applies them and returns the
 names of the nodes rewritten. Graph input and output names are kept.
@@ -93,9 +96,45 @@ def rewrite_div(graph: Graph, node: Node) -> None:
     node.attrs = {}
 
 
-# in this order: the HardSigmoids that HardSwish leaves are decomposed in turn
+def _positive_scalar(graph: Graph, name: str) -> bool:
+    c = graph.initializers.get(name)
+    return c is not None and np.issubdtype(c.dtype, np.floating) and c.size == 1 and float(c.reshape(())) > 0
+
+
+def scalar_of_product_why_not(graph: Graph, node: Node) -> str | None:
+    """Mul(Mul(u, v), c) with c a positive scalar, the inner Mul read only here, and v read only by it."""
+    if node.op_type != "Mul" or len(node.inputs) != 2 or not _positive_scalar(graph, node.input(1)):
+        return "not a Mul by a positive scalar constant"
+    inner = graph.producers().get(node.input(0))
+    consumers = graph.consumers()
+    if inner is None or inner.op_type != "Mul" or len(consumers.get(node.input(0), [])) != 1 \
+            or node.input(0) in graph.output_names:
+        return "it does not scale a product that only it reads"
+    if not any(len(consumers.get(v, [])) == 1 and v not in graph.initializers for v in inner.inputs):
+        return "neither factor of the product is read only by it"
+    return None
+
+
+def rewrite_scalar_of_product(graph: Graph, node: Node) -> None:
+    """Mul(Mul(u, v), c) -> Mul(u, Mul(v, c)): the scalar moves onto the factor only the product reads (Paddle's
+    and TF's hard-swish x * clip(x + 3, 0, 6) / 6 becomes x * (clip(x + 3, 0, 6) / 6)). Quantized, Mul(v, c) is
+    then a rescaling of v's DequantizeLinear (no rounding of its own) instead of a QLinearMul after the product."""
+    consumers = graph.consumers()
+    inner = graph.producers()[node.input(0)]
+    u, v = inner.inputs
+    if not (len(consumers.get(v, [])) == 1 and v not in graph.initializers):
+        u, v = v, u
+    scaled = graph.unique_name(f"{v}_scaled")
+    c = node.input(1)
+    node.inputs, node.outputs, inner.inputs, inner.outputs = [v, c], [scaled], [u, scaled], list(node.outputs)
+    i, j = graph.nodes.index(inner), graph.nodes.index(node)
+    graph.nodes[i], graph.nodes[j] = node, inner  # the scaling runs first
+
+
+# in this order: the HardSigmoids that HardSwish leaves are decomposed in turn; a Div becomes the Mul whose
+# scalar then moves onto a factor
 _REWRITES = ((hard_swish_why_not, rewrite_hard_swish), (hard_sigmoid_why_not, rewrite_hard_sigmoid),
-             (div_why_not, rewrite_div))
+             (div_why_not, rewrite_div), (scalar_of_product_why_not, rewrite_scalar_of_product))
 
 
 def rewrite_all(graph: Graph) -> dict[str, int]:

@@ -451,7 +451,7 @@ def calibrate(model_path, data, output, method: str = "minmax", quant: QuantConf
     # like train-quant, not export-int8: nodes that do not fuse are reported (report["export"]["fusion"]), not
     # fatal — with --symmetric-activations no Conv+Relu can fuse (the Relu is not redundant on a signed grid)
     exported = export_session(session, output, eval_images if verify else None, verify=verify, strict=False,
-                              data_source=str(val_data or data) if verify else "")
+                              data_source=str(val_data or data) if verify else "", latency=verify)
     report = {
         "model": str(model_path),
         "data": str(data),

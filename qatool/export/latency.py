@@ -1,0 +1,97 @@
+"""Latency of the int8 model against the float model it came from, on onnxruntime CPU, measured the way a
+benchmark on a shared machine must be: both sessions loaded first, then interleaved rounds (float, int8, float,
+...) on the same random batch, the median of each. When int8 is the slower, onnxruntime's profiler says which
+of its ops cost most."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROUNDS = 5
+INPUT_BUDGET_BYTES = 16 << 20  # the larger batch: at most this much input (27 images at 3 x 224 x 224), <= 32
+MAX_BATCH = 32
+
+
+@dataclass
+class Latency:
+    batches: dict[int, tuple[float, float]] = field(default_factory=dict)  # batch -> (float ms, int8 ms)
+    costliest: list[tuple[str, float]] = field(default_factory=list)  # int8 op types and their share of time
+
+    def to_dict(self) -> dict:
+        return {"rounds": ROUNDS, "batches": {str(b): {"float_ms": f, "int8_ms": q, "ratio": q / f}
+                                              for b, (f, q) in self.batches.items()},
+                "int8_costliest_ops": [{"op_type": t, "share": s} for t, s in self.costliest]}
+
+
+def latency_lines(d: dict) -> list[str]:
+    parts = [f"batch {b}: float {v['float_ms']:.1f} ms, int8 {v['int8_ms']:.1f} ms ({v['ratio']:.2f}x)"
+             for b, v in d["batches"].items()]
+    lines = [f"latency on onnxruntime (median of {d['rounds']} interleaved rounds): " + "; ".join(parts)]
+    if d["int8_costliest_ops"]:
+        ops = ", ".join(f"{c['op_type']} {c['share']:.0%}" for c in d["int8_costliest_ops"])
+        lines.append(f"  the int8 model is SLOWER than float; its time goes to: {ops}")
+    return lines
+
+
+def batch_sizes(input_shape: list[int]) -> tuple[int, int]:
+    per_image = 4 * int(np.prod(input_shape[1:]))
+    return 1, int(max(1, min(MAX_BATCH, INPUT_BUDGET_BYTES // max(per_image, 1))))
+
+
+def _session(model, profile_prefix: str | None = None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def measure(float_model: onnx.ModelProto | str, int8_model: onnx.ModelProto | str, input_shape: list[int],
+            rounds: int = ROUNDS) -> Latency:
+    """float vs int8 at batch 1 and at the larger batch of `batch_sizes`; `input_shape` with any batch dim."""
+    sessions = [_session(float_model), _session(int8_model)]
+    result = Latency()
+    rng = np.random.default_rng(0)
+    for batch in dict.fromkeys(batch_sizes(input_shape)):
+        x = rng.standard_normal([batch, *input_shape[1:]]).astype(np.float32)
+        times: list[list[float]] = [[], []]
+        for s in sessions:  # warm up
+            s.run(None, {s.get_inputs()[0].name: x})
+        for _ in range(rounds):
+            for i, s in enumerate(sessions):
+                t0 = time.perf_counter()
+                s.run(None, {s.get_inputs()[0].name: x})
+                times[i].append(time.perf_counter() - t0)
+        result.batches[batch] = (float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3))
+        last = x
+    f_ms, q_ms = result.batches[max(result.batches)]
+    if q_ms > f_ms:
+        result.costliest = costliest_ops(int8_model, last)
+    return result
+
+
+def costliest_ops(model, x: np.ndarray, top: int = 4) -> list[tuple[str, float]]:
+    """onnxruntime's profile of a few runs: the op types with the largest share of kernel time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        s = _session(model, os.path.join(tmp, "profile"))
+        for _ in range(3):
+            s.run(None, {s.get_inputs()[0].name: x})
+        with open(s.end_profiling()) as f:
+            events = json.load(f)
+    spent: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            spent[op] = spent.get(op, 0.0) + float(e.get("dur", 0))
+    total = sum(spent.values()) or 1.0
+    return [(op, t / total) for op, t in sorted(spent.items(), key=lambda kv: -kv[1])[:top]]
