@@ -205,4 +205,6 @@ def test_latency_is_measured_against_the_float_model_and_a_slower_int8_is_explai
     monkeypatch.setattr(latency.time, "perf_counter", iter(np.arange(0.0, 1e4) ** 1.5).__next__)
     slow = latency.measure(_float_model(session), str(result.path), [1, 3, 5, 5])
     assert slow.costliest and abs(sum(share for _, share in slow.costliest) - 1.0) < 0.5
-    assert "SLOWER" in latency.latency_lines(slow.to_dict())[-1]
+    assert "SLOWER" in latency.latency_lines(slow.to_dict())[-1] and "costliest nodes: " in latency.latency_lines(
+        slow.to_dict())[-1]
+    assert len(slow.costliest_nodes) >= 1 and "(" in slow.costliest_nodes[0][0]

@@ -24,11 +24,13 @@ MAX_BATCH = 32
 class Latency:
     batches: dict[int, tuple[float, float]] = field(default_factory=dict)  # batch -> (float ms, int8 ms)
     costliest: list[tuple[str, float]] = field(default_factory=list)  # int8 op types and their share of time
+    costliest_nodes: list[tuple[str, float]] = field(default_factory=list)  # int8 nodes and their share
 
     def to_dict(self) -> dict:
         return {"rounds": ROUNDS, "batches": {str(b): {"float_ms": f, "int8_ms": q, "ratio": q / f}
                                               for b, (f, q) in self.batches.items()},
-                "int8_costliest_ops": [{"op_type": t, "share": s} for t, s in self.costliest]}
+                "int8_costliest_ops": [{"op_type": t, "share": s} for t, s in self.costliest],
+                "int8_costliest_nodes": [{"node": n, "share": s} for n, s in self.costliest_nodes]}
 
 
 def latency_lines(d: dict) -> list[str]:
@@ -37,7 +39,8 @@ def latency_lines(d: dict) -> list[str]:
     lines = [f"latency on onnxruntime (median of {d['rounds']} interleaved rounds): " + "; ".join(parts)]
     if d["int8_costliest_ops"]:
         ops = ", ".join(f"{c['op_type']} {c['share']:.0%}" for c in d["int8_costliest_ops"])
-        lines.append(f"  the int8 model is SLOWER than float; its time goes to: {ops}")
+        nodes = ", ".join(f"{c['node']} {c['share']:.0%}" for c in d.get("int8_costliest_nodes", []))
+        lines.append(f"  the int8 model is SLOWER than float; its time goes to: {ops}; costliest nodes: {nodes}")
     return lines
 
 
@@ -76,22 +79,26 @@ def measure(float_model: onnx.ModelProto | str, int8_model: onnx.ModelProto | st
         last = x
     f_ms, q_ms = result.batches[max(result.batches)]
     if q_ms > f_ms:
-        result.costliest = costliest_ops(int8_model, last)
+        result.costliest, result.costliest_nodes = costliest_ops(int8_model, last)
     return result
 
 
-def costliest_ops(model, x: np.ndarray, top: int = 4) -> list[tuple[str, float]]:
-    """onnxruntime's profile of a few runs: the op types with the largest share of kernel time."""
+def costliest_ops(model, x: np.ndarray, top: int = 4) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """onnxruntime's profile of a few runs: the op types, and the nodes, with the largest shares of kernel time."""
     with tempfile.TemporaryDirectory() as tmp:
         s = _session(model, os.path.join(tmp, "profile"))
         for _ in range(3):
             s.run(None, {s.get_inputs()[0].name: x})
         with open(s.end_profiling()) as f:
             events = json.load(f)
-    spent: dict[str, float] = {}
+    by_op: dict[str, float] = {}
+    by_node: dict[str, float] = {}
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             op = e.get("args", {}).get("op_name", "?")
-            spent[op] = spent.get(op, 0.0) + float(e.get("dur", 0))
-    total = sum(spent.values()) or 1.0
-    return [(op, t / total) for op, t in sorted(spent.items(), key=lambda kv: -kv[1])[:top]]
+            node = f"{e['name'][:-len('_kernel_time')]} ({op})"
+            by_op[op] = by_op.get(op, 0.0) + float(e.get("dur", 0))
+            by_node[node] = by_node.get(node, 0.0) + float(e.get("dur", 0))
+    total = sum(by_op.values()) or 1.0
+    return ([(op, t / total) for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]],
+            [(n, t / total) for n, t in sorted(by_node.items(), key=lambda kv: -kv[1])[:top]])
