@@ -208,3 +208,28 @@ def test_latency_is_measured_against_the_float_model_and_a_slower_int8_is_explai
     assert "SLOWER" in latency.latency_lines(slow.to_dict())[-1] and "costliest nodes: " in latency.latency_lines(
         slow.to_dict())[-1]
     assert len(slow.costliest_nodes) >= 1 and "(" in slow.costliest_nodes[0][0]
+
+
+@pytest.mark.parametrize("mode, resize_in_integers", [("nearest", True), ("linear", False)])
+def test_leaky_relu_and_nearest_resize_run_on_integers(tmp_path, mode, resize_in_integers):
+    """LeakyRelu -> QLinearLeakyRelu; a nearest Resize keeps its input's scale and onnxruntime runs it on the
+    integers; a linear one is left float (its integer form rounds interpolated halves)."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+             helper.make_node("LeakyRelu", ["c1"], ["l"], alpha=0.1, name="leaky"),
+             helper.make_node("Resize", ["l", "", "scales"], ["u"], mode=mode, name="up"),
+             helper.make_node("Conv", ["u", "w2", "b2"], ["c2"], name="conv2"),
+             helper.make_node("GlobalAveragePool", ["c2"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["y"])]
+    inits = {"w1": rng.standard_normal((4, 3, 1, 1)), "b1": np.zeros(4), "w2": rng.standard_normal((2, 4, 3, 3)),
+             "b2": np.zeros(2), "scales": [1.0, 1.0, 2.0, 2.0]}
+    session, result = _ptq(_model(nodes, inits, ["N", 3, 5, 5], ["N", 2]), tmp_path / "m.onnx")
+    assert result.fusion.unfused == [] and result.fusion.kernels["QLinearLeakyRelu"] == 1
+    assert result.agreement.agreement_top1 == 1.0
+    float_nodes = [n for n, _, _ in session.plan.float_nodes]
+    assert ("up" in float_nodes) != resize_in_integers
+    if resize_in_integers:
+        assert result.fusion.float_between == []
+        opt = optimized_graph(result.path)
+        resize = next(n for n in opt.graph.node if n.op_type == "Resize")
+        producers = {o: n for n in opt.graph.node for o in n.output}
+        assert producers[resize.input[0]].op_type != "DequantizeLinear"  # it reads the integers

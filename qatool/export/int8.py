@@ -208,12 +208,12 @@ def _remove_redundant_activations(g: Graph, grids: dict[str, Grid]) -> None:
 def _requantize_pass_through(g: Graph) -> None:
     """After MaxPool/Reshape/Flatten/... of a dequantized tensor, quantize again with the same scale and zero
     point, so the next quantized op reads a DequantizeLinear (onnxruntime then runs the op itself on int8)."""
-    from ..quant.prepare import PASS_THROUGH
+    from ..quant.prepare import passes_through
 
     producers, consumers = g.producers(), g.consumers()
     for node in list(g.nodes):
         dq = producers.get(node.input(0))
-        if node.op_type not in PASS_THROUGH or dq is None or dq.op_type != "DequantizeLinear" \
+        if not passes_through(node) or dq is None or dq.op_type != "DequantizeLinear" \
                 or "axis" in dq.attrs and g.initializers[dq.input(1)].ndim:
             continue
         out = node.outputs[0]

@@ -33,6 +33,7 @@ INT8_KERNELS = {
     "GlobalAveragePool": ("QLinearGlobalAveragePool",),
     "AveragePool": ("QLinearAveragePool",),
     "Sigmoid": ("QLinearSigmoid",),
+    "LeakyRelu": ("QLinearLeakyRelu",),
 }
 
 

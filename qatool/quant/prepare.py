@@ -5,12 +5,13 @@ here is what runs after export:
 - every quantized Conv/Gemm/MatMul reads a quantized input and a per-channel fake-quantized weight (with a
   following BatchNormalization folded into it), adds its bias on the int32 grid, and quantizes its output
   after a following Relu/Clip (which the output's range makes redundant in the int8 model);
-- Add, Mul, Concat, GlobalAveragePool, AveragePool and Sigmoid read quantized inputs and quantize their output
+- Add, Mul, Concat, GlobalAveragePool, AveragePool, Sigmoid and LeakyRelu read quantized inputs and quantize
+  their output
   (onnxruntime has QLinear kernels for them); a constant operand of an Add or Mul (hard-swish's + 3 and / 6,
   a scale) is quantized per tensor on the activation grid, as onnxruntime's quantizer does, so the node still
   runs as a QLinearAdd / QLinearMul;
-- MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice, Identity and Dropout pass their input's
-  quantization through (no new observer);
+- MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice, Expand, Gather, Tile, nearest-neighbour
+  Resize, Identity and Dropout pass their input's quantization through (no new observer);
 - a Mul of a quantized tensor by a positive scalar constant that only quantized Adds and Muls read is a
   rescaling: no quantizer, and in the int8 model its input's DequantizeLinear with the scale multiplied
   (HardSigmoid = Clip(x * alpha + beta, 0, 1) then runs as one QLinearAdd);
@@ -29,10 +30,19 @@ from ..ir.roles import read_roles, write_roles
 from .config import QuantConfig
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
-ACTIVATION_QUANT = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid")
+ACTIVATION_QUANT = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu")
 CONSTANT_OPERAND_QUANT = ("Add", "Mul")  # a constant operand is quantized like an activation (per tensor)
 PASS_THROUGH = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Identity",
-                "Dropout")
+                "Dropout", "Expand", "Gather", "Tile", "Resize")
+
+
+def passes_through(node: Node) -> bool:
+    """Moves its input's values without computing new ones, so its output keeps the input's scale (onnxruntime
+    runs it on the integers: its drop-QDQ rules). Resize only with nearest-neighbour sampling: a linear Resize
+    of integers rounds its interpolated values (ties at every half), which the float simulation would not."""
+    if node.op_type == "Resize":
+        return node.attrs.get("mode", "nearest") in ("nearest", b"nearest")
+    return node.op_type in PASS_THROUGH
 FUSED_ACTIVATIONS = ("Relu", "Clip")
 DOMAIN = "qatool"
 
@@ -198,7 +208,7 @@ def mark(graph: Graph, config: QuantConfig) -> Plan:
             plan.activation_ops.append(node)
             if node.op_type == "Add" and len(constants) == 1 and graph.initializers[constants[0]].size == 1:
                 plan.addends[(act or node).outputs[0]] = float(graph.initializers[constants[0]].reshape(()))
-        elif node.op_type in PASS_THROUGH:
+        elif passes_through(node):
             src = plan.source.get(node.input(0))
             if src is None:
                 plan.float_nodes.append((node.name, node.op_type, "its input is float"))
