@@ -13,6 +13,8 @@ are compared:
   --qatool given; the placement (what is quantized) is the same for both, only the scales differ;
 - onnxruntime int8: real_models.py's quantize_static W8A8 (QDQ, per-channel, MinMax) model of the same float model
   (runs/MODEL/ort_ptq_w8a8.onnx).
+The sample models (lenet_bn, mobilenetv2_small) are measured the same way, with qat_bench.py's quantize_static
+W8A8 model and a fresh `qatool calibrate` W8A8 model, both calibrated on the sample training digits.
 
 Per file, from onnxruntime's optimised graph (ORT_ENABLE_EXTENDED, as `optimized_model_filepath` writes it):
 the integer kernels (QLinear*, QGemm, MatMulIntegerToFloat) and every float op left between a DequantizeLinear and
@@ -43,7 +45,8 @@ import real_data  # noqa: E402
 
 ROOT = real_data.ROOT
 DEFAULT_OUT = ROOT / "bench" / "results" / "int8_speed.json"
-MODELS = ["textdir", "docori", "digits-shift"]
+SAMPLE_MODELS = ["lenet_bn", "mobilenetv2_small"]
+MODELS = ["textdir", "docori", "digits-shift", *SAMPLE_MODELS]
 ROUNDS = {1: 40, 64: 9}
 INTEGER = ("QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger")
 
@@ -121,14 +124,32 @@ def files(spec, runs: Path, args) -> dict[str, Path]:
     return {"float": Path(spec.onnx), "qatool": qatool, "ort": ort_ptq}
 
 
+def sample_files(name: str, work: Path, args) -> tuple[dict[str, Path], list[int]]:
+    """A sample model (sample_models/NAME.onnx): qat_bench.py's quantize_static W8A8 model and a fresh
+    `qatool calibrate` W8A8 model, both calibrated on the sample training digits."""
+    import qat_bench
+
+    work.mkdir(parents=True, exist_ok=True)
+    pre = qat_bench.preprocess_of(qat_bench.SAMPLES / f"{name}.onnx")
+    ort_ptq = Path(qat_bench.run_ort_ptq(name, 8, 8, qat_bench.Data(pre), work)["path"])
+    qatool = work / f"{name}_calibrate_w8a8.onnx"
+    subprocess.run([args.qatool, "calibrate", str(qat_bench.SAMPLES / f"{name}.onnx"), "--data",
+                    str(qat_bench.TRAIN_DIR), "-o", str(qatool), "--no-verify"], check=True, stdout=subprocess.DEVNULL)
+    return {"float": qat_bench.SAMPLES / f"{name}.onnx", "qatool": qatool, "ort": ort_ptq}, \
+        [1, pre.channels, *pre.size]
+
+
 def run(args) -> dict:
     doc = {"settings": {"threads": args.threads, "rounds": ROUNDS}, "models": {},
            "versions": {"onnxruntime": ort.__version__}}
     runs = args.cache / "runs"
     for name in args.models:
-        spec = real_data.load_spec(args.cache, name)
-        paths = files(spec, runs, args)
-        shape = [1, 1 if spec.color == "gray" else 3, *spec.hw]
+        if name in SAMPLE_MODELS:
+            paths, shape = sample_files(name, runs / "samples", args)
+        else:
+            spec = real_data.load_spec(args.cache, name)
+            paths = files(spec, runs, args)
+            shape = [1, 1 if spec.color == "gray" else 3, *spec.hw]
         real_data.log(f"{name}: {', '.join(f'{k} {p}' for k, p in paths.items())}")
         entry = {k: {"file": str(p), **graph_counts(p)} for k, p in paths.items()}
         for k, ms in latency(paths, shape, args.threads).items():
