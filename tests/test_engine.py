@@ -66,7 +66,7 @@ def test_whole_graph_gradients_match_finite_differences(training):
     def loss():
         for k, v in state0.items():  # training mode updates the running statistics: undo that
             model.state[k][...] = v
-        return float(np.sum(model.forward({"x": x}, training=training)[0] * G))
+        return float(np.sum(model.forward({"x": x}, training=training, grad=True)[0] * G))
 
     loss()
     grads = model.backward([G])
@@ -175,3 +175,47 @@ def test_model_copies_read_only_arrays():
     model.forward({"x": X}, training=True)
     assert not np.array_equal(model.state["mean"], frozen["mean"])
     assert all(model.graph.initializers[k].flags.writeable for k in frozen)
+
+
+def _saved_arrays(model) -> list[str]:
+    """(node, attribute) of every array an op holds beyond its configuration."""
+    return [f"{s.op.node.name}.{k}" for s in model._steps for k, v in vars(s.op).items()
+            if k not in s.op._static and isinstance(v, np.ndarray)]
+
+
+def test_an_eval_forward_keeps_nothing_for_a_backward():
+    model = qatool.engine.load(small_net())
+    model.forward({"x": X}, training=True)
+    assert _saved_arrays(model)  # training: what the backward needs
+    model.forward({"x": X})
+    assert _saved_arrays(model) == []
+    with pytest.raises(ModelError, match="grad=True"):
+        model.backward([np.zeros((3, 3), np.float32)])
+    model.forward({"x": X}, grad=True)  # asked for: kept, and the backward runs
+    assert set(model.backward([np.ones((3, 3), np.float32)])) == set(model.params)
+
+
+def test_intermediates_are_freed_after_their_last_reader():
+    """A chain of 24 elementwise ops on a 4 MB tensor peaks at a few tensors, not 24; training mode too for the
+    ops no gradient flows through (here: all of them, the graph has no parameters)."""
+    import tracemalloc
+
+    n = 24
+    nodes = [helper.make_node("Relu" if i % 2 else "Neg", [f"t{i}"], [f"t{i + 1}"]) for i in range(n)]
+    nodes[0].input[0] = "x"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", F, [1024, 1024])],
+                              [helper.make_tensor_value_info(f"t{n}", F, [1024, 1024])])
+    model = qatool.engine.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8))
+    x = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    for training in (False, True):
+        tracemalloc.start()
+        model.forward({"x": x}, training=training)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 4 * x.nbytes, (training, peak / x.nbytes)
+
+
+def test_a_forward_asked_for_some_values_returns_those():
+    model = qatool.engine.load(small_net())
+    gap, logits = model.forward({"x": X}, outputs=["gap", "logits"])
+    assert gap.shape == (3, 4, 1, 1) and logits.shape == (3, 3)

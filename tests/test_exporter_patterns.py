@@ -97,7 +97,7 @@ def test_whole_graph_gradients(make):
     model = qatool.engine.load(make(), dtype=np.float64)
     shape = [d if isinstance(d, int) else 3 for d in model.graph.inputs[0].shape]
     x = rng.standard_normal(shape)
-    out = model.forward({"x": x})[0]
+    out = model.forward({"x": x}, grad=True)[0]
     G = rng.standard_normal(out.shape)
     grads = model.backward([G])
     assert set(grads) == set(model.params) and len(grads) >= 5

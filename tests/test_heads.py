@@ -169,6 +169,22 @@ def test_train_quant_stops_on_a_class_order_that_does_not_fit(lenet, word_digits
     assert not (tmp_path / "out" / "model_int8.onnx").exists()
 
 
+def test_calibrate_stops_on_a_class_order_that_does_not_fit_and_takes_labels(lenet, word_digits, tmp_path):
+    from qatool.quant.calibrate import calibrate
+
+    train, val = word_digits
+    out = tmp_path / "int8.onnx"
+    with pytest.raises(DataError, match="another order.*--labels"):
+        calibrate(lenet, train, out, images=64, val_data=val, echo=lambda s: None)
+    assert not out.exists()
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(WORDS) + "\n")
+    report = calibrate(lenet, train, out, images=64, val_data=val, echo=lambda s: None, labels=labels)
+    assert report["top1_float"] > 0.9 and report["top1_int8"] > 0.9
+    meta = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert meta["qatool.classes"].splitlines() == WORDS
+
+
 def test_probabilities_without_softmax_ask_for_logits(lenet, digits, tmp_path):
     """A softmax written out as Exp / ReduceSum / Div: the output is probabilities, no Softmax is found."""
     proto = onnx.load(lenet)

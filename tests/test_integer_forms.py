@@ -233,3 +233,19 @@ def test_leaky_relu_and_nearest_resize_run_on_integers(tmp_path, mode, resize_in
         resize = next(n for n in opt.graph.node if n.op_type == "Resize")
         producers = {o: n for n in opt.graph.node for o in n.output}
         assert producers[resize.input[0]].op_type != "DequantizeLinear"  # it reads the integers
+
+
+def test_a_session_rebuilt_from_its_checkpoint_exports_the_same_model(zoo_int8, tmp_path):
+    """qat.onnx keeps the activations' scales; the constant operands' quantizers are rebuilt from their values."""
+    from qatool.train.checkpoint import load_checkpoint, save_checkpoint
+
+    session, result, _ = zoo_int8
+    arrays = {f"span/{t}": session.model.graph.initializers[q.span] for t, q in session.quant.items()}
+    save_checkpoint(tmp_path / "qat.onnx", session.float_graph, session.model.graph, session.quant, session.config,
+                    {}, 0, arrays)
+    again = QatSession.from_checkpoint(load_checkpoint(tmp_path / "qat.onnx"))
+    x = rng.standard_normal((8, 3, 5, 5)).astype(np.float32)
+    np.testing.assert_array_equal(again.model.forward({"x": x})[0], session.model.forward({"x": x})[0])
+    for t, q in session.quant.items():
+        np.testing.assert_array_equal(again.model.graph.initializers[again.quant[t].scale],
+                                      session.model.graph.initializers[q.scale], err_msg=t)

@@ -1,14 +1,16 @@
 """The executor: runs a Graph forward (training or eval mode) and backward, on numpy.
 
 The graph is compiled once into a list of steps (one Op per node, in topological order). Forward walks the list
-with a dict of live values; each op keeps what its backward needs. Backward walks the list in reverse over the
-steps that lie on a path from a parameter to an output, accumulating gradients per value name.
+with a dict of live values, dropping each value after the last step that reads it; each op keeps what its
+backward needs, only when a backward will run through it (training mode, on a path from a parameter).
+Backward walks the list in reverse over the steps that lie on a path from a parameter to an output,
+accumulating gradients per value name.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,6 +26,7 @@ class Step:
     inputs: list[str]
     outputs: list[str]
     on_grad_path: bool  # some input depends on a parameter
+    frees: list[str] = field(default_factory=list)  # values no later step reads: dropped once this step has run
 
 
 class Model:
@@ -64,18 +67,34 @@ class Model:
             on_path = any(needs) and op.differentiable
             if on_path:
                 requires_grad.update(o for o in node.outputs if o)
+            op.keep_attributes()
             steps.append(Step(op, list(node.inputs), list(node.outputs), on_path))
+        last_use: dict[str, int] = {}
+        for k, step in enumerate(steps):
+            for name in step.inputs + step.outputs:  # an output nothing reads is dropped right after its step
+                if name:
+                    last_use[name] = k
+        held = set(graph.initializers) | set(graph.input_names) | set(graph.output_names)
+        for name, k in last_use.items():
+            if name not in held:
+                steps[k].frees.append(name)
         return steps
 
     # ---- running ---------------------------------------------------------------------------------------------
     def forward(self, feeds: dict[str, np.ndarray], training: bool = False,
-                outputs: list[str] | None = None) -> list[np.ndarray]:
+                outputs: list[str] | None = None, grad: bool | None = None) -> list[np.ndarray]:
         """Run the graph; returns the graph outputs in order. Training mode: BN batch statistics, Dropout on.
 
         `outputs` names other values to return instead (e.g. the logits feeding a final Softmax); `backward`
         then takes the gradients of those.
+
+        Memory: every intermediate is dropped once its last reader has run, and ops keep what their backward
+        needs only with `grad` (default: in training mode) and only where a gradient flows; an eval-mode
+        forward keeps nothing for a backward (pass grad=True to differentiate one, as gradient checks do).
         """
+        grad = training if grad is None else grad
         wanted = list(outputs) if outputs is not None else self.output_names
+        keep = set(wanted)
         env: dict[str, np.ndarray | None] = {"": None}
         env.update(self.constants)
         env.update(self.params)
@@ -99,7 +118,12 @@ class Model:
             for name, value in zip(step.outputs, out):
                 if name:
                     env[name] = value
-        self._last_forward = True
+            if not (grad and step.on_grad_path):
+                step.op.release()
+            for name in step.frees:
+                if name not in keep:
+                    env.pop(name, None)
+        self._last_forward = grad
         self._last_outputs = wanted
         try:
             return [env[o] for o in wanted]
@@ -109,7 +133,8 @@ class Model:
     def backward(self, output_grads: list[np.ndarray | None]) -> dict[str, np.ndarray]:
         """Gradients of the parameters for the last forward, given the gradients of the graph outputs."""
         if not self._last_forward:
-            raise ModelError("backward() needs a forward() first")
+            raise ModelError("backward() needs a forward() first, in training mode or with grad=True (an eval-mode "
+                             "forward keeps nothing for a backward)")
         if len(output_grads) != len(self._last_outputs):
             raise ModelError(f"expected {len(self._last_outputs)} output gradients, got {len(output_grads)}")
         grads: dict[str, np.ndarray] = {}

@@ -55,6 +55,17 @@ class Op:
         for key, default in self.attrs.items():
             setattr(self, key, node.attrs.get(key, default))
 
+    def keep_attributes(self) -> None:
+        """Mark the attributes set so far (configuration, owned helpers) as the op's own; `release` drops the rest."""
+        self._static = frozenset([*self.__dict__, "_static"])
+
+    def release(self) -> None:
+        """Drop what the last forward saved for a backward (every attribute set since `keep_attributes`)."""
+        static = self.__dict__.get("_static")
+        if static is not None:
+            for key in [k for k in self.__dict__ if k not in static]:
+                del self.__dict__[key]
+
     def forward(self, ctx: Context, *inputs: np.ndarray | None):  # pragma: no cover - abstract
         raise NotImplementedError
 

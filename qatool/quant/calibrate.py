@@ -374,21 +374,23 @@ def labels_fit(dataset, n_outputs: int | None) -> bool:
     return dataset.num_classes <= n_outputs
 
 
-def float_top1(float_graph: Graph, data) -> float:
-    """Top-1 of the float model on onnxruntime (its inference form: BN folded, Dropout removed)."""
+def float_outputs(float_graph: Graph, data) -> np.ndarray:
+    """The float model's outputs on onnxruntime (its inference form: BN folded, Dropout removed)."""
     from ..convert import normalize_proto
-    from ..eval.backends import ort_logits, ort_session, top1
+    from ..eval.backends import ort_logits, ort_session
     from ..ir.graph import to_onnx
 
     infer = normalize_proto(to_onnx(float_graph), for_training=False).graph
-    return top1(ort_logits(ort_session(to_onnx(infer)), data), data.labels)
+    return ort_logits(ort_session(to_onnx(infer)), data)
 
 
 def calibrate(model_path, data, output, method: str = "minmax", quant: QuantConfig | None = None,
               images: int | None = DEFAULT_IMAGES, preprocess: dict | None = None, verify: bool = True,
               val_data=None, percentile: float = DEFAULT_PERCENTILE, bins: int = DEFAULT_BINS,
-              seed: int = 0, echo=None) -> dict:
+              seed: int = 0, echo=None, labels=None) -> dict:
     """Post-training quantization of a float ONNX model through the same int8 export as train-quant.
+    `labels`: a file of class names in output order (default: the model's own, else sorted folder names); a
+    float model at chance whose predictions fit another class order stops the run (as in train-quant).
 
     Calibrates on `images` images of `data` (image folder or list file; a seeded random subset), writes the
     int8 model to `output` atomically and, if `verify`, checks on onnxruntime which quantized nodes fuse into
@@ -403,7 +405,7 @@ def calibrate(model_path, data, output, method: str = "minmax", quant: QuantConf
     from ..export.deploy import export_session
     from ..ir.io import load_proto
     from ..train.data import ImageDataset
-    from ..train.heads import folder_class_names, store_class_names
+    from ..train.heads import check_class_order, folder_class_names, store_class_names
     from ..train.preprocess import METADATA_KEY, resolve_preprocess
     from ..train.session import QatSession
 
@@ -418,7 +420,7 @@ def calibrate(model_path, data, output, method: str = "minmax", quant: QuantConf
     float_graph.metadata[METADATA_KEY] = pre.to_json()
     session = QatSession.create(float_graph, quant)  # a model the engine cannot run fails before any image is read
 
-    class_names = folder_class_names(float_graph, data, echo=say)
+    class_names = folder_class_names(float_graph, data, labels, echo=say)
     calib_set = ImageDataset.open(data, class_names)
     store_class_names(session.model.graph, calib_set.classes)  # the int8 model names its classes
     calib_images = calib_set.load(pre)
@@ -447,7 +449,9 @@ def calibrate(model_path, data, output, method: str = "minmax", quant: QuantConf
     labelled = labels_fit(eval_set, output_classes(float_graph)) and len(float_graph.outputs[0].shape or [0, 0]) == 2
     top1_float = None
     if verify and labelled:
-        top1_float = float_top1(float_graph, eval_images)
+        out = float_outputs(float_graph, eval_images)
+        top1_float = top1(out, eval_images.labels)
+        check_class_order(top1_float, out, eval_images.labels, eval_set.classes, f"the images {val_data or data}")
     # like train-quant, not export-int8: nodes that do not fuse are reported (report["export"]["fusion"]), not
     # fatal — with --symmetric-activations no Conv+Relu can fuse (the Relu is not redundant on a signed grid)
     exported = export_session(session, output, eval_images if verify else None, verify=verify, strict=False,

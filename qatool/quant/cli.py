@@ -38,10 +38,12 @@ def _quant_config(weight_bits, activation_bits, per_tensor, symmetric_activation
 @click.option("--bins", type=click.IntRange(16), default=DEFAULT_BINS, show_default=True,
               help="Histogram bins of --method percentile/entropy. Entropy may cut a range down to "
                    "(levels / bins) of its width: fewer bins clip less.")
+@click.option("--labels", type=click.Path(dir_okay=False),
+              help="Class names, one per line, in output order (default: the model's own, else sorted folders).")
 @quantization_options
 @preprocessing_options
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime checks (fusion, agreement, top-1).")
-def calibrate_command(model, data, output, val_data, method, images, percentile, bins, bits, weight_bits,
+def calibrate_command(model, data, output, val_data, method, images, percentile, bins, labels, bits, weight_bits,
                       activation_bits, per_tensor, symmetric_activations, exclude, reduce_range, size, color, mean,
                       std, no_verify) -> None:
     """Post-training quantization of a float MODEL: calibrate activation ranges on --data, write the int8 model.
@@ -62,7 +64,7 @@ def calibrate_command(model, data, output, val_data, method, images, percentile,
                           reduce_range)
     r = calibrate(model, data, output, method=method, quant=quant, images=images,
                   preprocess=preprocess_overrides(size, color, mean, std), verify=not no_verify, val_data=val_data,
-                  percentile=percentile, bins=bins, echo=click.echo)
+                  percentile=percentile, bins=bins, echo=click.echo, labels=labels)
     click.echo(f"wrote {output} ({r['size_bytes'] / 1024:.1f} KB)")
     export = r["export"]
     for line in export_summary(export):

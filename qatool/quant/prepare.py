@@ -28,6 +28,7 @@ import numpy as np
 from ..ir.graph import Graph, Node
 from ..ir.roles import read_roles, write_roles
 from .config import QuantConfig
+from .qparams import activation_grid, activation_qparams
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
 ACTIVATION_QUANT = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu")
@@ -250,6 +251,15 @@ def insert(graph: Graph, plan: Plan, config: QuantConfig) -> dict[str, QuantTens
                  "learn_scale": int(lsq), "addend": q.addend}
         producer = producers.get(t)
         if t in graph.initializers:  # a constant operand: the quantized ops read the quantized copy
+            # its range is known now (the observer would only ever see these values), so a session rebuilt
+            # from a checkpoint, which keeps activation scales only, quantizes it as the original did
+            value = graph.initializers[t]
+            lo, hi = float(np.min(value)), float(np.max(value))
+            graph.initializers[q.span] = np.array([lo, hi], np.float32)
+            scale, zero = activation_qparams(lo, hi, activation_grid(config.activation_bits,
+                                                                     config.symmetric_activations), q.addend)
+            graph.initializers[q.scale] = np.asarray(scale, np.float32).reshape(())
+            graph.initializers[q.zero_point] = np.asarray(zero, np.float32).reshape(())
             new = graph.unique_name(f"{t}.q")
             for node in plan.activation_ops:
                 node.inputs = [new if i == t else i for i in node.inputs]
