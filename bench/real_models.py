@@ -1,6 +1,6 @@
 """Real-model benchmark (issue 13): qatool's defaults on classifiers someone else trained, against onnxruntime PTQ.
 
-    .venv/bin/python bench/real_models.py                                  # everything: 3 models, all rows, seeds 0 1 2
+    .venv/bin/python bench/real_models.py                                  # everything: 4 models, all rows, seeds 0 1 2
     .venv/bin/python bench/real_models.py --models textdir --steps 10 --seeds 0 --out /tmp/smoke.json   # smoke
     .venv/bin/python bench/real_models.py --rows float,qatool-w8a8 --render
     .venv/bin/python bench/real_models.py --no-run --render                # the Markdown table of --out again
@@ -10,7 +10,9 @@
 
 The models and their data come from bench/real_data.py (built on first use into bench/.cache/real; see its
 docstring: textdir = PaddleOCR's text-direction classifier, docori = RapidAI's PP-LCNet document orientation,
-digits-shift = a BN-CNN trained here at batch 512 and fine-tuned on a shifted digits distribution). Each model has
+digits-shift = a BN-CNN trained here at batch 512 and fine-tuned on a shifted digits distribution, orinet =
+occular-deskew's OriNet document orientation, single pass at 320x320 letterboxed, without its runtime's
+4-rotation test-time augmentation). Each model has
 three splits: train (fine-tuning and calibration), val (train-quant's --val-data: it validates the int8 model at
 checkpoints and keeps the best, so val is used for SELECTION) and test (seen by no run). Every row's reported
 accuracy (`top1`) is top-1 on TEST, measured here by onnxruntime (CPU, --threads intra-op threads) on the row's
@@ -36,10 +38,12 @@ qatool runs as `--qatool PATH` (default: the `qatool` next to sys.executable), s
 with its own venv) can be measured while qatool/ changes; the commit and dirty files recorded are that copy's.
 
 Class order: a row's top-1 maps output i to the model's own class names (real_data's spec: for docori the
-`character` metadata, 0,90,180,270), which is what the model's own runtime assumes. The row also keeps the top-1
+`character` metadata, 0,90,180,270; for orinet orient_onnx.py's ANGLES, 0,90,180,270, as the file has no
+metadata), which is what the model's own runtime assumes. The row also keeps the top-1
 under the class names the output file's metadata declares (`qatool.classes`, `character`, ...) and under sorted
-folder names (0,180,270,90 for docori), so a run that trained on sorted-folder labels shows as such. No --labels
-is passed to qatool: its defaults decide the order.
+folder names (0,180,270,90 for docori), so a run that trained on sorted-folder labels shows as such. --labels is
+passed to qatool only for a model whose file names no classes (orinet), as its user would have to: a file of the
+spec's classes in output order (`labels_flags`); otherwise qatool's defaults decide the order.
 
 Every qatool command runs as a subprocess (stdout+stderr into a log in its run folder, peak RSS from os.wait4's
 rusage of that child, wall time; Linux keeps the forked harness's RSS high-water mark across exec, so a child
@@ -54,6 +58,8 @@ one BLAS thread: textdir ~1,100, docori ~5,500, digits-shift ~70; each run adds 
 ~4 s (digits-shift) of loading, BN check, calibration, checkpoint validation and export; peak RSS 4.5-6.8 GB
 (textdir), 6.3 GB (docori), 0.4 GB (digits-shift). A full run (all rows, seeds 0-2, 200 steps) is about 3.5 h,
 docori most of it: longer than one 180-minute session, so run it per model (`--models docori`) and use --resume.
+orinet (cheap rows only so far, one thread, machine shared): one evaluation (test + val, 800 images) ~13 s float,
+~19 s ORT PTQ W4A8; qatool calibrate ~75 s, peak RSS 3.5 GB; train-quant not measured yet.
 With OMP_NUM_THREADS=2 on a machine whose second core is busy, steps were 2-17x SLOWER than with 1 thread
 (digits-shift 1,250 vs 70 ms): set OMP_NUM_THREADS=1 --threads 1 unless the machine is quiet.
 
@@ -85,7 +91,7 @@ from real_data import Spec, image_folder, load_files, load_folder, log, ort_sess
 ROOT = real_data.ROOT
 DEFAULT_OUT = ROOT / "bench" / "results" / "real_models.json"
 QATOOL = [str(Path(sys.executable).parent / "qatool")]  # set from --qatool in main()
-MODELS = ["textdir", "docori", "digits-shift"]
+MODELS = ["textdir", "docori", "digits-shift", "orinet"]
 ROWS = ["float", "ort-ptq-w8a8", "ort-ptq-w4a8", "qatool-calibrate-w8a8", "qatool-calibrate-w4a8",
         "qatool-w8a8", "qatool-w4a8", "qatool-w4a4"]
 SEEDED = {"qatool-w8a8", "qatool-w4a8", "qatool-w4a4"}
@@ -224,7 +230,8 @@ def row_float(spec: Spec, val: Val, work: Path, args) -> dict:
     r.pop("agreement_with_float_val", None)
     js = work / "qatool_eval_float.json"
     run = run_logged(QATOOL + ["eval", spec.onnx, "--data", spec.test, "--no-latency", "--json", str(js),
-                               *spec.qatool_flags()], work / "qatool_eval_float.log", child_env(args.threads))
+                               *spec.qatool_flags(), *labels_flags(spec, work)], work / "qatool_eval_float.log",
+                     child_env(args.threads))
     r["qatool_eval"] = run
     if run["returncode"] == 0 and js.exists():
         rep = json.loads(js.read_text())
@@ -328,10 +335,21 @@ def bit_flags(bits: str) -> list[str]:
     return ["--weight-bits", str(wb), "--activation-bits", str(ab)]
 
 
+def labels_flags(spec: Spec, work: Path) -> list[str]:
+    """--labels FILE for a model whose file names no classes and whose output order is not the sorted folder
+    names: the order qatool cannot know (it stops such a run, saying so); nothing otherwise."""
+    if metadata_classes(Path(spec.onnx))[1] is not None or spec.classes == sorted(spec.classes):
+        return []
+    path = work / "labels.txt"
+    path.write_text("\n".join(spec.classes) + "\n")
+    return ["--labels", str(path)]
+
+
 def row_calibrate(spec: Spec, val: Val, work: Path, args, bits: str) -> dict:
     out = work / f"calibrate_{bits}.onnx"
     run = run_logged(QATOOL + ["calibrate", spec.onnx, "--data", spec.train, "--val-data", spec.val, "-o", str(out),
-                               *spec.qatool_flags(), *bit_flags(bits)], work / f"calibrate_{bits}.log",
+                               *spec.qatool_flags(), *bit_flags(bits), *labels_flags(spec, work)],
+                     work / f"calibrate_{bits}.log",
                      child_env(args.threads))
     r = {"run": run}
     if run["returncode"] == 0 and out.exists():
@@ -347,7 +365,7 @@ def row_train_quant(spec: Spec, val: Val, work: Path, args, bits: str, seed: int
     if outdir.exists():
         shutil.rmtree(outdir)
     cmd = QATOOL + ["train-quant", spec.onnx, "--train-data", spec.train, "--val-data", spec.val, "-o", str(outdir),
-                    *spec.qatool_flags(), *bit_flags(bits), "--seed", str(seed), "-q"]
+                    *spec.qatool_flags(), *bit_flags(bits), *labels_flags(spec, work), "--seed", str(seed), "-q"]
     if args.steps is not None:
         cmd += ["--steps", str(args.steps)]
     run = run_logged(cmd, work / f"train_{bits}_s{seed}.log", child_env(args.threads))
