@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) bench/qat_bench.py
 	$(PY) bench/beyond_bench.py
 	$(PY) bench/real_models.py
+	$(PY) bench/int8_speed.py --render
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
