@@ -47,7 +47,7 @@ ROOT = real_data.ROOT
 DEFAULT_OUT = ROOT / "bench" / "results" / "int8_speed.json"
 SAMPLE_MODELS = ["lenet_bn", "mobilenetv2_small"]
 MODELS = ["textdir", "docori", "digits-shift", *SAMPLE_MODELS]
-ROUNDS = {1: 40, 64: 9}
+ROUNDS = {1: 60, 64: 15}
 INTEGER = ("QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger")
 
 
