@@ -328,6 +328,100 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+# ---- finetune ---------------------------------------------------------------------------------------------------
+def finetune(model_path, train_data, output, val_data=None, train=None, preprocess=None, labels=None,
+             new_head: bool = False, features: str | None = None, freeze_backbone: bool = False,
+             trainable: list[str] | None = None, quiet: bool = False, echo=print) -> dict:
+    """Float training of a model (transfer learning with `new_head`: a fresh classifier for the data's classes;
+    with `freeze_backbone` only it, or `trainable`, trains). Writes `output` (a for-training model that
+    train-quant takes as it is), OUTPUT's .metrics.jsonl and .report.json, and with a new head its .labels.txt;
+    returns the report. See qatool.train.transfer."""
+    import json
+
+    from .eval.backends import engine_logits, top1
+    from .ir.io import atomic_write_bytes, save_graph
+    from .train.config import TrainConfig
+    from .train.heads import check_logits, folder_class_names, store_class_names
+    from .train.loop import Phases, train as run_train
+    from .train.preprocess import METADATA_KEY, resolve_preprocess
+    from .train.transfer import FloatSession, feature_shape, find_features, replace_head, trainable_names
+
+    out = Path(output)
+    if out.resolve() == Path(model_path).resolve():
+        raise UsageError(f"the output {out} is the input file; choose another output path")
+    if freeze_backbone and not (new_head or trainable):
+        raise UsageError("--freeze-backbone trains only the new head or the --trainable parameters: give --new-head "
+                         "or --trainable")
+    if features and not new_head:
+        raise UsageError("--features chooses where the new head goes: it needs --new-head")
+    train_cfg = train or TrainConfig()
+    graph = normalize_proto(load_proto(model_path), for_training=True).graph
+    pre = resolve_preprocess(graph, preprocess)
+    graph.metadata[METADATA_KEY] = pre.to_json()
+    names = None if new_head else folder_class_names(graph, train_data, labels, echo)
+    if new_head and labels:
+        names = [ln.strip() for ln in Path(labels).read_text().splitlines() if ln.strip()]
+    train_set, val_set = _open_data(train_data, val_data, names, None if new_head else _output_classes(graph),
+                                    model_path)
+    if train_set.num_classes < 2:
+        raise DataError(f"{train_set.source} has {train_set.num_classes} class: a classifier needs at least two")
+    classes = train_set.classes
+    train_images, val_images = _load_data(train_set, val_set, pre, echo)
+    sample = train_images.batch(np.arange(min(2, len(train_images))))[0]
+    head: list[str] = []
+    if new_head:
+        features = features or find_features(graph)
+        shape = feature_shape(graph, features, sample)
+        head = replace_head(graph, features, int(np.prod(shape[1:])), classes, train_cfg.seed)
+        echo(f"new head: {features} {tuple(shape[1:])} -> Gemm {int(np.prod(shape[1:]))} x {len(classes)} "
+             f"({', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''})")
+    else:
+        store_class_names(graph, classes)
+    chosen = trainable_names(graph, trainable) if trainable else head
+    if freeze_backbone:
+        session = FloatSession.frozen(graph, chosen, train_cfg.seed)
+        echo(f"frozen backbone: {len(chosen)} parameter tensors train "
+             f"({sum(graph.initializers[k].size for k in chosen):,} values); the rest runs in eval mode")
+    else:
+        session = FloatSession.full(graph, train_cfg.seed)
+    check_logits(session.model.forward({session.input_name: sample}, outputs=[session.logits])[0], graph,
+                 session.logits)
+
+    def val_top1() -> float | None:
+        if val_images is None:
+            return None
+        return top1(engine_logits(session.model, val_images, session.logits), val_images.labels)
+
+    start_top1 = val_top1()
+    if start_top1 is not None:
+        echo(f"float val top-1 before training: {start_top1:.4f}")
+    total = train_cfg.total_steps(len(train_images))
+    phases = Phases(total, total)  # float training: BN learns from batch statistics throughout, no observers
+    metrics = out.with_suffix(".metrics.jsonl")
+    metrics.unlink(missing_ok=True)
+
+    def save(step: int, arrays: dict) -> None:
+        save_graph(session.trained_graph(), out)  # atomic: a partial model is never left behind
+
+    echo(f"training {'the head' if freeze_backbone else 'all layers'} in float: {total} steps, batch "
+         f"{train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr}")
+    result = run_train(session, train_images, train_cfg, phases, 0, total, None, save, metrics, quiet)
+    final_top1 = val_top1()
+    report = {"model": str(model_path), "output": str(out), "classes": classes, "new_head": bool(new_head),
+              "features": features, "frozen_backbone": bool(freeze_backbone), "trainable": chosen or None,
+              "steps": result.steps, "ms_per_step": result.ms_per_step, "final_loss": result.final_loss,
+              "val": {"top1_float_start": start_top1, "top1_float": final_top1,
+                      "images": len(val_images) if val_images is not None else 0},
+              "config": {"train": train_cfg.to_dict()}, "peak_rss_mb": peak_rss_mb()}
+    atomic_write_bytes(out.with_suffix(".report.json"), json.dumps(report, indent=2).encode())
+    if new_head:
+        atomic_write_bytes(out.with_suffix(".labels.txt"), ("\n".join(classes) + "\n").encode())
+    if final_top1 is not None:
+        echo(f"float val top-1: {final_top1:.4f} (start {start_top1:.4f}); {result.ms_per_step:.0f} ms/step")
+    echo(f"wrote {out} (a for-training model: train-quant takes it as it is)")
+    return report
+
+
 # ---- export-int8 ------------------------------------------------------------------------------------------------
 def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, preprocess=None,
                 int4: bool = True) -> dict:

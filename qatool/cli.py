@@ -157,6 +157,63 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                     preprocess=pre, labels=labels, resume=resume, quiet=quiet, echo=click.echo)
 
 
+@cli.command("finetune")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--train-data", required=True, type=click.Path(),
+              help="Image folder (one sub-folder per class) or list file of 'relative/path label' lines.")
+@click.option("--val-data", type=click.Path(), help="Validation images: float top-1 before and after training.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The fine-tuned for-training model (train-quant takes it); OUTPUT's .report.json, "
+                   ".metrics.jsonl and, with --new-head, .labels.txt are written beside it.")
+@click.option("--new-head", is_flag=True,
+              help="Replace the classifier by a fresh Linear (Gemm) for the data's classes (initialised as "
+                   "PyTorch's nn.Linear), cut at the classifier's input; a final Softmax is kept.")
+@click.option("--features", metavar="TENSOR", help="With --new-head: the tensor the new head reads (default: the "
+              "input of the final Gemm/MatMul, or of a 1x1 Conv after global pooling); (N, C) or (N, C, 1, 1).")
+@click.option("--freeze-backbone", is_flag=True,
+              help="Train only the new head (or --trainable); the rest runs in eval mode with no backward, so a "
+                   "step costs little more than a forward.")
+@click.option("--trainable", multiple=True, metavar="NAME",
+              help="Initializer name or node-name prefix whose parameters train (repeatable); the rest is frozen "
+                   "with --freeze-backbone.")
+@click.option("--labels", type=click.Path(dir_okay=False),
+              help="Class names, one per line: the model's output order (without --new-head), or the new head's.")
+@preprocessing_options
+@click.option("--augment/--no-augment", default=None, help="Random crop with padding and horizontal flip.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), help="Default sgd (momentum 0.9).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help="Learning rate (default 1e-3).")
+@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), help="SGD momentum (default 0.9).")
+@click.option("--weight-decay", type=click.FloatRange(0), help="L2 weight decay (default 0).")
+@click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]), help="LR schedule (default cosine).")
+@click.option("--warmup-steps", type=click.IntRange(0), help="Linear LR warm-up steps (default 0).")
+@click.option("--steps", type=click.IntRange(0), help="Training steps (default 200).")
+@click.option("--epochs", type=click.FloatRange(0, min_open=True), help="Training length in epochs instead of steps.")
+@click.option("--batch-size", type=click.IntRange(1), help="Default 64.")
+@click.option("--seed", type=click.IntRange(0), help="Seed of every random choice (default 0).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def finetune(model, train_data, val_data, output, new_head, features, freeze_backbone, trainable, labels, size,
+             color, mean, std, augment, optimizer, lr, momentum, weight_decay, schedule, warmup_steps, steps, epochs,
+             batch_size, seed, quiet):
+    """Float training of MODEL on an image folder: transfer learning to your own classes.
+
+    \b
+    Examples:
+      qatool finetune imagenet.onnx --train-data mine/train --val-data mine/val --new-head --freeze-backbone -o mine.onnx
+      qatool train-quant mine.onnx --train-data mine/train --val-data mine/val -o out/
+    """
+    from . import api
+    from .train.config import TrainConfig
+
+    t_flags = {"optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+               "schedule": schedule, "warmup_steps": warmup_steps, "steps": steps, "epochs": epochs,
+               "batch_size": batch_size, "seed": seed, "augment": augment}
+    api.finetune(model, train_data, output, val_data=val_data,
+                 train=TrainConfig(**{k: v for k, v in t_flags.items() if v is not None}),
+                 preprocess=preprocess_overrides(size, color, mean, std), labels=labels, new_head=new_head,
+                 features=features, freeze_backbone=freeze_backbone, trainable=list(trainable) or None, quiet=quiet,
+                 echo=click.echo)
+
+
 @cli.command("export-int8")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the int8 model.")
