@@ -119,7 +119,8 @@ def _mixed_precision(float_graph, images, quant_cfg, train_cfg, echo):
 
 
 def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, train=None, preprocess=None,
-                labels=None, resume=None, quiet: bool = False, echo=print) -> dict:
+                labels=None, resume=None, quiet: bool = False, echo=print, new_head: bool = False,
+                features: str | None = None, float_steps: int | None = None, freeze_backbone: bool = False) -> dict:
     """QAT of a float (or convert --for-training) model on an image folder; writes qat.onnx, model_int8.onnx,
     metrics.jsonl and report.json into `out_dir` and returns the report.
 
@@ -128,6 +129,11 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     its metadata has them and the folders carry them, else sorted folder names); `resume` a qat.onnx to
     continue from. With validation data the run measures the int8 accuracy before the first step (post-training
     quantization) and at checkpoints, and by default writes the best of them (see qatool.train.validation).
+
+    Transfer learning in one command: `new_head` replaces the classifier by one for the data's classes (see
+    `finetune`), whose float warm-up of `float_steps` steps (default DEFAULT_HEAD_STEPS) trains the head alone;
+    `float_steps` without `new_head` is a float warm-up of the whole model (of the head only with
+    `freeze_backbone`). The warmed-up model is OUT_DIR/float_warmup.onnx, and QAT then trains every layer.
     """
     import json
 
@@ -150,6 +156,22 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     except OSError as e:
         raise UsageError(f"cannot create the output folder {out}: {e.strerror or e}") from e
     train_cfg = train or TrainConfig()
+    if (new_head or float_steps or freeze_backbone or features) and resume is not None:
+        raise UsageError("--resume continues a QAT run: the warm-up options (--new-head, --float-steps, "
+                         "--freeze-backbone, --features) belong to its first run")
+    if new_head or float_steps:
+        from dataclasses import replace
+
+        warm = out / "float_warmup.onnx"
+        steps = float_steps if float_steps is not None else DEFAULT_HEAD_STEPS
+        echo(f"float warm-up: {steps} steps of {'the new head' if new_head or freeze_backbone else 'all layers'}")
+        finetune(model_path, train_data, warm, val_data=val_data,
+                 train=replace(train_cfg, steps=steps, epochs=None), preprocess=preprocess, labels=labels,
+                 new_head=new_head, features=features, freeze_backbone=bool(new_head or freeze_backbone),
+                 quiet=quiet, echo=echo)
+        model_path, labels = warm, None  # the warmed-up model names its classes
+    elif freeze_backbone or features:
+        raise UsageError("--freeze-backbone and --features shape a float warm-up: give --new-head or --float-steps")
     float_graph, ckpt, quant_cfg = _training_model(model_path, resume, quant)
     if train_cfg.scale_lr is not None and quant_cfg.scale_learning != "lsq":
         raise UsageError("--scale-lr sets the learning rate of learned step sizes: it needs --scale-learning lsq")
@@ -329,6 +351,9 @@ def _json_default(o):
 
 
 # ---- finetune ---------------------------------------------------------------------------------------------------
+DEFAULT_HEAD_STEPS = 100  # train-quant --new-head: float steps of the new head before QAT
+
+
 def finetune(model_path, train_data, output, val_data=None, train=None, preprocess=None, labels=None,
              new_head: bool = False, features: str | None = None, freeze_backbone: bool = False,
              trainable: list[str] | None = None, quiet: bool = False, echo=print) -> dict:

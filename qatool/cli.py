@@ -110,6 +110,15 @@ def convert(model: str, output: str, for_training: bool) -> None:
 @click.option("--distill-temperature", type=click.FloatRange(0, min_open=True), help="Softmax temperature (4).")
 @click.option("--distill-alpha", type=click.FloatRange(0, 1),
               help="Weight of the distillation term (0.5); 1 - alpha weighs the cross-entropy.")
+@click.option("--new-head", is_flag=True,
+              help="Transfer learning: a fresh classifier for the data's classes (as `qatool finetune --new-head`), "
+                   "trained alone in float for --float-steps, then QAT of the whole model.")
+@click.option("--features", metavar="TENSOR", help="With --new-head: the tensor the new head reads.")
+@click.option("--float-steps", type=click.IntRange(1),
+              help="Float warm-up steps before QAT (default with --new-head: 100; the new head alone, or every "
+                   "layer without --new-head unless --freeze-backbone). The warmed-up model is "
+                   "OUTPUT_DIR/float_warmup.onnx.")
+@click.option("--freeze-backbone", is_flag=True, help="The float warm-up trains the head only.")
 @click.option("--resume", type=click.Path(dir_okay=False), help="Continue from a qat.onnx checkpoint.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def train_quant(model, train_data, val_data, output_dir, labels, config_file, size, color, mean, std, augment,
@@ -117,7 +126,8 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                 observer_momentum, freeze_bn_after, freeze_observers_after, exclude, reduce_range, scale_learning,
                 optimizer, lr, scale_lr, momentum, weight_decay, schedule, warmup_steps, steps, epochs, batch_size,
                 seed, init, init_method, init_images, mixed_precision, mixed_low_bits, save_every, keep,
-                validate_every, logits, teacher, distill_temperature, distill_alpha, resume, quiet):
+                validate_every, logits, teacher, distill_temperature, distill_alpha, new_head, features, float_steps,
+                freeze_backbone, resume, quiet):
     """Quantization-aware training of MODEL on an image folder.
 
     MODEL is a float ONNX model (converted --for-training on the fly) or the output of
@@ -154,7 +164,8 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
     pre.update({k: v for k, v in preprocess_overrides(size, color, mean, std).items() if v is not None})
     api.train_quant(model, train_data, output_dir, val_data=val_data,
                     quant=QuantConfig(**quant) if (quant or not resume) else None, train=TrainConfig(**train),
-                    preprocess=pre, labels=labels, resume=resume, quiet=quiet, echo=click.echo)
+                    preprocess=pre, labels=labels, resume=resume, quiet=quiet, echo=click.echo, new_head=new_head,
+                    features=features, float_steps=float_steps, freeze_backbone=freeze_backbone)
 
 
 @cli.command("finetune")

@@ -157,3 +157,22 @@ def test_data_with_a_single_class_is_refused(lenet, digits, tmp_path):
         api.finetune(lenet, one, tmp_path / "o.onnx", train=TrainConfig(steps=1), new_head=True, quiet=True,
                      echo=lambda s: None)
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_train_quant_re_heads_warms_up_then_quantizes_in_one_command(lenet, even_odd, tmp_path):
+    train, val = even_odd
+    said = []
+    report = api.train_quant(lenet, train, tmp_path / "out", val_data=val, train=TrainConfig(steps=6),
+                             new_head=True, float_steps=120, quiet=True, echo=said.append)
+    assert any(s.startswith("float warm-up: 120 steps of the new head") for s in said)
+    assert (tmp_path / "out" / "float_warmup.onnx").exists()
+    assert report["classes"] == ["even", "odd"] and report["val"]["top1_int8"] > 0.85
+    int8 = onnx.load(tmp_path / "out" / "model_int8.onnx")
+    assert int8.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 2
+
+
+def test_train_quant_warm_up_options_need_a_warm_up(lenet, digits, tmp_path):
+    train, _ = digits
+    with pytest.raises(UsageError, match="--new-head or --float-steps"):
+        api.train_quant(lenet, train, tmp_path / "o", train=TrainConfig(steps=1), freeze_backbone=True, quiet=True,
+                        echo=lambda s: None)
