@@ -14,7 +14,10 @@ from .errors import QatoolError
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="qatool")
 @click.option("--debug", is_flag=True, help="Show the full Python traceback when something fails.")
-def cli(debug: bool) -> None:
+@click.option("--max-memory", metavar="SIZE", help="Memory for the intermediate values of one evaluation batch "
+              "of qatool's engine (e.g. 512MB, 2GB; default 1GB): evaluations pick their batch from it, so a "
+              "lower value lowers the peak of validation, calibration and export checks.")
+def cli(debug: bool, max_memory: str | None) -> None:
     """Quantization-aware training of ONNX models.
 
     \b
@@ -24,6 +27,11 @@ def cli(debug: bool) -> None:
       qatool export-int8 out/qat.onnx -o model_int8.onnx
       qatool eval float.onnx model_int8.onnx --data DIR
     """
+    if max_memory:
+        from .eval.backends import set_memory_budget
+        from .quant.mixed import parse_size
+
+        set_memory_budget(parse_size(max_memory))  # a bad size: UsageError, one line
 
 
 @cli.command()

@@ -219,3 +219,38 @@ def test_a_forward_asked_for_some_values_returns_those():
     model = qatool.engine.load(small_net())
     gap, logits = model.forward({"x": X}, outputs=["gap", "logits"])
     assert gap.shape == (3, 4, 1, 1) and logits.shape == (3, 3)
+
+
+def test_evaluation_batches_follow_the_memory_budget(lenet, digits):
+    """The engine's evaluation batch comes from the intermediate bytes of one image and the budget (qatool
+    --max-memory); the logits do not depend on it."""
+    from qatool.eval import backends
+    from qatool.train.data import ImageDataset
+    from qatool.train.preprocess import resolve_preprocess
+
+    model = qatool.engine.load(lenet)
+    data = ImageDataset.open(digits[1]).load(resolve_preprocess(model.graph))
+    x, _ = data.batch(np.arange(1))
+    per_image = model.activation_bytes({model.input_names[0]: x})
+    assert 0 < per_image < 1024**2
+    assert model.activation_bytes({model.input_names[0]: np.repeat(x, 8, axis=0)}) >= 7 * per_image
+    full = backends.engine_logits(model, data)
+    try:
+        backends.set_memory_budget(3 * per_image)
+        assert backends.engine_batch_size(model, data) == 3
+        np.testing.assert_allclose(backends.engine_logits(model, data), full, rtol=1e-5, atol=1e-6)
+    finally:
+        backends.set_memory_budget(backends.DEFAULT_MEMORY_BUDGET)
+
+
+def test_max_memory_option(lenet, tmp_path):
+    from click.testing import CliRunner
+
+    from qatool.cli import cli
+    from qatool.eval import backends
+
+    res = CliRunner().invoke(cli, ["--max-memory", "lots", "convert", str(lenet), "-o", str(tmp_path / "o.onnx")])
+    assert res.exit_code != 0 and "cannot read the size 'lots'" in str(res.exception)
+    res = CliRunner().invoke(cli, ["--max-memory", "64MB", "convert", str(lenet), "-o", str(tmp_path / "o.onnx")])
+    assert res.exit_code == 0 and backends._budget["bytes"] == 64 * 10**6
+    backends.set_memory_budget(backends.DEFAULT_MEMORY_BUDGET)

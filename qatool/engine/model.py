@@ -120,6 +120,12 @@ class Model:
                     env[name] = value
             if not (grad and step.on_grad_path):
                 step.op.release()
+            tally = getattr(self, "_tally", None)
+            if tally is not None:  # activation_bytes: the live intermediates once this step's outputs exist
+                own, peak = tally
+                live = sum(v.nbytes for v in {id(v): v for v in env.values() if isinstance(v, np.ndarray)
+                                              and id(v) not in own}.values())
+                peak[0] = max(peak[0], live)
             for name in step.frees:
                 if name not in keep:
                     env.pop(name, None)
@@ -129,6 +135,18 @@ class Model:
             return [env[o] for o in wanted]
         except KeyError as e:
             raise ModelError(f"no value named {e.args[0]!r} in the graph") from None
+
+    def activation_bytes(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> int:
+        """The most bytes of intermediate values alive at once in an eval-mode forward of `feeds` asking for
+        `outputs` (what a forward needs beyond the model's own arrays): measured by running it with a tally."""
+        own = {id(v) for v in (*self.constants.values(), *self.params.values(), *self.state.values())}
+        self._tally = (own, [0])
+        try:
+            self.forward(feeds, outputs=outputs)
+        finally:
+            own, peak = self._tally
+            del self._tally
+        return peak[0]
 
     def backward(self, output_grads: list[np.ndarray | None]) -> dict[str, np.ndarray]:
         """Gradients of the parameters for the last forward, given the gradients of the graph outputs."""

@@ -40,6 +40,27 @@ def ort_run(sess: ort.InferenceSession, x: np.ndarray, what: str = "the model") 
 
 MAX_EVAL_BATCH = 256
 EVAL_INPUT_BYTES = 16 * 1024**2  # float input per evaluation batch: ~27 images at 3x224x224, 256 at 28x28
+DEFAULT_MEMORY_BUDGET = 1024**3  # intermediate values of an engine evaluation batch (`qatool --max-memory`)
+_budget = {"bytes": DEFAULT_MEMORY_BUDGET}
+
+
+def set_memory_budget(nbytes: int) -> None:
+    """The bytes of intermediate values an engine evaluation batch may hold (`qatool --max-memory`)."""
+    if nbytes < 1:
+        raise ValueError("the memory budget must be positive")
+    _budget["bytes"] = int(nbytes)
+
+
+def engine_batch_size(model, data, outputs: list[str] | None = None) -> int:
+    """The batch of an engine evaluation asking for `outputs`: as many images as fit the memory budget, from
+    the intermediate values one image needs (`Model.activation_bytes`, measured once per model and outputs),
+    at most the input-sized batch (`eval_batch_size`): the size of the data set never changes peak memory."""
+    cache = model.__dict__.setdefault("_bytes_per_image", {})
+    key = tuple(outputs or ())
+    if key not in cache:
+        x, _ = data.batch(np.arange(1))
+        cache[key] = max(1, model.activation_bytes({model.input_names[0]: x}, outputs))
+    return int(max(1, min(eval_batch_size(data), _budget["bytes"] // cache[key])))
 
 
 def eval_batch_size(data) -> int:
@@ -60,7 +81,7 @@ def engine_logits(model, data: LoadedImages, output: str | None = None, batch_si
     """Eval-mode logits of an engine Model (`output` names another tensor than the first graph output)."""
     name = model.input_names[0]
     outs = [output] if output else None
-    bs = batch_size or eval_batch_size(data)
+    bs = batch_size or engine_batch_size(model, data, outs)
     return np.concatenate([model.forward({name: x}, training=False, outputs=outs)[0].reshape(len(x), -1)
                            for x, _ in data.batches(bs)])
 

@@ -257,12 +257,10 @@ def collect_ranges(float_graph: Graph, tensors: list[str], data, method: str = "
     `grid` is the activation grid the ranges are for (default 8-bit asymmetric): a signed grid means
     symmetric activations (percentile of |x|, symmetric entropy windows), and its number of levels is the
     number of groups of the entropy search. `batch_size` None: at most DEFAULT_BATCH_SIZE, fewer for large inputs
-    (`qatool.eval.backends.eval_batch_size`).
+    or when the observed tensors of a batch would exceed the memory budget (`qatool.eval.backends.engine_batch_size`).
     """
     from ..engine.model import Model
-    from ..eval.backends import eval_batch_size
-
-    batch_size = batch_size or min(DEFAULT_BATCH_SIZE, eval_batch_size(data))
+    from ..eval.backends import engine_batch_size
 
     if method not in METHODS:
         raise UsageError(f"the calibration method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -284,6 +282,7 @@ def collect_ranges(float_graph: Graph, tensors: list[str], data, method: str = "
     if missing:
         raise ModelError(f"internal: tensors {missing[:3]} to calibrate are not in the float model")
     indices = calibration_indices(len(data), max_images, seed)
+    batch_size = batch_size or min(DEFAULT_BATCH_SIZE, engine_batch_size(model, data, tensors))
 
     lo = {t: np.inf for t in tensors}
     hi = {t: -np.inf for t in tensors}

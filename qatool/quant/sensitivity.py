@@ -62,11 +62,11 @@ def single_layer_config(graph, layer: Layer, base: QuantConfig) -> QuantConfig:
 
 
 def _logits(model, output: str, data, indices: np.ndarray) -> np.ndarray:
-    from ..eval.backends import eval_batch_size
+    from ..eval.backends import engine_batch_size
 
     name = model.input_names[0]
     outs = []
-    batch = min(BATCH_SIZE, eval_batch_size(data))
+    batch = min(BATCH_SIZE, engine_batch_size(model, data, [output]))
     for start in range(0, len(indices), batch):
         x, _ = data.batch(indices[start:start + batch])
         outs.append(model.forward({name: x}, training=False, outputs=[output])[0])
