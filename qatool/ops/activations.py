@@ -89,7 +89,7 @@ class Clip(Op):
     """clip(x, min, max): min/max are attributes before opset 11 and optional scalar inputs from 11.
 
     An omitted bound does not clip. Backward passes the gradient where min < y < max (PyTorch's hardtanh/ReLU6
-    rule: zero at the bounds), derived from the saved output.
+    rule: zero at the bounds): forward keeps that mask (one byte per value), not the output.
     """
 
     attrs = {"min": -_FLT_MAX, "max": _FLT_MAX}
@@ -102,26 +102,25 @@ class Clip(Op):
         else:
             lo = None if lo is None else t(np.asarray(lo).reshape(-1)[0])
             hi = None if hi is None else t(np.asarray(hi).reshape(-1)[0])
-        self.lo, self.hi = lo, hi
+        self.mask = None
         if lo is None and hi is None:
-            self.y = x
             return x
         # np.clip(x, lo, hi) with lo > hi gives hi, as ONNX specifies; explicit ±inf keeps numpy's fast path
-        self.y = np.clip(x, _min_value(x.dtype) if lo is None else lo, _max_value(x.dtype) if hi is None else hi)
-        return self.y
+        y = np.clip(x, _min_value(x.dtype) if lo is None else lo, _max_value(x.dtype) if hi is None else hi)
+        if self.needs_grad[0]:
+            if hi is None:
+                self.mask = y > lo
+            elif lo is None:
+                self.mask = y < hi
+            else:
+                self.mask = y > lo
+                self.mask &= y < hi
+        return y
 
     def backward(self, g):
-        y, lo, hi = self.y, self.lo, self.hi
-        if lo is None and hi is None:
+        if self.mask is None:  # nothing clipped
             return g, None, None
-        if hi is None:
-            mask = y > lo
-        elif lo is None:
-            mask = y < hi
-        else:
-            mask = y > lo
-            mask &= y < hi
-        return _mul_mask(g, mask), None, None
+        return _mul_mask(g, self.mask), None, None
 
 
 # ---- smooth activations -----------------------------------------------------------------------------------------
