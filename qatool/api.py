@@ -455,7 +455,7 @@ def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, pre
     checkpoint recorded, else random inputs. `int4=False` keeps weights of 4 bits or fewer one per byte (an
     opset-13 file for onnxruntime older than 1.20)."""
     from .eval.backends import top1
-    from .export.deploy import export_session
+    from .export.deploy import export_session, time_export
     from .train.checkpoint import load_checkpoint
     from .train.data import ImageDataset
     from .train.heads import folder_class_names
@@ -475,7 +475,9 @@ def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, pre
             dataset = ImageDataset.open(source, folder_class_names(ckpt.float_graph, source))
             data = dataset.load(pre)
     result = export_session(session, output_path, data, verify=verify, strict=True, data_source=str(source or ""),
-                            int4=int4, latency=verify)
+                            int4=int4)
+    if verify:
+        time_export(session, result)
     report = result.to_dict()
     report["float_nodes"] = session.plan.report()["float_nodes"]
     if data is not None:

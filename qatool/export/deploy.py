@@ -72,11 +72,11 @@ def meant_int8(session) -> list[tuple[str, str]]:
 
 
 def export_session(session, out_path: str | os.PathLike, data: LoadedImages | None = None, verify: bool = True,
-                   strict: bool = True, data_source: str = "", int4: bool = True, latency: bool = False) -> ExportResult:
+                   strict: bool = True, data_source: str = "", int4: bool = True) -> ExportResult:
     """Export, then (if `verify`) check fusion and simulation-vs-onnxruntime agreement on `data` (random inputs
     when None). With `strict`, unfused nodes raise FusionError and nothing is written. With `int4`, weights of
-    4 bits or fewer are stored two to a byte (`pack.pack_int4_weights`: opset 21). With `latency` (and
-    `verify`), the int8 model is timed against the session's float model (`latency.measure`)."""
+    4 bits or fewer are stored two to a byte (`pack.pack_int4_weights`: opset 21). `time_export` then times it
+    against the float model."""
     out = Path(out_path)
     model = to_onnx(session.export_int8())
     if int4:
@@ -105,12 +105,11 @@ def export_session(session, out_path: str | os.PathLike, data: LoadedImages | No
             simulated = engine_logits(session.model, data)  # the graph output: what onnxruntime returns
             deployed = ort_logits(sess, data, what="the int8 model")
         agreement = compare(simulated, deployed, output_scale(model))
-        timing = measure_latency(_float_model(session), tmp, _input_shape(session)) if latency else None
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return ExportResult(out, out.stat().st_size, fusion, agreement, data_source, range_notes(session), simulated,
-                        deployed, timing)
+                        deployed)
 
 
 def time_export(session, result: ExportResult) -> ExportResult:
@@ -142,8 +141,7 @@ def _input_shape(session) -> list[int]:
 
 
 def _random_run(session, sess) -> tuple[np.ndarray, np.ndarray, str]:
-    shape = list(session.model.graph.inputs[0].shape or [])
-    shape = [d if isinstance(d, int) and d > 0 else 1 for d in shape]
+    shape = _input_shape(session)
     shape[0] = 16
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     simulated = session.model.forward({session.input_name: x})[0]

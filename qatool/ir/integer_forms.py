@@ -15,8 +15,8 @@
   scaling of v is then a rescaled DequantizeLinear once quantized, one rounding fewer than a QLinearMul after
   the product.
 
-Each rewrite is pattern (`*_match`) / check (`*_why_not`) / rewrite; `rewrite_all` applies them and returns the
-names of the nodes rewritten. Graph input and output names are kept.
+Each rewrite is a check (`*_why_not`: the reason it does not apply, or None) and a rewrite; `rewrite_all`
+applies them in order and counts the nodes rewritten per op type. Graph input and output names are kept.
 """
 
 from __future__ import annotations

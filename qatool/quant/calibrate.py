@@ -401,7 +401,7 @@ def calibrate(model_path, data, output, method: str = "minmax", quant: QuantConf
 
     from ..convert import normalize_proto
     from ..eval.backends import top1
-    from ..export.deploy import export_session
+    from ..export.deploy import export_session, time_export
     from ..ir.io import load_proto
     from ..train.data import ImageDataset
     from ..train.heads import check_class_order, folder_class_names, store_class_names
@@ -454,7 +454,9 @@ def calibrate(model_path, data, output, method: str = "minmax", quant: QuantConf
     # like train-quant, not export-int8: nodes that do not fuse are reported (report["export"]["fusion"]), not
     # fatal — with --symmetric-activations no Conv+Relu can fuse (the Relu is not redundant on a signed grid)
     exported = export_session(session, output, eval_images if verify else None, verify=verify, strict=False,
-                              data_source=str(val_data or data) if verify else "", latency=verify)
+                              data_source=str(val_data or data) if verify else "")
+    if verify:
+        time_export(session, exported)
     report = {
         "model": str(model_path),
         "data": str(data),

@@ -6,10 +6,9 @@ here is what runs after export:
   following BatchNormalization folded into it), adds its bias on the int32 grid, and quantizes its output
   after a following Relu/Clip (which the output's range makes redundant in the int8 model);
 - Add, Mul, Concat, GlobalAveragePool, AveragePool, Sigmoid and LeakyRelu read quantized inputs and quantize
-  their output
-  (onnxruntime has QLinear kernels for them); a constant operand of an Add or Mul (hard-swish's + 3 and / 6,
-  a scale) is quantized per tensor on the activation grid, as onnxruntime's quantizer does, so the node still
-  runs as a QLinearAdd / QLinearMul;
+  their output (onnxruntime has QLinear kernels for them); a constant operand of an Add or Mul (hard-swish's
+  + 3, a scale) is quantized per tensor on the activation grid, as onnxruntime's quantizer does, so the node
+  still runs as a QLinearAdd / QLinearMul;
 - MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice, Expand, Gather, Tile, nearest-neighbour
   Resize, Identity and Dropout pass their input's quantization through (no new observer);
 - a Mul of a quantized tensor by a positive scalar constant that only quantized Adds and Muls read is a
@@ -35,6 +34,8 @@ ACTIVATION_QUANT = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", 
 CONSTANT_OPERAND_QUANT = ("Add", "Mul")  # a constant operand is quantized like an activation (per tensor)
 PASS_THROUGH = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Identity",
                 "Dropout", "Expand", "Gather", "Tile", "Resize")
+FUSED_ACTIVATIONS = ("Relu", "Clip")
+DOMAIN = "qatool"
 
 
 def passes_through(node: Node) -> bool:
@@ -44,8 +45,6 @@ def passes_through(node: Node) -> bool:
     if node.op_type == "Resize":
         return node.attrs.get("mode", "nearest") in ("nearest", b"nearest")
     return node.op_type in PASS_THROUGH
-FUSED_ACTIVATIONS = ("Relu", "Clip")
-DOMAIN = "qatool"
 
 
 @dataclass
