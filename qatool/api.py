@@ -354,14 +354,20 @@ def _json_default(o):
 DEFAULT_HEAD_STEPS = 100  # train-quant --new-head: float steps of the new head before QAT
 
 
+FINETUNE_KEY = "qatool.finetune"  # a finetune output's run: step, total steps, head and trained parameters
+
+
 def finetune(model_path, train_data, output, val_data=None, train=None, preprocess=None, labels=None,
              new_head: bool = False, features: str | None = None, freeze_backbone: bool = False,
-             trainable: list[str] | None = None, quiet: bool = False, echo=print) -> dict:
+             trainable: list[str] | None = None, resume=None, quiet: bool = False, echo=print) -> dict:
     """Float training of a model (transfer learning with `new_head`: a fresh classifier for the data's classes;
     with `freeze_backbone` only it, or `trainable`, trains). Writes `output` (a for-training model that
-    train-quant takes as it is), OUTPUT's .metrics.jsonl and .report.json, and with a new head its .labels.txt;
-    returns the report. See qatool.train.transfer."""
+    train-quant takes as it is) with its optimiser state beside it (OUTPUT.state.npz), OUTPUT's .metrics.jsonl
+    and .report.json, and with a new head its .labels.txt; returns the report. `resume`: a finetune output to
+    continue from (its head, frozen parameters and step; give the same steps). See qatool.train.transfer."""
     import json
+
+    from .train.checkpoint import _save_npz_atomic, state_path
 
     from .eval.backends import engine_logits, top1
     from .ir.io import atomic_write_bytes, save_graph
@@ -380,7 +386,17 @@ def finetune(model_path, train_data, output, val_data=None, train=None, preproce
     if features and not new_head:
         raise UsageError("--features chooses where the new head goes: it needs --new-head")
     train_cfg = train or TrainConfig()
-    graph = normalize_proto(load_proto(model_path), for_training=True).graph
+    run_info: dict = {}
+    if resume is not None:
+        graph = normalize_proto(load_proto(resume), for_training=True).graph
+        if FINETUNE_KEY not in graph.metadata:
+            raise UsageError(f"--resume {resume} is not a finetune output (no {FINETUNE_KEY} metadata)")
+        run_info = json.loads(graph.metadata[FINETUNE_KEY])
+        new_head, features = False, run_info["features"]  # the head is in the file already
+        freeze_backbone, trainable = run_info["frozen_backbone"], run_info["trainable"]
+        labels = None
+    else:
+        graph = normalize_proto(load_proto(model_path), for_training=True).graph
     pre = resolve_preprocess(graph, preprocess)
     graph.metadata[METADATA_KEY] = pre.to_json()
     names = None if new_head else folder_class_names(graph, train_data, labels, echo)
@@ -423,23 +439,39 @@ def finetune(model_path, train_data, output, val_data=None, train=None, preproce
     total = train_cfg.total_steps(len(train_images))
     phases = Phases(total, total)  # float training: BN learns from batch statistics throughout, no observers
     metrics = out.with_suffix(".metrics.jsonl")
-    metrics.unlink(missing_ok=True)
+    start, optim_state = 0, None
+    if resume is not None:
+        start = int(run_info["step"])
+        if run_info["total"] != total:
+            raise UsageError(f"--resume: the run was for {run_info['total']} steps, not {total}: give the same "
+                             "--steps (the learning-rate schedule spans the whole run)")
+        state_file = state_path(resume)
+        optim_state = dict(np.load(state_file)) if state_file.exists() else None
+        echo(f"resuming at step {start} of {total}")
+    else:
+        metrics.unlink(missing_ok=True)
+    info = {"features": features, "new_head": bool(new_head or run_info.get("new_head")),
+            "frozen_backbone": bool(freeze_backbone), "trainable": chosen or None, "total": total,
+            "classes": classes}
 
     def save(step: int, arrays: dict) -> None:
-        save_graph(session.trained_graph(), out)  # atomic: a partial model is never left behind
+        g = session.trained_graph()
+        g.metadata[FINETUNE_KEY] = json.dumps({**info, "step": step})
+        _save_npz_atomic(state_path(out), arrays)
+        save_graph(g, out)  # atomic: a partial model is never left behind
 
     echo(f"training {'the head' if freeze_backbone else 'all layers'} in float: {total} steps, batch "
          f"{train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr}")
-    result = run_train(session, train_images, train_cfg, phases, 0, total, None, save, metrics, quiet)
+    result = run_train(session, train_images, train_cfg, phases, start, total, optim_state, save, metrics, quiet)
     final_top1 = val_top1()
-    report = {"model": str(model_path), "output": str(out), "classes": classes, "new_head": bool(new_head),
+    report = {"model": str(model_path), "output": str(out), "classes": classes, "new_head": info["new_head"],
               "features": features, "frozen_backbone": bool(freeze_backbone), "trainable": chosen or None,
               "steps": result.steps, "ms_per_step": result.ms_per_step, "final_loss": result.final_loss,
               "val": {"top1_float_start": start_top1, "top1_float": final_top1,
                       "images": len(val_images) if val_images is not None else 0},
               "config": {"train": train_cfg.to_dict()}, "peak_rss_mb": peak_rss_mb()}
     atomic_write_bytes(out.with_suffix(".report.json"), json.dumps(report, indent=2).encode())
-    if new_head:
+    if info["new_head"]:
         atomic_write_bytes(out.with_suffix(".labels.txt"), ("\n".join(classes) + "\n").encode())
     if final_top1 is not None:
         echo(f"float val top-1: {final_top1:.4f} (start {start_top1:.4f}); {result.ms_per_step:.0f} ms/step")

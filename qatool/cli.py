@@ -209,10 +209,13 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
 @click.option("--epochs", type=click.FloatRange(0, min_open=True), help="Training length in epochs instead of steps.")
 @click.option("--batch-size", type=click.IntRange(1), help="Default 64.")
 @click.option("--seed", type=click.IntRange(0), help="Seed of every random choice (default 0).")
+@click.option("--save-every", type=click.IntRange(1), help="Also write OUTPUT every N steps (for --resume).")
+@click.option("--resume", type=click.Path(dir_okay=False),
+              help="Continue a finetune run from its OUTPUT (same --steps); its head and frozen parameters are kept.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def finetune(model, train_data, val_data, output, new_head, features, freeze_backbone, trainable, labels, size,
              color, mean, std, augment, optimizer, lr, momentum, weight_decay, schedule, warmup_steps, steps, epochs,
-             batch_size, seed, quiet):
+             batch_size, seed, save_every, resume, quiet):
     """Float training of MODEL on an image folder: transfer learning to your own classes.
 
     \b
@@ -225,12 +228,12 @@ def finetune(model, train_data, val_data, output, new_head, features, freeze_bac
 
     t_flags = {"optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                "schedule": schedule, "warmup_steps": warmup_steps, "steps": steps, "epochs": epochs,
-               "batch_size": batch_size, "seed": seed, "augment": augment}
+               "batch_size": batch_size, "seed": seed, "augment": augment, "save_every": save_every}
     api.finetune(model, train_data, output, val_data=val_data,
                  train=TrainConfig(**{k: v for k, v in t_flags.items() if v is not None}),
                  preprocess=preprocess_overrides(size, color, mean, std), labels=labels, new_head=new_head,
-                 features=features, freeze_backbone=freeze_backbone, trainable=list(trainable) or None, quiet=quiet,
-                 echo=click.echo)
+                 features=features, freeze_backbone=freeze_backbone, trainable=list(trainable) or None,
+                 resume=resume, quiet=quiet, echo=click.echo)
 
 
 @cli.command("export-int8")

@@ -176,3 +176,38 @@ def test_train_quant_warm_up_options_need_a_warm_up(lenet, digits, tmp_path):
     with pytest.raises(UsageError, match="--new-head or --float-steps"):
         api.train_quant(lenet, train, tmp_path / "o", train=TrainConfig(steps=1), freeze_backbone=True, quiet=True,
                         echo=lambda s: None)
+
+
+def test_a_finetune_run_resumes_where_it_stopped(lenet, even_odd, tmp_path, monkeypatch):
+    """A run stopped right after its step-10 save (--save-every 10), then resumed: the same parameters as one
+    run of 20 steps, bit for bit (same batches, learning rates and optimiser state)."""
+    import qatool.ir.io as io
+
+    train, _ = even_odd
+    cfg = dict(steps=20, save_every=10, batch_size=16)
+    whole = tmp_path / "whole.onnx"
+    api.finetune(lenet, train, whole, train=TrainConfig(**cfg), new_head=True, freeze_backbone=True, quiet=True,
+                 echo=lambda s: None)
+    real_save = io.save_graph
+
+    def save_then_stop(graph, path):
+        real_save(graph, path)
+        if json.loads(graph.metadata["qatool.finetune"])["step"] == 10:
+            raise RuntimeError("stopped")
+
+    monkeypatch.setattr(io, "save_graph", save_then_stop)
+    half = tmp_path / "half.onnx"
+    with pytest.raises(RuntimeError, match="stopped"):
+        api.finetune(lenet, train, half, train=TrainConfig(**cfg), new_head=True, freeze_backbone=True, quiet=True,
+                     echo=lambda s: None)
+    monkeypatch.setattr(io, "save_graph", real_save)
+    said = []
+    api.finetune(lenet, train, tmp_path / "resumed.onnx", train=TrainConfig(**cfg), resume=half, quiet=True,
+                 echo=said.append)
+    assert "resuming at step 10 of 20" in said
+    a = {t.name: numpy_helper.to_array(t) for t in onnx.load(whole).graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "resumed.onnx").graph.initializer}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(UsageError, match="the same --steps"):
+        api.finetune(lenet, train, tmp_path / "r2.onnx", train=TrainConfig(steps=30), resume=half, quiet=True,
+                     echo=lambda s: None)
