@@ -28,6 +28,8 @@ bench: $(STAMP)
 	$(PY) bench/beyond_bench.py
 	$(PY) bench/real_models.py
 	$(PY) bench/int8_speed.py --render
+	$(PY) bench/transfer_bench.py --render
+	$(PY) bench/scale_bench.py --render
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
