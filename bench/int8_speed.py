@@ -46,7 +46,7 @@ import real_data  # noqa: E402
 ROOT = real_data.ROOT
 DEFAULT_OUT = ROOT / "bench" / "results" / "int8_speed.json"
 SAMPLE_MODELS = ["lenet_bn", "mobilenetv2_small"]
-MODELS = ["textdir", "docori", "digits-shift", *SAMPLE_MODELS]
+MODELS = ["textdir", "docori", "digits-shift", "orinet", *SAMPLE_MODELS]
 ROUNDS = {1: 60, 64: 15}
 INTEGER = ("QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger")
 
