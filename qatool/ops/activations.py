@@ -34,12 +34,15 @@ def _min_value(dtype: np.dtype):
 # ---- Relu family ----------------------------------------------------------------------------------------------
 @register("Relu")
 class Relu(Op):
+    """Keeps a one-byte mask (y > 0) for its backward, not its float output."""
+
     def forward(self, ctx, x):
-        self.y = np.clip(x, x.dtype.type(0), _max_value(x.dtype))
-        return self.y
+        y = np.clip(x, x.dtype.type(0), _max_value(x.dtype))
+        self.mask = y > 0 if self.needs_grad[0] else None
+        return y
 
     def backward(self, g):
-        return (_mul_mask(g, self.y > 0),)
+        return (_mul_mask(g, self.mask),)
 
 
 @register("LeakyRelu")

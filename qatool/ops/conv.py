@@ -140,6 +140,9 @@ def _two_stage(kernel, strides, out) -> bool:
     return len(kernel) == 2 and strides[0] == 1 and kernel[0] > 1 and kernel[1] > 1 and out[1] <= 20
 
 
+KEEP_COL_FACTOR = 2  # see Conv.forward
+
+
 def _im2col(x, kernel, strides, dilations, pb, out) -> np.ndarray:
     """col[c, *k, n, *o] = x[n, c, o*s + k*d - pb], zero outside x; a new C-contiguous array."""
     nsp = len(kernel)
@@ -379,7 +382,10 @@ class Conv(Op):
             self.banded = _Banded(x.shape, kernel, strides, dilations, pb, out)
             return self.banded.forward(x, w, b, keep)
         col = _im2col(x, kernel, strides, dilations, pb, out)  # (C, *K, N, *O)
-        self.col = col if keep else None  # the one thing worth keeping, for dW
+        # dW needs the im2col matrix; keeping it costs prod(kernel) / prod(strides) times the input (9x for a
+        # 3x3 conv, 12x for ResNet's 7x7 stride-2 stem: half of ResNet18's training memory), rebuilding it is one
+        # strided copy in backward. Kept only when it is at most KEEP_COL_FACTOR times the input.
+        self.col = col if keep and col.nbytes <= KEEP_COL_FACTOR * x.nbytes else None
         # One GEMM per image writes (N, M, P) directly: best for few groups and large images (the GEMM has
         # a short inner dimension there, and the big output needs no transposition). Otherwise one GEMM per
         # group over the whole batch, then a transposed copy to (N, M, P).
