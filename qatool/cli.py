@@ -7,7 +7,8 @@ import sys
 import click
 
 from . import __version__
-from .cli_options import BITS, export_summary, preprocess_overrides, preprocessing_options, quantization_options
+from .cli_options import (BITS, export_summary, preprocess_overrides, preprocessing_options, quantization_options,
+                          training_options)
 from .errors import QatoolError
 
 
@@ -79,21 +80,10 @@ def convert(model: str, output: str, for_training: bool) -> None:
 @click.option("--scale-learning", type=click.Choice(["none", "lsq"]),
               help="lsq: train the weight and activation step sizes by gradient (LSQ), initialised from the "
                    "observers; the export uses the learned scales.")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), help="Default sgd (momentum 0.9).")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), help="Learning rate (default 1e-3).")
+@training_options
 @click.option("--scale-lr", type=click.FloatRange(0, min_open=True),
               help="Learning rate of the LSQ step sizes (--scale-learning lsq), same optimizer and schedule "
                    "(default: --lr).")
-@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), help="SGD momentum (default 0.9).")
-@click.option("--weight-decay", type=click.FloatRange(0), help="L2 weight decay (default 0).")
-@click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]),
-              help="LR schedule (default cosine: lr falls to 0 by the last step, so the final weights settle; with "
-                   "constant, low-bit accuracy can swing by points from one step to the next).")
-@click.option("--warmup-steps", type=click.IntRange(0), help="Linear LR warm-up steps (default 0).")
-@click.option("--steps", type=click.IntRange(0), help="Training steps (default 200).")
-@click.option("--epochs", type=click.FloatRange(0, min_open=True), help="Training length in epochs instead of steps.")
-@click.option("--batch-size", type=click.IntRange(1), help="Default 64.")
-@click.option("--seed", type=click.IntRange(0), help="Seed of every random choice (default 0).")
 @click.option("--init", "init", type=click.Choice(["observe", "calibrate"]),
               help="calibrate (default): activation ranges start from post-training calibration on the training "
                    "images, and the run measures that start's int8 accuracy; observe: from the first batches.")
@@ -199,16 +189,7 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
               help="Class names, one per line: the model's output order (without --new-head), or the new head's.")
 @preprocessing_options
 @click.option("--augment/--no-augment", default=None, help="Random crop with padding and horizontal flip.")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), help="Default sgd (momentum 0.9).")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), help="Learning rate (default 1e-3).")
-@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), help="SGD momentum (default 0.9).")
-@click.option("--weight-decay", type=click.FloatRange(0), help="L2 weight decay (default 0).")
-@click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]), help="LR schedule (default cosine).")
-@click.option("--warmup-steps", type=click.IntRange(0), help="Linear LR warm-up steps (default 0).")
-@click.option("--steps", type=click.IntRange(0), help="Training steps (default 200).")
-@click.option("--epochs", type=click.FloatRange(0, min_open=True), help="Training length in epochs instead of steps.")
-@click.option("--batch-size", type=click.IntRange(1), help="Default 64.")
-@click.option("--seed", type=click.IntRange(0), help="Seed of every random choice (default 0).")
+@training_options
 @click.option("--save-every", type=click.IntRange(1), help="Also write OUTPUT every N steps (for --resume).")
 @click.option("--resume", type=click.Path(dir_okay=False),
               help="Continue a finetune run from its OUTPUT (same --steps); its head and frozen parameters are kept.")

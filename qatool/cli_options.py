@@ -69,6 +69,27 @@ def quantization_options(f):
     return f
 
 
+def training_options(f):
+    """The optimiser, schedule and length of a training run (train-quant and finetune)."""
+    for opt in reversed([
+        click.option("--optimizer", type=click.Choice(["sgd", "adam"]), help="Default sgd (momentum 0.9)."),
+        click.option("--lr", type=click.FloatRange(0, min_open=True), help="Learning rate (default 1e-3)."),
+        click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), help="SGD momentum (default 0.9)."),
+        click.option("--weight-decay", type=click.FloatRange(0), help="L2 weight decay (default 0)."),
+        click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]),
+                     help="LR schedule (default cosine: lr falls to 0 by the last step, so the final weights settle; "
+                          "with constant, low-bit accuracy can swing by points from one step to the next)."),
+        click.option("--warmup-steps", type=click.IntRange(0), help="Linear LR warm-up steps (default 0)."),
+        click.option("--steps", type=click.IntRange(0), help="Training steps (default 200)."),
+        click.option("--epochs", type=click.FloatRange(0, min_open=True),
+                     help="Training length in epochs instead of steps."),
+        click.option("--batch-size", type=click.IntRange(1), help="Default 64."),
+        click.option("--seed", type=click.IntRange(0), help="Seed of every random choice (default 0)."),
+    ]):
+        f = opt(f)
+    return f
+
+
 def export_summary(export: dict) -> list[str]:
     """The lines that describe a verified int8 export (fusion on onnxruntime, simulation vs onnxruntime)."""
     lines = []
