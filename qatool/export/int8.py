@@ -161,7 +161,7 @@ def _bias_into_layer(g: Graph, node: Node, producers: dict[str, Node], weight_sc
 def _fold_rescales(g: Graph) -> None:
     """Mul(DequantizeLinear(q, s, z), c) -> DequantizeLinear(q, s * c, z) for a per-tensor DequantizeLinear and
     a positive scalar constant c: the same values (up to float rounding of s * c), and the consumer reads a
-    DequantizeLinear, so it fuses (`quant.prepare._is_rescale`: the Mul of HardSigmoid's x * alpha)."""
+    DequantizeLinear, so it fuses (`quant.prepare._rescaled_input`: the Mul of HardSigmoid's x * alpha)."""
     producers = g.producers()
     for node in [n for n in g.nodes if n.op_type == "Mul" and len(n.inputs) == 2]:
         for i, j in ((0, 1), (1, 0)):

@@ -126,23 +126,26 @@ def _constant_clip(graph: Graph, clip: Node | None) -> bool:
         not i or i in graph.initializers for i in clip.inputs[1:]))
 
 
-def _is_rescale(graph: Graph, node: Node, plan: Plan, consumers: dict[str, list[Node]], config: QuantConfig) -> bool:
-    """A Mul of a quantized tensor by a positive scalar constant, read only by Adds and Muls that are quantized:
-    the product needs no quantizer of its own, its DequantizeLinear is the input's with the scale multiplied
+def _rescaled_input(graph: Graph, node: Node, plan: Plan, consumers: dict[str, list[Node]],
+                    config: QuantConfig) -> str | None:
+    """The quantized input of a Mul by a positive scalar constant that only quantized Adds and Muls read, or None:
+    such a product needs no quantizer of its own, its DequantizeLinear is the input's with the scale multiplied
     (HardSigmoid's x * alpha before its + beta)."""
     if node.op_type != "Mul" or _is_excluded(node, config) or len(node.inputs) != 2:
-        return False
+        return None
     a, b = node.inputs
     x, c = (a, b) if b in graph.initializers else (b, a)
     value = graph.initializers.get(c)
     if value is None or x in graph.initializers or value.size != 1 or not float(value.reshape(())) > 0:
-        return False
+        return None
     if x not in plan.source or x in plan.rescaled:
-        return False
+        return None
     out = node.outputs[0]
     users = consumers.get(out, [])
-    return bool(users) and out not in graph.output_names and all(
-        u.op_type in CONSTANT_OPERAND_QUANT and not _is_excluded(u, config) for u in users)
+    if users and out not in graph.output_names and all(
+            u.op_type in CONSTANT_OPERAND_QUANT and not _is_excluded(u, config) for u in users):
+        return x
+    return None
 
 
 def mark(graph: Graph, config: QuantConfig) -> Plan:
@@ -192,8 +195,8 @@ def mark(graph: Graph, config: QuantConfig) -> Plan:
                 absorbed.add(id(bn))
             act = quantize_output(bn if bn is not None else node)
             plan.layers.append(Layer(node, bn, act, source))
-        elif _is_rescale(graph, node, plan, consumers, config):
-            plan.rescaled[node.outputs[0]] = node.input(0) if node.input(1) in graph.initializers else node.input(1)
+        elif (x := _rescaled_input(graph, node, plan, consumers, config)) is not None:
+            plan.rescaled[node.outputs[0]] = x
         elif node.op_type in ACTIVATION_QUANT:
             data = [i for i in node.inputs if i]
             if node.op_type == "AveragePool" or node.op_type == "GlobalAveragePool" or node.op_type == "Sigmoid":
