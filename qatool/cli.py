@@ -28,6 +28,9 @@ def cli(debug: bool, max_memory: str | None) -> None:
       qatool export-int8 out/qat.onnx -o model_int8.onnx
       qatool eval float.onnx model_int8.onnx --data DIR
     """
+    from .engine import keep_freed_memory
+
+    keep_freed_memory()  # every step allocates the same large arrays: reuse them instead of re-mapping pages
     if max_memory:
         from .eval.backends import set_memory_budget
         from .quant.mixed import parse_size

@@ -45,6 +45,10 @@ CONV_CASES = {
     # stride 1: dX is computed as a conv of dY with the flipped kernel, unless a pad is wider than the kernel
     "depthwise_pad_beyond_kernel": ((1, 2, 5, 6), (2, 1, 3, 3), True, {"group": 2, "pads": [3, 1, 2, 3]}),
     "wide_rows": ((1, 2, 4, 23), (3, 2, 3, 3), True, {"pads": [1, 1, 0, 1]}),
+    # dense stride 1: dX is a conv of dY with the flipped, transposed kernel; pads wider than the kernel crop dY
+    "pad_beyond_kernel": ((1, 2, 5, 6), (3, 2, 3, 3), True, {"pads": [3, 1, 2, 4]}),
+    "group3_dilated_s1": ((2, 6, 7, 8), (9, 2, 2, 3), False, {"group": 3, "dilations": [2, 1], "pads": [1, 2, 0, 1]}),
+    "per_image_group1_s1_asym": ((1, 3, 18, 17), (4, 3, 3, 2), True, {"pads": [0, 1, 2, 0]}),
     # output of >= 256 pixels, group 1: one GEMM per image (the other cases use one GEMM per group)
     "per_image": ((2, 2, 17, 16), (3, 2, 3, 3), True, {"pads": [1, 1, 1, 1]}),
     "per_image_nobias_dil": ((1, 2, 20, 19), (2, 2, 2, 3), False, {"dilations": [1, 2], "pads": [0, 1, 1, 0]}),
@@ -61,6 +65,7 @@ CONV_CASES = {
     "conv1d": ((2, 3, 11), (4, 3, 3), True, {"strides": [2], "pads": [1, 2]}),
     "conv1d_same_group": ((2, 4, 10), (4, 2, 4), False, {"auto_pad": "SAME_LOWER", "group": 2}),
     "conv1d_dil": ((1, 2, 12), (3, 2, 3), True, {"dilations": [3], "pads": [0, 2]}),
+    "conv1d_s1_pad_beyond": ((2, 3, 9), (2, 3, 2), True, {"pads": [2, 3]}),
     "conv1d_depthwise": ((2, 3, 13), (3, 1, 3), True, {"group": 3, "strides": [2], "pads": [1, 1]}),
     "conv3d": ((1, 2, 5, 4, 6), (3, 2, 2, 3, 2), True, {"pads": [1, 0, 1, 0, 1, 1], "strides": [1, 2, 2]}),
     "conv3d_depthwise": ((1, 2, 4, 5, 4), (2, 1, 3, 3, 3), True, {"group": 2, "pads": [1, 1, 1, 1, 1, 1]}),

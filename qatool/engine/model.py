@@ -106,6 +106,7 @@ class Model:
         self.ctx.training = training
         for step in self._steps:
             xs = [env[i] for i in step.inputs]
+            self.ctx.grad = grad and step.on_grad_path
             try:
                 out = step.op.forward(self.ctx, *xs)
             except QatoolError:

@@ -35,12 +35,16 @@ class Context:
 
     `bn_frozen`: BN-folded quantized layers use running statistics (the deployed numerics) even in training;
     `observers_frozen`: activation observers stop updating their ranges.
+    `grad`: a backward may follow this op's forward, so it saves what that needs (Model.forward sets it per step:
+    its `grad`, where a gradient flows through the step); an op that would compute something only for backward
+    looks at it.
     """
 
     training: bool = False
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     bn_frozen: bool = False
     observers_frozen: bool = False
+    grad: bool = True
 
 
 class Op:
