@@ -281,3 +281,43 @@ print(int(on), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     pages = 5 * (64 << 20) // 4096
     assert faults["off"] > pages // 1024  # fresh mappings fault again (huge pages: 512 times fewer faults)
     assert faults["on"] < faults["off"] / 10
+
+
+def _two_bn_model(shared: bool) -> onnx.ModelProto:
+    """x -> Conv -> BN -> Conv -> BN. shared: every BN parameter and statistic behind an Identity of one of two
+    initializers (ones, zeros), as PyTorch's exporter writes a fresh model after merging equal initializers."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c1", "g1", "b1", "m1", "v1"], ["y1"]),
+             helper.make_node("Conv", ["y1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c2", "g2", "b2", "m2", "v2"], ["y"])]
+    ones, zeros = np.ones(4, np.float32), np.zeros(4, np.float32)
+    if shared:
+        inits += [numpy_helper.from_array(ones, "ones"), numpy_helper.from_array(zeros, "zeros")]
+        nodes = [helper.make_node("Identity", ["ones" if n[0] in "gv" else "zeros"], [n])
+                 for n in ("g1", "b1", "m1", "v1", "g2", "b2", "m2", "v2")] + nodes
+    else:
+        inits += [numpy_helper.from_array(ones if n[0] in "gv" else zeros, n)
+                  for n in ("g1", "b1", "m1", "v1", "g2", "b2", "m2", "v2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 2, 5, 5])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4, 5, 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+
+
+def test_initializers_merged_by_the_exporter_train_as_separate_arrays():
+    """A BN's running variance updated in place must not rewrite the scale or the statistics of another BN that
+    shared its initializer (ResNet50 from torch.onnx.export trained with batch statistics 3 units off PyTorch's
+    at the first BN, and diverged)."""
+    x = np.random.default_rng(4).standard_normal((2, 2, 5, 5)).astype(np.float32) * 3 + 1
+    models = {shared: qatool.engine.load(_two_bn_model(shared)) for shared in (False, True)}
+    for _ in range(2):  # the second forward sees the running statistics the first one wrote
+        want, got = (models[s].forward({"x": x}, training=True)[0] for s in (False, True))
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    sep, merged = models[False], models[True]
+    for name in ("g1", "b1", "g2", "b2"):
+        np.testing.assert_array_equal(merged.params[name], sep.params[name])
+    for name in ("m1", "v1", "m2", "v2"):
+        np.testing.assert_allclose(merged.state[name], sep.state[name], rtol=1e-6)
+    assert not np.allclose(merged.state["v1"], merged.state["v2"])  # each BN has its own statistics

@@ -29,6 +29,13 @@ class Step:
     frees: list[str] = field(default_factory=list)  # values no later step reads: dropped once this step has run
 
 
+def _root(a: np.ndarray) -> np.ndarray:
+    """The array that owns a view's memory (a itself when it owns its data)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
 class Model:
     """A graph ready to run. `params` and `state` are the live arrays the engine computes with."""
 
@@ -37,9 +44,18 @@ class Model:
         self.graph = graph
         self.dtype = np.dtype(dtype)
         trainable, state = read_roles(graph)
-        for name in trainable + state:  # the engine updates these in place: each must be a writable array of its own
+        # The engine updates these in place: each must be a writable array of its own. Two names can hold one
+        # array: PyTorch's exporter merges initializers of equal value (a fresh model's BN running variances and
+        # its BN scales are all ones) behind Identity nodes, and constant folding turns those into names for the
+        # same array; updated in place, one BN's running variance would then rewrite another layer's scale.
+        owners: set[int] = set(id(_root(v)) for k, v in graph.initializers.items()
+                               if k not in trainable and k not in state)
+        for name in trainable + state:
             value = np.ascontiguousarray(graph.initializers[name], dtype=self.dtype)
-            graph.initializers[name] = value if value.flags.writeable else value.copy()
+            if not value.flags.writeable or id(_root(value)) in owners:
+                value = value.copy()
+            owners.add(id(_root(value)))
+            graph.initializers[name] = value
         self.params: dict[str, np.ndarray] = {k: graph.initializers[k] for k in trainable}
         self.state: dict[str, np.ndarray] = {k: graph.initializers[k] for k in state}
         self.constants: dict[str, np.ndarray] = {
