@@ -11,7 +11,7 @@
 - FoldedBias(y, [b], [gamma, beta, mean, var], s_in, s_w) -> out: adds the bias of a quantized Conv/Gemm, on
   the int32 grid of scale s_in * s_w (what the int8 model adds). With a folded BN, until BN freezes and only in
   training mode it instead undoes the fold and normalises with the batch statistics (PyTorch's ConvBn QAT):
-  z = y / k + b; out = BN_batch(z), updating the running statistics. In eval mode or once frozen:
+  z = y / k + b; out = BN_batch(z), updating the running statistics (computed from y's own statistics). In eval mode or once frozen:
   out = y + q((b - mean) * k + beta): exactly the deployed computation.
 Straight-through estimator everywhere: the gradient passes where the value was inside the grid, zero outside.
 """
@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import DivergedError
 from ..ir.graph import Node
 from ..ops.base import Op, register
-from ..ops.norm import BatchNormalization
+from ..ops.norm import _dot_nc, _sum_nc
 from .qparams import (BIAS_GRID, MIN_SCALE, activation_grid, activation_qparams, channel_shape, fake_quant,
                       lsq_fake_quant, lsq_grad_scale, weight_grid, weight_scales)
 
@@ -168,15 +168,17 @@ class WeightQuant(Op):
 
 @register("qatool.FoldedBias")
 class FoldedBias(Op):
+    """See the module docstring. The batch-statistics path normalises y itself instead of forming z = y / k + b:
+    z - mean(z) = (y - mean(y)) / k and var(z) = var(y) / k^2, so out = (y - mean(y)) * a + beta with
+    a = gamma * invstd / k, invstd = 1 / sqrt(var(y) / k^2 + eps); b cancels (its gradient is exactly 0) and
+    enters only the running mean. Two passes over the tensor fewer forward and three backward than building z
+    and running BatchNormalization on it (ResNet18 at batch 32: 20 such layers a step)."""
+
     attrs = {"axis": 1, "epsilon": 1e-5, "momentum": 0.9}
 
     def __init__(self, node: Node, opset: int = 13):
         super().__init__(node, opset)
         self.has_bn = bool(node.input(2))
-        if self.has_bn:
-            bn_node = Node("BatchNormalization", ["z", *node.inputs[2:6]], ["out"], name=node.name,
-                           attrs={"epsilon": self.epsilon, "momentum": self.momentum})
-            self.bn = BatchNormalization(bn_node, opset)
 
     def forward(self, ctx, y, b, gamma, beta, mean, var, s_in, s_w):
         axis = int(self.axis) % y.ndim
@@ -186,34 +188,66 @@ class FoldedBias(Op):
         if self.has_bn:
             self.k = bn_fold_factor(gamma, var, self.epsilon)
             self.sigma = np.sqrt(var + var.dtype.type(self.epsilon))
-        if self.batch_stats:
-            self.y = y
-            z = y / self.k.reshape(shape)
-            if b is not None:
-                z += b.reshape(shape)
-            self.b = b
-            self.bn.needs_grad = [True, *self.needs_grad[2:6]]
-            return self.bn.forward(ctx, z, gamma, beta, mean, var)
         if b is not None:
             b = b.reshape(-1)
+        if self.batch_stats:
+            return self._batch_norm(y, b, gamma, beta, mean, var, axis)
         bias = folded_bias(b, self.k, beta, mean) if self.has_bn else b
         self.b, self.mean = b, mean
         bias_q, _ = fake_quant(bias, s_in * s_w, 0, BIAS_GRID, want_mask=False)
         return y + bias_q.reshape(shape)
 
+    def _batch_norm(self, y, b, gamma, beta, mean, var, axis):
+        dt = y.dtype.type
+        y3 = y.reshape(int(np.prod(y.shape[:axis])), y.shape[axis], -1)  # (N, C, S)
+        n = y3.shape[0] * y3.shape[2]
+        # one pass of sums, or two (centred) where the mean is large against the spread, as BatchNormalization
+        mu = _sum_nc(y3) / dt(n)
+        var_y = np.maximum(_dot_nc(y3, y3) / dt(n) - mu * mu, dt(0))
+        if np.any(mu * mu > dt(4) * var_y):
+            xs = y3 - mu[:, None]
+            var_y = _dot_nc(xs, xs) / dt(n)
+            ms = np.zeros_like(mu)
+        else:
+            xs, ms = y3, mu
+        k = self.k
+        var_z = var_y / (k * k)
+        invstd = dt(1) / np.sqrt(var_z + dt(self.epsilon))
+        r = invstd / k  # xhat = (y - mean(y)) * r = (z - mean(z)) * invstd
+        a = gamma * r
+        out = xs * a[:, None]
+        out += (beta - ms * a)[:, None]
+        # running statistics of z (PyTorch's rule: the unbiased batch variance), in place
+        unbias = dt(n / max(n - 1, 1))
+        mom = dt(self.momentum)
+        mu_z = mu / k if b is None else mu / k + b
+        for run, batch in ((mean, mu_z), (var, var_z * unbias)):
+            run *= mom
+            run += (batch * (dt(1) - mom)).reshape(run.shape)
+        self.xs, self.ms, self.n, self.a, self.r, self.invstd = xs, ms, n, a, r, invstd
+        return out.reshape(y.shape)
+
     def backward(self, g):
         axis = int(self.axis) % g.ndim
-        shape = channel_shape(g.ndim, axis)
         others = _reduce_axes(g.ndim, axis)
-        db = dgamma = dbeta = None
         if self.batch_stats:
-            dz, dgamma_bn, dbeta, _, _ = self.bn.backward(g)
-            dy = dz / self.k.reshape(shape)
-            db = dz.sum(axis=others)
-            # z = y / k: the fold factor k = gamma / sigma also depends on gamma
-            dk = -(dz * self.y).sum(axis=others) / (self.k * self.k)
-            dgamma = dgamma_bn + dk / self.sigma
-            return dy, self._as_bias(db), dgamma, dbeta, None, None, None, None
+            dt = g.dtype.type
+            g3 = g.reshape(self.xs.shape)
+            sg = _sum_nc(g3)  # dbeta
+            sgx = _dot_nc(g3, self.xs) - self.ms * sg  # sum of g * (y - mean(y))
+            dgamma_bn = sgx * self.r  # sum of g * xhat
+            n, a = dt(self.n), self.a
+            # dy = a * (g - mean(g) - xhat * mean(g * xhat))
+            c1 = a * self.r * dgamma_bn / n
+            dy = g3 * a[:, None]
+            dy -= self.xs * c1[:, None]
+            dy += (self.ms * c1 - a * sg / n)[:, None]
+            # gamma also scales k = gamma / sigma, which moves invstd: d/dgamma of gamma * invstd / k is
+            # invstd / k * (1 - eps * invstd^2)
+            dgamma = dgamma_bn * (dt(1) - dt(self.epsilon) * self.invstd * self.invstd)
+            db = np.zeros(self.a.shape, dtype=g.dtype)  # b cancels in z - mean(z)
+            self.xs = None
+            return dy.reshape(g.shape), self._as_bias(db), dgamma, sg, None, None, None, None
         dbias = g.sum(axis=others)  # straight through the bias's own fake-quant
         if not self.has_bn:
             return g, self._as_bias(dbias), None, None, None, None, None, None
