@@ -77,6 +77,56 @@ def _scatter_taps(shape, kernel, strides, dilations, pb, out, dtype, tap_grad, o
     return _unpad(buf, lo, spatial) if need else buf
 
 
+class _Phases:
+    """The input, padded, split by stride phase, so that every kernel tap reads its values for all outputs as one
+    block with unit stride.
+
+    Buffer position b (the padded input, as `_buffer_geometry` lays it out) lives in phase b % s at index b // s
+    of each strided dim; tap k of a dim starts at b = k*d - pad - lo, so its block is phase (b % s), indices
+    b // s .. b // s + out. One strided copy of the input (split) replaces the strided reads of every tap: for
+    ResNet's 3x3 stride-2 MaxPool at 112x112, batch 32, nine strided passes over the output became contiguous
+    (each ~3x faster), forward and backward; merge is split's adjoint for the gradient.
+    """
+
+    def __init__(self, shape, kernel, strides, dilations, pb, out):
+        self.shape, self.strides = tuple(shape), list(strides)
+        self.kernel, self.dilations, self.pb, self.out = kernel, dilations, pb, out
+        self.lo, sizes, _ = _buffer_geometry(shape[2:], kernel, strides, dilations, pb, out)
+        self.blocks = [-(-z // st) for z, st in zip(sizes, strides)]  # indices per phase, each dim
+
+    def _cells(self):
+        """For each phase: the phase index and, per dim, (index slice in the phase, input slice)."""
+        for phase in product(*(range(st) for st in self.strides)):
+            cells = []
+            for a, st, l, n in zip(phase, self.strides, self.lo, self.shape[2:]):
+                first = -(-(-l - a) // st) if -l - a > 0 else 0  # first index q with input position q*st + a + l >= 0
+                x0 = first * st + a + l
+                count = max(0, -(-(n - x0) // st)) if x0 < n else 0
+                cells.append((slice(first, first + count), slice(x0, x0 + count * st, st)))
+            yield phase, cells
+
+    def split(self, x, fill):
+        ph = np.full(self.shape[:2] + tuple(self.strides) + tuple(self.blocks), fill, dtype=x.dtype)
+        for phase, cells in self._cells():
+            ph[(slice(None), slice(None)) + phase + tuple(c[0] for c in cells)] = \
+                x[(slice(None), slice(None)) + tuple(c[1] for c in cells)]
+        return ph
+
+    def merge(self, ph):
+        """The input-shaped array whose every position is ph's cell for it (padding cells are dropped)."""
+        dx = np.empty(self.shape, dtype=ph.dtype)
+        for phase, cells in self._cells():
+            dx[(slice(None), slice(None)) + tuple(c[1] for c in cells)] = \
+                ph[(slice(None), slice(None)) + phase + tuple(c[0] for c in cells)]
+        return dx
+
+    def tap(self, ph, k):
+        """Tap k's block: out-shaped, unit stride along the last dim."""
+        offs = [kk * d - p - l for kk, d, p, l in zip(k, self.dilations, self.pb, self.lo)]
+        return ph[(slice(None), slice(None)) + tuple(b % st for b, st in zip(offs, self.strides))
+                  + tuple(slice(b // st, b // st + o) for b, st, o in zip(offs, self.strides, self.out))]
+
+
 def _overlapping(kernel, strides, dilations) -> bool:
     return any(st < (k - 1) * d + 1 for k, st, d in zip(kernel, strides, dilations))
 
@@ -96,13 +146,24 @@ class MaxPool(Op):
         kernel, strides, dilations, pb, pe, out = geom
         self.geom, self.x_shape = geom, x.shape
         low = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
-        v = _windows(x, kernel, strides, dilations, pb, out, fill=low)
+        self.phases = None
+        if any(st > 1 for st in strides):  # strided taps: read them from stride phases instead (see _Phases)
+            self.phases = _Phases(x.shape, kernel, strides, dilations, pb, out)
+            ph = self.phases.split(x, low)
+
+            def view(k):
+                return self.phases.tap(ph, k)
+        else:
+            v = _windows(x, kernel, strides, dilations, pb, out, fill=low)
+
+            def view(k):
+                return v[(Ellipsis,) + k]
         taps = _taps(kernel)
         want_indices = len(self.node.outputs) > 1 and bool(self.node.outputs[1])
-        y = v[(Ellipsis,) + taps[0]].copy()
+        y = view(taps[0]).copy()
         if not (ctx.grad or want_indices):
             for k in taps[1:]:
-                np.maximum(y, v[(Ellipsis,) + k], out=y)
+                np.maximum(y, view(k), out=y)
             return y
         # the winning tap of each window (the first maximum in row-major window order), for backward and Indices:
         # a byte per output instead of the padded input and the output kept for comparisons
@@ -113,7 +174,7 @@ class MaxPool(Op):
         beats = np.empty(y.shape, dtype=bool)
         tmp = np.empty(y.shape, dtype=code)
         for t, k in enumerate(taps[1:], 1):
-            vk = v[(Ellipsis,) + k]
+            vk = view(k)
             np.greater(vk, y, out=beats)
             np.maximum(y, vk, out=y)
             np.multiply(beats, code(t), out=tmp)
@@ -155,9 +216,16 @@ class MaxPool(Op):
             else:
                 np.multiply(gy, won, out=dst)
 
-        dx = _scatter_taps(self.x_shape, kernel, strides, dilations, pb, out, gy.dtype, tap_grad,
-                           _overlapping(kernel, strides, dilations))
-        self.win = None
+        overlap = _overlapping(kernel, strides, dilations)
+        if self.phases is None:
+            dx = _scatter_taps(self.x_shape, kernel, strides, dilations, pb, out, gy.dtype, tap_grad, overlap)
+        else:
+            grid = self.phases
+            dph = np.zeros(self.x_shape[:2] + tuple(strides) + tuple(grid.blocks), dtype=gy.dtype)
+            for t, k in enumerate(_taps(kernel)):
+                tap_grad(t, grid.tap(dph, k), overlap)
+            dx = grid.merge(dph)
+        self.win = self.phases = None
         return (dx,)
 
 
