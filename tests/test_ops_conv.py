@@ -47,8 +47,9 @@ CONV_CASES = {
     "wide_rows": ((1, 2, 4, 23), (3, 2, 3, 3), True, {"pads": [1, 1, 0, 1]}),
     # dense stride 1: dX is a conv of dY with the flipped, transposed kernel; pads wider than the kernel crop dY
     "pad_beyond_kernel": ((1, 2, 5, 6), (3, 2, 3, 3), True, {"pads": [3, 1, 2, 4]}),
-    "group3_dilated_s1": ((2, 6, 7, 8), (9, 2, 2, 3), False, {"group": 3, "dilations": [2, 1], "pads": [1, 2, 0, 1]}),
-    "per_image_group1_s1_asym": ((1, 3, 18, 17), (4, 3, 3, 2), True, {"pads": [0, 1, 2, 0]}),
+    # (where M * input pixels <= C * output pixels; otherwise the dcol path, as most cases above)
+    "group3_dilated_s1": ((2, 6, 7, 8), (6, 2, 2, 3), False, {"group": 3, "dilations": [2, 1], "pads": [1, 2, 1, 1]}),
+    "per_image_group1_s1_asym": ((1, 3, 18, 17), (3, 3, 3, 2), True, {"pads": [1, 1, 1, 0]}),
     # output of >= 256 pixels, group 1: one GEMM per image (the other cases use one GEMM per group)
     "per_image": ((2, 2, 17, 16), (3, 2, 3, 3), True, {"pads": [1, 1, 1, 1]}),
     "per_image_nobias_dil": ((1, 2, 20, 19), (2, 2, 2, 3), False, {"dilations": [1, 2], "pads": [0, 1, 1, 0]}),

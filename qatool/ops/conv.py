@@ -19,7 +19,8 @@ Choices, each measured at batch 64 (float32; numbers in the classes' docstrings)
   (N, M, P) directly (3x faster than one big GEMM + transposed copy for the first layers, where C*K is 9..25);
   otherwise one GEMM per group over the whole batch, `w (G, Mg, Cg*K) @ col (G, Cg*K, N*P)`, then one
   transposed copy to (N, M, P);
-- dense stride-1 dX as a conv of dY with the flipped, transposed kernel: its GEMM has the forward's inner
+- dense stride-1 dX as a conv of dY with the flipped, transposed kernel where its im2col is no larger than dcol's
+  (M * input pixels <= C * output pixels: same-padded convs that keep the channels): its GEMM has the forward's inner
   dimension (Mg*K) where Wᵀ @ g has only Mg and writes a K times larger matrix for col2im to scatter (ResNet's
   3x3 at 64x56x56, batch 32, 2 threads: 81 against 139 ms); dW by one GEMM per group over the batch, or per image
   summed where outputs have >= DW_PER_IMAGE_PIXELS pixels (even at 56x56, 3x faster at 7x7 and 14x14);
@@ -461,7 +462,10 @@ class Conv(Op):
         if self.needs_grad[0]:
             if cg == 1 and mg == 1:
                 dx = self._depthwise_dx(gy)
-            elif all(s == 1 for s in strides):
+            elif all(s == 1 for s in strides) and m * prod(self.x_shape[2:]) <= c * p:
+                # (its im2col of dY is M*K*N*P_in, dcol's is C*K*N*P_out: a "valid" conv that shrinks its
+                # input, or one that widens the channels, keeps the dcol path: LeNet's 5x5 20->50 at 12x12,
+                # a conv of dY would gather a matrix 5.6 times dcol's, and took 49 against 14 ms)
                 dx = self._dx_as_conv(gy)
             else:
                 g2 = _channels_first(gy, g)  # (G, Mg, N*P)
