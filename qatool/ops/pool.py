@@ -90,7 +90,7 @@ class _Phases:
 
     def __init__(self, shape, kernel, strides, dilations, pb, out):
         self.shape, self.strides = tuple(shape), list(strides)
-        self.kernel, self.dilations, self.pb, self.out = kernel, dilations, pb, out
+        self.dilations, self.pb, self.out = dilations, pb, out
         self.lo, sizes, _ = _buffer_geometry(shape[2:], kernel, strides, dilations, pb, out)
         self.blocks = [-(-z // st) for z, st in zip(sizes, strides)]  # indices per phase, each dim
 
@@ -105,8 +105,12 @@ class _Phases:
                 cells.append((slice(first, first + count), slice(x0, x0 + count * st, st)))
             yield phase, cells
 
+    def full(self, fill, dtype) -> np.ndarray:
+        """A phases array (N, C, *strides, *blocks) filled with `fill`."""
+        return np.full(self.shape[:2] + tuple(self.strides) + tuple(self.blocks), fill, dtype=dtype)
+
     def split(self, x, fill):
-        ph = np.full(self.shape[:2] + tuple(self.strides) + tuple(self.blocks), fill, dtype=x.dtype)
+        ph = self.full(fill, x.dtype)
         for phase, cells in self._cells():
             ph[(slice(None), slice(None)) + phase + tuple(c[0] for c in cells)] = \
                 x[(slice(None), slice(None)) + tuple(c[1] for c in cells)]
@@ -221,7 +225,7 @@ class MaxPool(Op):
             dx = _scatter_taps(self.x_shape, kernel, strides, dilations, pb, out, gy.dtype, tap_grad, overlap)
         else:
             grid = self.phases
-            dph = np.zeros(self.x_shape[:2] + tuple(strides) + tuple(grid.blocks), dtype=gy.dtype)
+            dph = grid.full(0, gy.dtype)
             for t, k in enumerate(_taps(kernel)):
                 tap_grad(t, grid.tap(dph, k), overlap)
             dx = grid.merge(dph)
