@@ -425,10 +425,10 @@ class Conv(Op):
         m = w.shape[0]
         cg, mg, p, ck = c // g, m // g, prod(out), (c // g) * prod(kernel)
         dx = dw = db = None
+        if self.has_bias and self.needs_grad[2]:
+            db = gy.sum(axis=(0,) + tuple(range(2, gy.ndim)))
         if self.pointwise:
             gm = gy.reshape(n, g, mg, p)
-            if self.has_bias and self.needs_grad[2]:
-                db = gy.sum(axis=(0,) + tuple(range(2, gy.ndim)))
             if self.needs_grad[1]:
                 if mg * cg <= p * (mg + cg):
                     # per-image GEMMs summed over the batch: no transposed copies of g or x
@@ -441,13 +441,9 @@ class Conv(Op):
             self.x = None
             return dx, dw, db
         if self.banded is not None:
-            if self.has_bias and self.needs_grad[2]:
-                db = gy.sum(axis=(0, 2, 3))
             dx, dw = self.banded.backward(gy, self.x, self.needs_grad[0], self.needs_grad[1])
             self.banded = self.x = None
             return dx, (None if dw is None else dw.reshape(w.shape)), db
-        if self.has_bias and self.needs_grad[2]:
-            db = gy.sum(axis=(0,) + tuple(range(2, gy.ndim)))
         if self.needs_grad[1]:
             col = self.col if self.col is not None else _im2col(self.x, kernel, strides, dilations, pb, out)
             self.col = None

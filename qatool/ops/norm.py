@@ -23,6 +23,22 @@ def _dot_nc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ncs,ncs->c", a, b)
 
 
+def batch_moments(x3: np.ndarray):
+    """Per-channel mean and biased variance of an (N, C, S) array, and (xs, ms): xs - ms is x3 centred.
+
+    One pass of sums: mean and variance from sum(x) and sum(x*x). That loses digits when a channel's mean is large
+    against its spread (the float32 sums cancel), so then centre first (two passes): xs = x3 - mean, ms = 0;
+    otherwise xs is x3 itself and ms the mean."""
+    dt = x3.dtype.type
+    count = dt(x3.shape[0] * x3.shape[2])
+    mu = _sum_nc(x3) / count
+    var = np.maximum(_dot_nc(x3, x3) / count - mu * mu, dt(0))
+    if np.any(mu * mu > dt(4) * var):
+        xs = x3 - mu[:, None]
+        return mu, _dot_nc(xs, xs) / count, xs, np.zeros_like(mu)
+    return mu, var, x3, mu
+
+
 def _n_outputs(node) -> int:
     outs = list(node.outputs)
     while outs and not outs[-1]:
@@ -65,16 +81,7 @@ class BatchNormalization(Op):
         self.scale_v = scale_v
         if self.training:
             count = x3.shape[0] * x3.shape[2]
-            # One pass of sums: mean and variance from sum(x) and sum(x*x). That loses digits when a channel's
-            # mean is large against its spread (the float32 sums cancel), so then centre first (two passes).
-            mu = _sum_nc(x3) / dt(count)
-            var_b = np.maximum(_dot_nc(x3, x3) / dt(count) - mu * mu, dt(0))
-            if np.any(mu * mu > dt(4) * var_b):
-                xs = x3 - mu[:, None]
-                var_b = _dot_nc(xs, xs) / dt(count)
-                ms = np.zeros_like(mu)
-            else:
-                xs, ms = x3, mu
+            mu, var_b, xs, ms = batch_moments(x3)
             invstd = dt(1) / np.sqrt(var_b + eps)
             self.count = count
             # Running-statistics update. Deliberate choice: the variance uses the UNBIASED batch variance

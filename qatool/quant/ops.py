@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import DivergedError
 from ..ir.graph import Node
 from ..ops.base import Op, register
-from ..ops.norm import _dot_nc, _sum_nc
+from ..ops.norm import _dot_nc, _sum_nc, batch_moments
 from .qparams import (BIAS_GRID, MIN_SCALE, activation_grid, activation_qparams, channel_shape, fake_quant,
                       lsq_fake_quant, lsq_grad_scale, weight_grid, weight_scales)
 
@@ -201,15 +201,7 @@ class FoldedBias(Op):
         dt = y.dtype.type
         y3 = y.reshape(int(np.prod(y.shape[:axis])), y.shape[axis], -1)  # (N, C, S)
         n = y3.shape[0] * y3.shape[2]
-        # one pass of sums, or two (centred) where the mean is large against the spread, as BatchNormalization
-        mu = _sum_nc(y3) / dt(n)
-        var_y = np.maximum(_dot_nc(y3, y3) / dt(n) - mu * mu, dt(0))
-        if np.any(mu * mu > dt(4) * var_y):
-            xs = y3 - mu[:, None]
-            var_y = _dot_nc(xs, xs) / dt(n)
-            ms = np.zeros_like(mu)
-        else:
-            xs, ms = y3, mu
+        mu, var_y, xs, ms = batch_moments(y3)
         k = self.k
         var_z = var_y / (k * k)
         invstd = dt(1) / np.sqrt(var_z + dt(self.epsilon))
