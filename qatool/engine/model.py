@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import ModelError, QatoolError
 from ..ir.graph import Graph
 from ..ir.roles import read_roles
-from ..ops import Context, Op, make_op
+from ..ops import EVAL_REWRITES, Context, Op, make_op
 
 
 @dataclass
@@ -64,7 +64,9 @@ class Model:
         self.input_names = graph.input_names
         self.output_names = graph.output_names
         self.ctx = Context(rng=np.random.default_rng(seed))
-        self._steps = self._compile(graph)
+        graph.toposort()
+        self._steps = self._compile(graph, graph.nodes)
+        self._eval_steps, self._eval_values = self._compile_eval(graph)
         self._last_forward = False
         self._last_outputs: list[str] = self.output_names
 
@@ -72,11 +74,10 @@ class Model:
         """Float arrays in the model's dtype; everything else (int64 shapes, bools) as it is."""
         return x.astype(self.dtype) if np.issubdtype(x.dtype, np.floating) and x.dtype != self.dtype else x
 
-    def _compile(self, graph: Graph) -> list[Step]:
-        graph.toposort()
+    def _compile(self, graph: Graph, nodes: list) -> list[Step]:
         requires_grad = set(self.params)
         steps = []
-        for node in graph.nodes:
+        for node in nodes:
             op = make_op(node, graph.opset)
             needs = [bool(i) and i in requires_grad for i in node.inputs]
             op.needs_grad = needs
@@ -96,6 +97,18 @@ class Model:
                 steps[k].frees.append(name)
         return steps
 
+    def _compile_eval(self, graph: Graph) -> tuple[list[Step], set[str]]:
+        """The steps of eval-mode forwards without a gradient (the first of `ops.EVAL_REWRITES` that applies: the
+        quantized chains as the int8 kernels compute them), and every value they make available. float32 models
+        only: the rewrites reproduce float32 kernels."""
+        nodes = next((n for n in (rewrite(graph) for rewrite in EVAL_REWRITES) if n), None) \
+            if self.dtype == np.float32 else None
+        if nodes is None:
+            return self._steps, set()
+        steps = self._compile(graph, nodes)
+        values = set(graph.initializers) | set(graph.input_names) | {o for st in steps for o in st.outputs}
+        return steps, values
+
     # ---- running ---------------------------------------------------------------------------------------------
     def forward(self, feeds: dict[str, np.ndarray], training: bool = False,
                 outputs: list[str] | None = None, grad: bool | None = None) -> list[np.ndarray]:
@@ -110,6 +123,9 @@ class Model:
         """
         grad = training if grad is None else grad
         wanted = list(outputs) if outputs is not None else self.output_names
+        steps = self._steps
+        if not training and not grad and self._eval_values.issuperset(wanted):
+            steps = self._eval_steps
         keep = set(wanted)
         env: dict[str, np.ndarray | None] = {"": None}
         env.update(self.constants)
@@ -120,7 +136,7 @@ class Model:
                 raise ModelError(f"missing input {name!r}; the model's inputs are {self.input_names}")
             env[name] = self._as_float(np.asarray(feeds[name]))
         self.ctx.training = training
-        for step in self._steps:
+        for step in steps:
             xs = [env[i] for i in step.inputs]
             self.ctx.grad = grad and step.on_grad_path
             try:

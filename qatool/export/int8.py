@@ -31,8 +31,8 @@ from ..errors import ModelError
 from ..ir.graph import Graph, Node
 from ..ir.roles import STATE_KEY, TRAINABLE_KEY
 from ..quant.ops import bn_fold_factor, folded_bias, folded_step
-from ..quant.qparams import (BIAS_GRID, MIN_SCALE, Grid, activation_grid, channel_shape, quantize, weight_grid,
-                             weight_scales)
+from ..quant.qparams import (BIAS_GRID, MIN_SCALE, Grid, activation_grid, activation_range, channel_shape, grid_inside,
+                             quantize, weight_grid, weight_scales)
 
 FLOAT_NODES_KEY = "qatool.float_nodes"
 
@@ -178,11 +178,8 @@ def _fold_rescales(g: Graph) -> None:
 
 
 def _remove_redundant_activations(g: Graph, grids: dict[str, Grid]) -> None:
-    """Drop a Relu/Clip feeding only a QuantizeLinear whose grid lies inside the activation's range.
-
-    Exact, not approximate: with grid [lo, hi] (in float) inside [lo_act - s/2, hi_act + s/2], quantizing x and
-    quantizing clip(x, lo_act, hi_act) round and saturate to the same integers. The half step absorbs float
-    rounding of the scale (255 * float32(6/255) is a hair above 6)."""
+    """Drop a Relu/Clip feeding only a QuantizeLinear whose grid lies inside the activation's range
+    (`qparams.grid_inside`): exact, not approximate, the integers are the same."""
     consumers = g.consumers()
     for node in [n for n in g.nodes if n.op_type in ("Relu", "Clip")]:
         users = consumers.get(node.outputs[0], [])
@@ -192,15 +189,8 @@ def _remove_redundant_activations(g: Graph, grids: dict[str, Grid]) -> None:
         grid = grids.get(q.outputs[0])
         if grid is None:
             continue
-        s = float(g.initializers[q.input(1)])
-        zp = int(g.initializers[q.input(2)])
-        lo, hi = (grid.qmin - zp) * s, (grid.qmax - zp) * s
-        if node.op_type == "Relu":
-            lo_act, hi_act = 0.0, np.inf
-        else:
-            lo_act = float(g.initializers[node.input(1)]) if node.input(1) else -np.inf
-            hi_act = float(g.initializers[node.input(2)]) if node.input(2) else np.inf
-        if lo > lo_act - s / 2 and hi < hi_act + s / 2:
+        lo_act, hi_act = activation_range(node, g.initializers)
+        if grid_inside(grid, g.initializers[q.input(1)], g.initializers[q.input(2)], lo_act, hi_act):
             q.inputs = [node.input(0), *q.inputs[1:]]
             g.nodes.remove(node)
 

@@ -98,6 +98,17 @@ def register(*op_types: str):
     return wrap
 
 
+# Rewrites of a graph's (topologically sorted) nodes for the engine's eval-mode forwards without a gradient:
+# fn(graph) -> the nodes to run instead, or None; the first that applies is used. Training forwards and backward always run the graph's own nodes.
+EVAL_REWRITES: list = []
+
+
+def register_eval_rewrite(fn):
+    """Function decorator: add an eval-mode rewrite (see EVAL_REWRITES)."""
+    EVAL_REWRITES.append(fn)
+    return fn
+
+
 def make_op(node: Node, opset: int = 13) -> Op:
     """Instantiate the Op for a node; an unknown op_type raises an error that names it and lists what exists."""
     cls = REGISTRY.get(node.op_type) if node.domain in ("", "ai.onnx") else REGISTRY.get(f"{node.domain}.{node.op_type}")

@@ -192,10 +192,18 @@ class FoldedBias(Op):
             b = b.reshape(-1)
         if self.batch_stats:
             return self._batch_norm(y, b, gamma, beta, mean, var, axis)
-        bias = folded_bias(b, self.k, beta, mean) if self.has_bn else b
+        bias = self.deployed_bias(b, gamma, beta, mean, var)
         self.b, self.mean = b, mean
         bias_q, _ = fake_quant(bias, s_in * s_w, 0, BIAS_GRID, want_mask=False)
         return y + bias_q.reshape(shape)
+
+    def deployed_bias(self, b, gamma, beta, mean, var) -> np.ndarray | None:
+        """The float bias the int8 model's layer adds, before its int32 quantization: b, or with the folded BN
+        (b - mean) * k + beta."""
+        b = None if b is None else b.reshape(-1)
+        if not self.has_bn:
+            return b
+        return folded_bias(b, bn_fold_factor(gamma, var, self.epsilon), beta, mean)
 
     def _batch_norm(self, y, b, gamma, beta, mean, var, axis):
         dt = y.dtype.type

@@ -143,6 +143,24 @@ def clip_search(rows: np.ndarray, scale: np.ndarray, grid: Grid) -> np.ndarray:
     return best.astype(np.float32)
 
 
+def activation_range(node, values: dict) -> tuple[float, float]:
+    """[lo, hi] of a Relu, or of a Clip whose bounds (inputs 1 and 2) are in `values` (omitted: unbounded)."""
+    if node.op_type == "Relu":
+        return 0.0, np.inf
+    lo = float(np.asarray(values[node.input(1)]).reshape(())) if node.input(1) else -np.inf
+    hi = float(np.asarray(values[node.input(2)]).reshape(())) if node.input(2) else np.inf
+    return lo, hi
+
+
+def grid_inside(grid: Grid, scale, zero_point, lo_act: float, hi_act: float) -> bool:
+    """Whether the float range of a quantizer's grid lies inside [lo_act, hi_act] to within half a step: then
+    quantizing x and quantizing clip(x, lo_act, hi_act) give the same integers, and the int8 export drops the
+    Relu/Clip (the half step absorbs float rounding of the scale: 255 * float32(6/255) is a hair above 6)."""
+    s, z = float(scale), float(zero_point)
+    lo, hi = (grid.qmin - z) * s, (grid.qmax - z) * s
+    return lo > lo_act - s / 2 and hi < hi_act + s / 2
+
+
 def channel_shape(ndim: int, axis: int) -> tuple[int, ...]:
     """Shape that broadcasts a per-channel vector along `axis` of an ndim-array."""
     shape = [1] * ndim
