@@ -97,11 +97,10 @@ def _rescale_constant(graph: Graph, node: Node) -> tuple[str, float] | None:
 
 # ---- the formulas ---------------------------------------------------------------------------------------------
 def _fma32(x: np.ndarray, y, z) -> np.ndarray:
-    """float32 fused multiply-add: x * y exactly (x holds 8-bit integers, y a float32), plus z, rounded once
-    (exact in float64 unless z is some 2^20 times smaller than x * y: then a double rounding, at a tie only)."""
-    t = np.multiply(x, np.float64(y), dtype=np.float64)
-    t += z
-    return t.astype(f32)
+    """float32 fused multiply-add, broadcasting: x * y exactly (x holds 8-bit integers, y a float32), plus z,
+    rounded once (the float64 sum is exact unless x * y and z lie more than about 2^22 apart in magnitude; then
+    the second rounding can differ from one only at a tie)."""
+    return np.add(np.multiply(x, np.float64(y), dtype=np.float64), z, dtype=np.float64).astype(f32)
 
 
 def requantize_accumulator(acc: np.ndarray, multiplier: np.ndarray) -> np.ndarray:
