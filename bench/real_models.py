@@ -366,7 +366,8 @@ def row_calibrate(spec: Spec, val: Val, work: Path, args, bits: str) -> dict:
 
 def logged_agreement(log: Path) -> float | None:
     """The simulation-vs-onnxruntime top-1 agreement a qatool command printed (on its --val-data)."""
-    m = re.search(r"simulation vs onnxruntime on \d+ inputs.*?top-1 agreement ([0-9.]+)", log.read_text(errors="replace"))
+    m = re.search(r"simulation vs onnxruntime on \d+ inputs.*?top-1 agreement ([0-9.]+)",
+                  log.read_text(errors="replace"))
     return float(m.group(1)) if m else None
 
 

@@ -99,7 +99,8 @@ def register(*op_types: str):
 
 
 # Rewrites of a graph's (topologically sorted) nodes for the engine's eval-mode forwards without a gradient:
-# fn(graph) -> the nodes to run instead, or None; the first that applies is used. Training forwards and backward always run the graph's own nodes.
+# fn(graph) -> the nodes to run instead, or None; the first that applies is used. Training forwards and backward
+# always run the graph's own nodes.
 EVAL_REWRITES: list = []
 
 

@@ -283,12 +283,17 @@ class _Chain(Op):
         if act is None:
             return False
         lo_act, hi_act = activation_range(act, env)
-        z = float(np.asarray(env[self.out[1]]).reshape(()))
+        z = _number(env[self.out[1]])
         return not grid_inside(self.grid, _scale(env[self.out[0]]), z, lo_act, hi_act)
 
 
 def _scale(s) -> np.float32:
     return f32(np.maximum(np.asarray(s, f32).reshape(()), MIN_SCALE))
+
+
+def _number(a) -> float:
+    """A zero point (a scalar array) as a Python float."""
+    return float(np.asarray(a).reshape(()))
 
 
 def _observed(span) -> bool:
@@ -346,10 +351,10 @@ class IntegerAdd(_Chain):
         (a, oa), (b, ob) = zip(n.inputs, self.operands)
         if broadcast_first(np.shape(env[a]), np.shape(env[b])):
             (a, oa), (b, ob) = (b, ob), (a, oa)
-        za, zb = float(np.asarray(env[oa.zero_point]).reshape(())), float(np.asarray(env[ob.zero_point]).reshape(()))
+        za, zb = _number(env[oa.zero_point]), _number(env[ob.zero_point])
         a_q, b_q = self.integers(env, a, oa) + f32(za), self.integers(env, b, ob) + f32(zb)
         v = qlinear_add(a_q, za, self.scale_of(env, oa), b_q, zb, self.scale_of(env, ob), _scale(env[self.out[0]]),
-                        float(np.asarray(env[self.out[1]]).reshape(())))
+                        _number(env[self.out[1]]))
         return self.output(env, v, zero_added=True)
 
 
@@ -361,7 +366,7 @@ class IntegerMul(_Chain):
         n = self.parts[0][1]
         (a, oa), (b, ob) = zip(n.inputs, self.operands)
         v = qlinear_mul(self.integers(env, a, oa), self.scale_of(env, oa), self.integers(env, b, ob),
-                        self.scale_of(env, ob), _scale(env[self.out[0]]), float(np.asarray(env[self.out[1]]).reshape(())))
+                        self.scale_of(env, ob), _scale(env[self.out[0]]), _number(env[self.out[1]]))
         return self.output(env, v, zero_added=True)
 
 
@@ -371,6 +376,6 @@ class IntegerGlobalAveragePool(_Chain):
         if self.activation_kept(env):
             return None
         n, o = self.parts[0][1], self.operands[0]
-        z = float(np.asarray(env[o.zero_point]).reshape(()))
+        z = _number(env[o.zero_point])
         x_q = self.integers(env, n.input(0), o) + z
         return self.output(env, qlinear_global_average_pool(x_q, z, self.scale_of(env, o), _scale(env[self.out[0]])))
