@@ -31,8 +31,8 @@ from ..errors import ModelError
 from ..ir.graph import Graph, Node
 from ..ir.roles import STATE_KEY, TRAINABLE_KEY
 from ..quant.ops import bn_fold_factor, folded_bias, folded_step
-from ..quant.qparams import (BIAS_GRID, MIN_SCALE, Grid, activation_grid, activation_range, channel_shape, grid_inside,
-                             quantize, weight_grid, weight_scales)
+from ..quant.qparams import (MIN_SCALE, Grid, activation_grid, activation_range, bias_integers, channel_shape,
+                             grid_inside, quantize, weight_grid, weight_scales)
 
 FLOAT_NODES_KEY = "qatool.float_nodes"
 
@@ -145,9 +145,7 @@ def _bias_into_layer(g: Graph, node: Node, producers: dict[str, Node], weight_sc
     if gamma:
         k = bn_fold_factor(inits[gamma], inits[var], float(node.attrs.get("epsilon", 1e-5)))
         bias = folded_bias(bias, k, inits[beta], inits[mean])
-    scale = (inits[s_in] * weight_scale[s_w]).astype(np.float32)
-    scale = np.broadcast_to(scale, bias.shape).copy()
-    q = quantize(bias, scale, 0, BIAS_GRID, 0)
+    q, scale = bias_integers(bias, inits[s_in], weight_scale[s_w])
     base = f"{layer.name}_bias"
     names = [g.unique_name(f"{base}_quantized"), g.unique_name(f"{base}_scale"), g.unique_name(f"{base}_zero_point")]
     inits[names[0]], inits[names[1]], inits[names[2]] = q, scale, np.zeros(scale.shape, np.int32)

@@ -42,7 +42,7 @@ import numpy as np
 from ..ir.graph import Graph, Node
 from ..ops.base import Op, make_op, register, register_eval_rewrite
 from .prepare import DOMAIN, FUSED_ACTIVATIONS, WEIGHTED, passes_through, weight_axes
-from .qparams import BIAS_GRID, MIN_SCALE, activation_grid, activation_range, channel_shape, grid_inside, quantize
+from .qparams import MIN_SCALE, activation_grid, activation_range, bias_integers, channel_shape, grid_inside
 
 f32 = np.float32
 F32_EXACT = 2.0**24  # integers up to this magnitude are exact in float32: a float32 GEMM of them is exact below it
@@ -238,7 +238,8 @@ class _Chain(Op):
 
     def forward(self, ctx, *xs):
         env = {"": None, **dict(zip(self.node.inputs, xs))}
-        if not ctx.training and all(_observed(env[o.span]) for o in self.operands) and _observed(env[self.out[2]]):
+        if not ctx.training and all(_observed(env[o.span]) for o in self.operands) and _observed(env[self.out[2]]) \
+                and not self.activation_kept(env):
             y = self.integer(ctx, env)
             if y is not None:
                 return y
@@ -252,6 +253,12 @@ class _Chain(Op):
 
     def integer(self, ctx, env) -> np.ndarray | None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def out_scale(self, env) -> np.float32:
+        return _scale(env[self.out[0]])
+
+    def out_zero(self, env) -> float:
+        return _number(env[self.out[1]])
 
     def scale_of(self, env, o: Operand) -> np.float32:
         """The scale of the DequantizeLinear the export writes for the operand."""
@@ -267,7 +274,7 @@ class _Chain(Op):
     def output(self, env, v: np.ndarray, zero_added: bool = False) -> np.ndarray:
         """Round `v` half to even, saturate to the output grid, dequantize as the FakeQuant does. `v` includes
         the output zero point when `zero_added`."""
-        s, z = _scale(env[self.out[0]]), f32(np.asarray(env[self.out[1]]).reshape(()))
+        s, z = self.out_scale(env), f32(self.out_zero(env))
         q = np.rint(v)
         if zero_added:
             q -= z
@@ -282,9 +289,7 @@ class _Chain(Op):
                    None)
         if act is None:
             return False
-        lo_act, hi_act = activation_range(act, env)
-        z = _number(env[self.out[1]])
-        return not grid_inside(self.grid, _scale(env[self.out[0]]), z, lo_act, hi_act)
+        return not grid_inside(self.grid, self.out_scale(env), self.out_zero(env), *activation_range(act, env))
 
 
 def _scale(s) -> np.float32:
@@ -305,22 +310,18 @@ class IntegerLayer(_Chain):
     """Conv / Gemm / MatMul with its WeightQuant, FoldedBias, redundant Relu/Clip and output FakeQuant."""
 
     def integer(self, ctx, env):
-        if self.activation_kept(env):
-            return None
         (layer, ln), bias = self.parts[0], next(((op, n) for op, n in self.parts if n.op_type == "FoldedBias"), None)
-        x_name, w_name = ln.input(0), ln.input(1)
-        o = self.operands[0]
-        s_x = self.scale_of(env, o)
-        x_int = np.rint(env[x_name] / s_x)
-        w, s_w, w_axis, out_axis = self._weight(env, ln, w_name)
+        s_x = self.scale_of(env, self.operands[0])
+        x_int = np.rint(env[ln.input(0)] / s_x)
+        w, s_w = env[ln.input(1)], np.asarray(env[self.node.attrs["weight_scale"]], f32).reshape(-1)
+        w_axis, out_axis = weight_axes(ln)
         w_int = np.rint(w / (s_w.reshape(channel_shape(w.ndim, w_axis)) if s_w.size > 1 else s_w.reshape(())))
         bias_int = None
         if bias is not None:
             op, n = bias
             b = op.deployed_bias(*[env[i] for i in n.inputs[1:6]])
             if b is not None:
-                scale = np.broadcast_to((env[n.input(6)] * env[n.input(7)]).astype(f32), b.shape)
-                bias_int = quantize(b, scale, 0, BIAS_GRID, 0).astype(np.float64)
+                bias_int = bias_integers(b, env[n.input(6)], env[n.input(7)])[0].astype(np.float64)
         # float32 sums of integers are exact while every partial sum stays below 2^24: bound them
         others = tuple(i for i in range(w.ndim) if i != w_axis)
         bound = max(float(x_int.max(initial=0)), -float(x_int.min(initial=0))) * \
@@ -332,50 +333,36 @@ class IntegerLayer(_Chain):
         shape = channel_shape(acc.ndim, out_axis)
         if bias_int is not None:
             acc += bias_int.astype(dt).reshape(shape)
-        m = (f32(s_x) * s_w.astype(f32)).astype(f32) / _scale(env[self.out[0]])
+        m = (f32(s_x) * s_w).astype(f32) / self.out_scale(env)
         m = m.astype(f32).reshape(shape if m.size > 1 else ())
         return self.output(env, requantize_accumulator(acc, m))
-
-    def _weight(self, env, ln: Node, w_name: str):
-        """(w_q, s_w, weight channel axis, output channel axis): what the WeightQuant step wrote."""
-        w_axis, out_axis = weight_axes(ln)
-        return env[w_name], np.asarray(env[self.node.attrs["weight_scale"]], f32).reshape(-1), w_axis, out_axis
-
 
 @register("qatool.IntegerAdd")
 class IntegerAdd(_Chain):
     def integer(self, ctx, env):
-        if self.activation_kept(env):
-            return None
-        n = self.parts[0][1]
-        (a, oa), (b, ob) = zip(n.inputs, self.operands)
+        (a, oa), (b, ob) = zip(self.parts[0][1].inputs, self.operands)
         if broadcast_first(np.shape(env[a]), np.shape(env[b])):
             (a, oa), (b, ob) = (b, ob), (a, oa)
         za, zb = _number(env[oa.zero_point]), _number(env[ob.zero_point])
         a_q, b_q = self.integers(env, a, oa) + f32(za), self.integers(env, b, ob) + f32(zb)
-        v = qlinear_add(a_q, za, self.scale_of(env, oa), b_q, zb, self.scale_of(env, ob), _scale(env[self.out[0]]),
-                        _number(env[self.out[1]]))
+        v = qlinear_add(a_q, za, self.scale_of(env, oa), b_q, zb, self.scale_of(env, ob), self.out_scale(env),
+                        self.out_zero(env))
         return self.output(env, v, zero_added=True)
 
 
 @register("qatool.IntegerMul")
 class IntegerMul(_Chain):
     def integer(self, ctx, env):
-        if self.activation_kept(env):
-            return None
-        n = self.parts[0][1]
-        (a, oa), (b, ob) = zip(n.inputs, self.operands)
+        (a, oa), (b, ob) = zip(self.parts[0][1].inputs, self.operands)
         v = qlinear_mul(self.integers(env, a, oa), self.scale_of(env, oa), self.integers(env, b, ob),
-                        self.scale_of(env, ob), _scale(env[self.out[0]]), _number(env[self.out[1]]))
+                        self.scale_of(env, ob), self.out_scale(env), self.out_zero(env))
         return self.output(env, v, zero_added=True)
 
 
 @register("qatool.IntegerGlobalAveragePool")
 class IntegerGlobalAveragePool(_Chain):
     def integer(self, ctx, env):
-        if self.activation_kept(env):
-            return None
-        n, o = self.parts[0][1], self.operands[0]
+        o = self.operands[0]
         z = _number(env[o.zero_point])
-        x_q = self.integers(env, n.input(0), o) + z
-        return self.output(env, qlinear_global_average_pool(x_q, z, self.scale_of(env, o), _scale(env[self.out[0]])))
+        x_q = self.integers(env, self.parts[0][1].input(0), o) + z
+        return self.output(env, qlinear_global_average_pool(x_q, z, self.scale_of(env, o), self.out_scale(env)))

@@ -143,6 +143,12 @@ def clip_search(rows: np.ndarray, scale: np.ndarray, grid: Grid) -> np.ndarray:
     return best.astype(np.float32)
 
 
+def bias_integers(bias: np.ndarray, s_in, s_w) -> tuple[np.ndarray, np.ndarray]:
+    """The int32 bias of a quantized layer and its scale s_input * s_weight[c] (float32, in the bias's shape)."""
+    scale = np.broadcast_to(np.asarray(s_in * s_w).astype(np.float32), bias.shape).copy()
+    return quantize(bias, scale, 0, BIAS_GRID, 0), scale
+
+
 def activation_range(node, values: dict) -> tuple[float, float]:
     """[lo, hi] of a Relu, or of a Clip whose bounds (inputs 1 and 2) are in `values` (omitted: unbounded)."""
     if node.op_type == "Relu":
