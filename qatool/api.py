@@ -45,13 +45,6 @@ def _model_signature(graph) -> str:
     return h.hexdigest()[:16]
 
 
-def _output_classes(graph) -> int | None:
-    shape = graph.outputs[0].shape
-    if shape and len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0:
-        return shape[1]
-    return None
-
-
 def check_classes(dataset, n_outputs: int | None, model_path) -> None:
     """An image folder must have one class per model output; a list file's labels must be outputs."""
     if n_outputs is None:
@@ -184,7 +177,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         QatSession.create(float_graph, quant_cfg, train_cfg.seed)
     teacher = Teacher(train_cfg.teacher) if train_cfg.teacher else None
     train_set, val_set = _open_data(train_data, val_data, folder_class_names(float_graph, train_data, labels, echo),
-                                    _output_classes(float_graph), model_path)
+                                    float_graph.output_classes(), model_path)
     classes = train_set.classes
     for g in (float_graph, session.float_graph, session.model.graph):  # every output names its classes, in order
         g.metadata[METADATA_KEY] = pre.to_json()
@@ -402,7 +395,7 @@ def finetune(model_path, train_data, output, val_data=None, train=None, preproce
     names = None if new_head else folder_class_names(graph, train_data, labels, echo)
     if new_head and labels:
         names = [ln.strip() for ln in Path(labels).read_text().splitlines() if ln.strip()]
-    train_set, val_set = _open_data(train_data, val_data, names, None if new_head else _output_classes(graph),
+    train_set, val_set = _open_data(train_data, val_data, names, None if new_head else graph.output_classes(),
                                     model_path)
     if train_set.num_classes < 2:
         raise DataError(f"{train_set.source} has {train_set.num_classes} class: a classifier needs at least two")

@@ -148,7 +148,7 @@ def _check_model(path: Path, backend: str, dataset: ImageDataset, overrides: dic
 
     graph = graph or load_graph(path)  # ModelError when missing or not ONNX
     pre = resolve_preprocess(graph, overrides)
-    classes = _output_classes(graph)
+    classes = graph.output_classes()
     if classes is not None and dataset.num_classes > classes:
         raise DataError(f"the data has {dataset.num_classes} classes but {path.name} has {classes} outputs")
     if backend == "engine" and not is_checkpoint(graph):
@@ -159,13 +159,6 @@ def _check_model(path: Path, backend: str, dataset: ImageDataset, overrides: dic
     dim0 = graph.inputs[0].shape[0] if graph.inputs[0].shape else None
     fixed = dim0 if isinstance(dim0, int) and dim0 > 0 else None
     return _Entry(path, backend, graph, pre, fixed)
-
-
-def _output_classes(graph: Graph) -> int | None:
-    shape = graph.outputs[0].shape
-    if shape and len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0:
-        return shape[1]
-    return None
 
 
 # ---- running ------------------------------------------------------------------------------------------------------

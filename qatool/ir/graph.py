@@ -88,6 +88,13 @@ class Graph:
                     out.setdefault(i, []).append(n)
         return out
 
+    def output_classes(self) -> int | None:
+        """The class count of a classifier's [N, classes] first output, or None when its shape does not say."""
+        shape = self.outputs[0].shape
+        if shape and len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0:
+            return shape[1]
+        return None
+
     def op_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for n in self.nodes:
