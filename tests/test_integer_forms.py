@@ -4,6 +4,8 @@ Add outputs kept off rounding ties): each keeps the float model's outputs, and t
 patterns runs every Add and Mul as an integer kernel with no float op left between a DequantizeLinear and a
 QuantizeLinear, agreeing with the simulation."""
 
+import time
+
 import numpy as np
 import onnx
 import pytest
@@ -197,13 +199,35 @@ def test_latency_is_measured_against_the_float_model_and_a_slower_int8_is_explai
     assert set(d["batches"]) == {"1", "32"}  # 5 x 5 images: the larger batch is the cap
     assert all(v["float_ms"] > 0 and v["int8_ms"] > 0 for v in d["batches"].values())
     lines = latency.latency_lines(d)
-    assert lines[0].startswith("latency on onnxruntime (median of 5 interleaved rounds): batch 1: float")
-    # when int8 is slower, the profile names where its time goes: a clock whose every reading is further from
-    # the last makes the second session of each round (int8) the slower one
+    assert lines[0].startswith("latency on onnxruntime (median of 6 interleaved rounds): batch 1: float")
+    # when int8 is slower, the profile names where its time goes: an int8 session that waits 20 ms a run
     from qatool.export.deploy import _float_model
 
-    monkeypatch.setattr(latency.time, "perf_counter", iter(np.arange(0.0, 1e4) ** 1.5).__next__)
+    real_session = latency._session
+
+    class Slow:
+        def __init__(self, s):
+            self.s = s
+
+        def __getattr__(self, name):
+            return getattr(self.s, name)
+
+        def run(self, *args):
+            time.sleep(0.02)
+            return self.s.run(*args)
+
+    loads = []
+
+    def session_of(model, profile_prefix=None):
+        s = real_session(model, profile_prefix)
+        if profile_prefix is None:
+            loads.append("int8" if model == str(result.path) else "float")
+        return Slow(s) if loads[-1:] == ["int8"] and profile_prefix is None else s
+
+    monkeypatch.setattr(latency, "_session", session_of)
     slow = latency.measure(_float_model(session), str(result.path), [1, 3, 5, 5])
+    assert all(q > f + 15 for f, q in slow.batches.values())
+    assert loads == ["float", "int8", "int8", "float"]  # loaded in both orders: neither is always loaded last
     assert slow.costliest and abs(sum(share for _, share in slow.costliest) - 1.0) < 0.5
     assert "SLOWER" in latency.latency_lines(slow.to_dict())[-1] and "costliest nodes: " in latency.latency_lines(
         slow.to_dict())[-1]

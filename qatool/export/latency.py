@@ -1,6 +1,6 @@
 """Latency of the int8 model against the float model it came from, on onnxruntime CPU, measured the way a
-benchmark on a shared machine must be: both sessions loaded first, then interleaved rounds (float, int8, float,
-...) on the same random batch, the median of each. When int8 is the slower, onnxruntime's profiler says which
+benchmark on a shared machine must be: both sessions loaded first, then interleaved rounds (float, int8, int8,
+float, ...) on the same random batch, twice (loaded in one order, then the other), the median of each. When int8 is the slower, onnxruntime's profiler says which
 of its ops cost most."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-ROUNDS = 5
+ROUNDS = 6  # three in each loading order
 INPUT_BUDGET_BYTES = 16 << 20  # the larger batch: at most this much input (27 images at 3 x 224 x 224), <= 32
 MAX_BATCH = 32
 
@@ -61,25 +61,34 @@ def _session(model, profile_prefix: str | None = None) -> ort.InferenceSession:
 
 def measure(float_model: onnx.ModelProto | str, int8_model: onnx.ModelProto | str, input_shape: list[int],
             rounds: int = ROUNDS) -> Latency:
-    """float vs int8 at batch 1 and at the larger batch of `batch_sizes`; `input_shape` with any batch dim."""
-    sessions = [_session(float_model), _session(int8_model)]
-    result = Latency()
+    """float vs int8 at batch 1 and at the larger batch of `batch_sizes`; `input_shape` with any batch dim.
+    Two passes of half the rounds each, the sessions loaded float first and then int8 first, the order within a
+    round alternating: one file loaded twice measured 1-3 % apart by load order (bench/int8_speed.py), so no fixed
+    order may favour one model."""
+    models = (float_model, int8_model)
+    batches = list(dict.fromkeys(batch_sizes(input_shape)))
+    times: dict[int, list[list[float]]] = {b: [[], []] for b in batches}
     rng = np.random.default_rng(0)
-    for batch in dict.fromkeys(batch_sizes(input_shape)):
-        x = rng.standard_normal([batch, *input_shape[1:]]).astype(np.float32)
-        times: list[list[float]] = [[], []]
-        for s in sessions:  # warm up
-            s.run(None, {s.get_inputs()[0].name: x})
-        for _ in range(rounds):
-            for i, s in enumerate(sessions):
-                t0 = time.perf_counter()
+    inputs = {b: rng.standard_normal([b, *input_shape[1:]]).astype(np.float32) for b in batches}
+    for load_order in ((0, 1), (1, 0)):
+        sessions = {i: _session(models[i]) for i in load_order}
+        for batch in batches:
+            x = inputs[batch]
+            for s in sessions.values():  # warm up
                 s.run(None, {s.get_inputs()[0].name: x})
-                times[i].append(time.perf_counter() - t0)
-        result.batches[batch] = (float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3))
-        last = x
+            for r in range((rounds + 1) // 2):
+                for i in (load_order if r % 2 == 0 else load_order[::-1]):
+                    s = sessions[i]
+                    t0 = time.perf_counter()
+                    s.run(None, {s.get_inputs()[0].name: x})
+                    times[batch][i].append(time.perf_counter() - t0)
+        del sessions
+    result = Latency()
+    for batch, (f, q) in times.items():
+        result.batches[batch] = (float(np.median(f) * 1e3), float(np.median(q) * 1e3))
     f_ms, q_ms = result.batches[max(result.batches)]
     if q_ms > f_ms:
-        result.costliest, result.costliest_nodes = costliest_ops(int8_model, last)
+        result.costliest, result.costliest_nodes = costliest_ops(int8_model, inputs[max(batches)])
     return result
 
 
