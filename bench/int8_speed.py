@@ -34,11 +34,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +45,8 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_data  # noqa: E402
+
+from qatool.export.latency import interleaved_ms  # noqa: E402
 
 ROOT = real_data.ROOT
 DEFAULT_OUT = ROOT / "bench" / "results" / "int8_speed.json"
@@ -90,34 +90,11 @@ def graph_counts(path: Path) -> dict:
             "dequantize_linear": sum(n.op_type == "DequantizeLinear" for n in m.graph.node)}
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def latency(paths: dict[str, Path], shape: list[int], threads: int) -> dict[str, dict[int, float]]:
-    """Median ms per model and batch. Two passes of half the rounds each, with the sessions created in the given
-    order and then in the reverse order: on this machine the session created last tends to run a few per cent
-    faster (one file loaded twice measured 1-3 % apart), and the reverse pass cancels that."""
-    times: dict[str, dict[int, list[float]]] = {k: {b: [] for b in ROUNDS} for k in paths}
-    for order in (list(paths), list(paths)[::-1]):
-        sessions = {k: session(paths[k], threads) for k in order}
-        rng = np.random.default_rng(0)
-        for batch, rounds in ROUNDS.items():
-            x = rng.standard_normal([batch, *shape[1:]]).astype(np.float32)
-            for s in sessions.values():
-                s.run(None, {s.get_inputs()[0].name: x})
-            for r in range(rounds // 2):
-                # each round starts with the next model, so that no model always runs just after the same other one
-                for k in order[r % len(order):] + order[:r % len(order)]:
-                    s = sessions[k]
-                    t0 = time.perf_counter()
-                    s.run(None, {s.get_inputs()[0].name: x})
-                    times[k][batch].append(time.perf_counter() - t0)
-        del sessions
-    return {k: {b: float(np.median(t) * 1e3) for b, t in per.items()} for k, per in times.items()}
+    """Median ms per model and batch: qatool's own interleaved timing (both loading orders, rotating rounds)."""
+    rng = np.random.default_rng(0)
+    inputs = {b: rng.standard_normal([b, *shape[1:]]).astype(np.float32) for b in ROUNDS}
+    return interleaved_ms(paths, inputs, ROUNDS, threads)
 
 
 def files(spec, runs: Path, args) -> dict[str, Path]:

@@ -218,8 +218,8 @@ def test_latency_is_measured_against_the_float_model_and_a_slower_int8_is_explai
 
     loads = []
 
-    def session_of(model, profile_prefix=None):
-        s = real_session(model, profile_prefix)
+    def session_of(model, profile_prefix=None, threads=None):
+        s = real_session(model, profile_prefix, threads)
         if profile_prefix is None:
             loads.append("int8" if model == str(result.path) else "float")
         return Slow(s) if loads[-1:] == ["int8"] and profile_prefix is None else s

@@ -1,7 +1,8 @@
 """Latency of the int8 model against the float model it came from, on onnxruntime CPU, measured the way a
-benchmark on a shared machine must be: both sessions loaded first, then interleaved rounds (float, int8, int8,
-float, ...) on the same random batch, twice (loaded in one order, then the other), the median of each. When int8 is the slower, onnxruntime's profiler says which
-of its ops cost most."""
+benchmark on a shared machine must be: the sessions loaded first, then interleaved rounds (float, int8, int8,
+float, ...) on the same random batch, in two passes that load the sessions in opposite orders, the median of each.
+When int8 is the slower, onnxruntime's profiler says which of its ops cost most. `interleaved_ms` is the timing
+itself, for any number of models (bench/int8_speed.py times three with it)."""
 
 from __future__ import annotations
 
@@ -49,9 +50,11 @@ def batch_sizes(input_shape: list[int]) -> tuple[int, int]:
     return 1, int(max(1, min(MAX_BATCH, INPUT_BUDGET_BYTES // max(per_image, 1))))
 
 
-def _session(model, profile_prefix: str | None = None) -> ort.InferenceSession:
+def _session(model, profile_prefix: str | None = None, threads: int | None = None) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
@@ -59,36 +62,40 @@ def _session(model, profile_prefix: str | None = None) -> ort.InferenceSession:
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
-def measure(float_model: onnx.ModelProto | str, int8_model: onnx.ModelProto | str, input_shape: list[int],
-            rounds: int = ROUNDS) -> Latency:
-    """float vs int8 at batch 1 and at the larger batch of `batch_sizes`; `input_shape` with any batch dim.
-    Two passes of half the rounds each, the sessions loaded float first and then int8 first, the order within a
-    round alternating: one file loaded twice measured 1-3 % apart by load order (bench/int8_speed.py), so no fixed
-    order may favour one model."""
-    models = (float_model, int8_model)
-    batches = list(dict.fromkeys(batch_sizes(input_shape)))
-    times: dict[int, list[list[float]]] = {b: [[], []] for b in batches}
-    rng = np.random.default_rng(0)
-    inputs = {b: rng.standard_normal([b, *input_shape[1:]]).astype(np.float32) for b in batches}
-    for load_order in ((0, 1), (1, 0)):
-        sessions = {i: _session(models[i]) for i in load_order}
-        for batch in batches:
-            x = inputs[batch]
+def interleaved_ms(models: dict, inputs: dict[int, np.ndarray], rounds: dict[int, int],
+                   threads: int | None = None) -> dict[str, dict[int, float]]:
+    """Median ms of every model (name -> ModelProto or path) on every input (batch -> array). Two passes of half
+    the rounds each, the sessions loaded in the given order and then in the reverse one; every round runs each
+    model once, starting with the next model each round. No fixed order may favour a model: on these machines
+    one file loaded twice measured 1-3 % apart, the one loaded last the faster (bench/int8_speed.py)."""
+    names = list(models)
+    times: dict[str, dict[int, list[float]]] = {k: {b: [] for b in inputs} for k in names}
+    for order in (names, names[::-1]):
+        sessions = {k: _session(models[k], threads=threads) for k in order}
+        for batch, x in inputs.items():
             for s in sessions.values():  # warm up
                 s.run(None, {s.get_inputs()[0].name: x})
-            for r in range((rounds + 1) // 2):
-                for i in (load_order if r % 2 == 0 else load_order[::-1]):
-                    s = sessions[i]
+            for r in range((rounds[batch] + 1) // 2):
+                for k in order[r % len(order):] + order[:r % len(order)]:
+                    s = sessions[k]
                     t0 = time.perf_counter()
                     s.run(None, {s.get_inputs()[0].name: x})
-                    times[batch][i].append(time.perf_counter() - t0)
+                    times[k][batch].append(time.perf_counter() - t0)
         del sessions
-    result = Latency()
-    for batch, (f, q) in times.items():
-        result.batches[batch] = (float(np.median(f) * 1e3), float(np.median(q) * 1e3))
+    return {k: {b: float(np.median(t) * 1e3) for b, t in per.items()} for k, per in times.items()}
+
+
+def measure(float_model: onnx.ModelProto | str, int8_model: onnx.ModelProto | str, input_shape: list[int],
+            rounds: int = ROUNDS) -> Latency:
+    """float vs int8 at batch 1 and at the larger batch of `batch_sizes`; `input_shape` with any batch dim."""
+    rng = np.random.default_rng(0)
+    inputs = {b: rng.standard_normal([b, *input_shape[1:]]).astype(np.float32)
+              for b in dict.fromkeys(batch_sizes(input_shape))}
+    ms = interleaved_ms({"float": float_model, "int8": int8_model}, inputs, {b: rounds for b in inputs})
+    result = Latency({b: (ms["float"][b], ms["int8"][b]) for b in inputs})
     f_ms, q_ms = result.batches[max(result.batches)]
     if q_ms > f_ms:
-        result.costliest, result.costliest_nodes = costliest_ops(int8_model, inputs[max(batches)])
+        result.costliest, result.costliest_nodes = costliest_ops(int8_model, inputs[max(inputs)])
     return result
 
 
