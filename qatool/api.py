@@ -141,7 +141,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     from .train.recipe import bn_evidence, gradient_evidence, has_batchnorm
     from .train.session import QatSession
     from .train.teacher import Teacher
-    from .train.validation import Validator, best_path
+    from .train.validation import FAR_BELOW_FLOAT, Validator, best_path
 
     out = Path(out_dir)
     try:
@@ -286,6 +286,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
                    agreement_top1=exported.agreement.agreement_top1, images=len(val_images),
                    max_diff_steps=exported.agreement.max_diff_steps, **validator.summary(),
                    int8_step=kept_step, ended_below_start=validator.ended_below_start())
+        val["far_below_float"] = val["top1_int8"] < top1_float - FAR_BELOW_FLOAT
         selected = (f"; the int8 model is step {kept_step}'s, the best of {len(validator.history)} validated "
                     "checkpoints, selected on these validation images" if train_cfg.keep == "best" else "")
         echo(f"val top-1: float {top1_float:.4f}, QAT simulation {val['top1_qat']:.4f}, "
@@ -295,6 +296,12 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
                  f"step {total} against {validator.start:.4f} before training (post-training quantization)"
                  + (f"; model_int8.onnx is step {kept_step}'s" if train_cfg.keep == "best" else
                     "; --keep best would have written the better one"))
+        if val["far_below_float"]:
+            echo(f"warning: the int8 model is {100 * (top1_float - val['top1_int8']):.1f} points below float on the "
+                 f"validation images ({val['top1_int8']:.4f} against {top1_float:.4f}): W{quant_cfg.weight_bits}"
+                 f"A{quant_cfg.activation_bits} loses too much on this model; try more bits (activations first: "
+                 "--activation-bits 8), `qatool sensitivity` to find the layers that lose most (then --exclude "
+                 "them), or more steps")
     report = {
         "model": str(model_path),
         "steps": result.steps,

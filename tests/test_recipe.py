@@ -107,6 +107,7 @@ def test_start_and_checkpoints_are_measured_and_the_best_is_kept(lenet, digits, 
     assert steps == [0, 2, 4, 6, 8]
     assert v["start_top1_int8"] == v["checkpoints"][0]["top1_int8"] > 0.9
     assert v["ended_below_start"] and any("QAT ended below its start" in s for s in said)
+    assert not v["far_below_float"] and not any("points below float" in s for s in said)  # the start was kept
     # the kept step: the latest within one validation image of the highest accuracy
     one = 1 / 200 + 1e-9
     highest = max(c["top1_int8"] for c in v["checkpoints"])
@@ -138,6 +139,20 @@ def test_keep_last_writes_the_final_step(lenet, digits, tmp_path):
                              echo=lambda s: None, quiet=True)
     v = report["val"]
     assert v["int8_step"] == 8 and v["top1_int8"] == pytest.approx(v["checkpoints"][-1]["top1_int8"])
+
+
+def test_an_int8_model_far_below_float_is_warned_about(lenet, digits, tmp_path):
+    """The learning rate that wrecks the model, with the last step kept: the run says how far below float the int8
+    model is and what to try."""
+    train, val = digits
+    said = []
+    report = api.train_quant(lenet, train, tmp_path, val_data=val,
+                             train=TrainConfig(steps=8, lr=3.0, schedule="constant", validate_every=4, keep="last"),
+                             echo=said.append, quiet=True)
+    v = report["val"]
+    assert v["top1_int8"] < v["top1_float"] - 0.05 and v["far_below_float"]
+    warning = [s for s in said if "points below float" in s]
+    assert len(warning) == 1 and "--activation-bits 8" in warning[0] and "qatool sensitivity" in warning[0]
 
 
 def _calibrated_session(model, folder, quant):

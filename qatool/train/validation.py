@@ -20,6 +20,8 @@ from ..eval.backends import ort_logits, ort_session, top1
 from ..ir.graph import to_onnx
 
 KEEP = ("best", "last")
+# an int8 model this far below float on the validation images gets a warning that says what to try
+FAR_BELOW_FLOAT = 0.05
 
 
 def int8_top1(session, data) -> float:
