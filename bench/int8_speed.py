@@ -140,9 +140,8 @@ def run(args) -> dict:
             shape = [1, 1 if spec.color == "gray" else 3, *spec.hw]
         real_data.log(f"{name}: {', '.join(f'{k} {p}' for k, p in paths.items())}")
         entry = {k: {"file": str(p), **graph_counts(p)} for k, p in paths.items()}
-        entry["qatool"]["same_graph_as_ort"] = entry["qatool"]["ops"] == entry["ort"]["ops"]
-        for e in entry.values():
-            del e["ops"]
+        ops = {k: e.pop("ops") for k, e in entry.items()}
+        entry["qatool"]["same_graph_as_ort"] = ops["qatool"] == ops["ort"]
         # quantize_static's model is timed a second time in its own session: the spread of one file against itself
         # is the noise floor of this run's comparisons
         timed = latency({**paths, "ort_again": paths["ort"]}, shape, args.threads)
