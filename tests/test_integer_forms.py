@@ -189,6 +189,23 @@ def test_constant_operands_are_stored_as_integers(zoo_int8):
     assert dq and all(n.input[0] in inits for n in dq)
 
 
+def test_learned_step_sizes_leave_constant_operands_to_their_values():
+    """With LSQ the activations' step sizes are trained; a constant operand (hard-swish's + 3) keeps the scale of
+    its own values: it is state, not a parameter, and a training step runs (a scalar once failed in LSQ's
+    per-sample count)."""
+    graph = normalize_proto(exporter_zoo(), for_training=True).graph
+    session = QatSession.create(graph, QuantConfig(weight_bits=4, activation_bits=4, scale_learning="lsq"))
+    model = session.model
+    three = session.quant["three"]
+    assert three.scale in model.state and three.scale not in model.params
+    learned = [q.scale for t, q in session.quant.items() if t not in graph.initializers]
+    assert learned and all(s in model.params for s in learned)
+    x = rng.standard_normal((4, 3, 5, 5)).astype(np.float32)
+    out = model.forward({"x": x}, training=True, outputs=[session.logits])[0]
+    grads = model.backward([np.ones_like(out)])
+    assert all(np.isfinite(g).all() for g in grads.values()) and any(s in grads for s in learned)
+
+
 def test_latency_is_measured_against_the_float_model_and_a_slower_int8_is_explained(zoo_int8, monkeypatch):
     from qatool.export import latency
     from qatool.export.deploy import time_export

@@ -247,7 +247,8 @@ def insert(graph: Graph, plan: Plan, config: QuantConfig) -> dict[str, QuantTens
         graph.initializers[q.scale] = np.ones((), np.float32)
         graph.initializers[q.zero_point] = np.zeros((), np.float32)
         graph.initializers[q.span] = np.array([np.inf, -np.inf], np.float32)
-        lsq = config.scale_learning == "lsq"
+        # a constant operand's range is its values: only activations learn their step size
+        lsq = config.scale_learning == "lsq" and t not in graph.initializers
         attrs = {"bits": config.activation_bits, "symmetric": int(config.symmetric_activations),
                  "observer": config.scale_update.replace("-", "_"), "momentum": float(config.observer_momentum),
                  "learn_scale": int(lsq), "addend": q.addend}
