@@ -141,7 +141,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     from .train.recipe import bn_evidence, gradient_evidence, has_batchnorm
     from .train.session import QatSession
     from .train.teacher import Teacher
-    from .train.validation import FAR_BELOW_FLOAT, Validator, best_path
+    from .train.validation import FAR_BELOW_FLOAT, Validator, best_path, start_at_chance
 
     out = Path(out_dir)
     try:
@@ -249,6 +249,11 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         if ckpt is None and train_cfg.init == "calibrate":
             acc = validator(0)
             echo(f"start: int8 val top-1 {acc:.4f} before any QAT step (post-training quantization, same placement)")
+            if start_at_chance(acc, top1_float, len(classes)):
+                echo(f"warning: the quantized start is at chance ({acc:.4f} for {len(classes)} classes, float "
+                     f"{top1_float:.4f}): at W{quant_cfg.weight_bits}A{quant_cfg.activation_bits} this model's signal "
+                     "does not survive quantization, and QAT rarely climbs out of chance (its gradients carry no "
+                     "signal either); try more bits first, activations first (--activation-bits 8)")
 
     scale_lr = f" (step sizes {train_cfg.scale_lr})" if train_cfg.scale_lr is not None else ""
     echo(f"QAT: steps {start}..{total}, batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr}"
@@ -287,6 +292,8 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
                    max_diff_steps=exported.agreement.max_diff_steps, **validator.summary(),
                    int8_step=kept_step, ended_below_start=validator.ended_below_start())
         val["far_below_float"] = val["top1_int8"] < top1_float - FAR_BELOW_FLOAT
+        val["start_at_chance"] = validator.start is not None and start_at_chance(validator.start, top1_float,
+                                                                                 len(classes))
         selected = (f"; the int8 model is step {kept_step}'s, the best of {len(validator.history)} validated "
                     "checkpoints, selected on these validation images" if train_cfg.keep == "best" else "")
         echo(f"val top-1: float {top1_float:.4f}, QAT simulation {val['top1_qat']:.4f}, "

@@ -155,6 +155,29 @@ def test_an_int8_model_far_below_float_is_warned_about(lenet, digits, tmp_path):
     assert len(warning) == 1 and "--activation-bits 8" in warning[0] and "qatool sensitivity" in warning[0]
 
 
+def test_a_quantized_start_at_chance_is_warned_about(lenet, digits, tmp_path):
+    """Symmetric 2-bit activations leave LeNet's ReLU outputs two levels: post-training quantization is at chance
+    (10 classes) and the run says so before training, and in the report."""
+    train, val = digits
+    said = []
+    report = api.train_quant(lenet, train, tmp_path, val_data=val,
+                             quant=QuantConfig(weight_bits=2, activation_bits=2, symmetric_activations=True),
+                             train=TrainConfig(steps=2, validate_every=2), echo=said.append, quiet=True)
+    v = report["val"]
+    assert v["start_top1_int8"] <= 0.19 < v["top1_float"] and v["start_at_chance"]
+    warning = [s for s in said if "quantized start is at chance" in s]
+    assert len(warning) == 1 and "W2A2" in warning[0] and "--activation-bits 8" in warning[0]
+    assert said.index(warning[0]) < next(i for i, s in enumerate(said) if s.startswith("QAT: steps"))
+
+
+def test_a_start_above_chance_gets_no_such_warning(lenet, digits, tmp_path):
+    train, val = digits
+    said = []
+    report = api.train_quant(lenet, train, tmp_path, val_data=val, train=TrainConfig(steps=2, validate_every=2),
+                             echo=said.append, quiet=True)
+    assert report["val"]["start_at_chance"] is False and not any("at chance" in s for s in said)
+
+
 def _calibrated_session(model, folder, quant):
     from qatool.quant.calibrate import calibrate_session
     from qatool.train.session import QatSession

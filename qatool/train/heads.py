@@ -158,6 +158,12 @@ def matched_order(labels: np.ndarray, predictions: np.ndarray, n_outputs: int) -
     return hits / max(len(labels), 1), mapping
 
 
+def near_chance(top1: float, n_classes: int) -> bool:
+    """Right no more often than chance, give or take a tenth of the way to perfect (0.19 for 10 classes)."""
+    chance = 1.0 / max(n_classes, 2)
+    return top1 <= chance + 0.1 * (1 - chance)
+
+
 def check_class_order(top1: float, outputs: np.ndarray, labels: np.ndarray, classes: list[str], where: str) -> None:
     """Stop when the float model is right no more often than chance, but its predictions fit another order of
     the classes: its classes are almost surely read in another order than its outputs."""
@@ -166,7 +172,7 @@ def check_class_order(top1: float, outputs: np.ndarray, labels: np.ndarray, clas
     values = np.asarray(outputs).reshape(len(outputs), -1)
     n = max(len(classes), 2)
     chance = 1.0 / n
-    if top1 > chance + 0.1 * (1 - chance):
+    if not near_chance(top1, n):
         return
     fitted, mapping = matched_order(np.asarray(labels), values.argmax(1), values.shape[1])
     if fitted < max(0.5, 3 * top1):

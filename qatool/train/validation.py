@@ -18,10 +18,18 @@ from pathlib import Path
 
 from ..eval.backends import ort_logits, ort_session, top1
 from ..ir.graph import to_onnx
+from .heads import near_chance
 
 KEEP = ("best", "last")
 # an int8 model this far below float on the validation images gets a warning that says what to try
 FAR_BELOW_FLOAT = 0.05
+
+
+def start_at_chance(start: float, top1_float: float | None, n_classes: int) -> bool:
+    """The quantized start (post-training quantization) is at chance while the float model is not: the bits
+    destroy the model's signal (the run warns; measured on docs/benchmarks.md section 4's Paddle models at
+    W4A4)."""
+    return top1_float is not None and near_chance(start, n_classes) and not near_chance(top1_float, n_classes)
 
 
 def int8_top1(session, data) -> float:
