@@ -47,13 +47,11 @@ def _model_signature(graph) -> str:
 
 def check_classes(dataset, n_outputs: int | None, model_path) -> None:
     """An image folder must have one class per model output; a list file's labels must be outputs."""
-    if n_outputs is None:
+    if dataset.labels_fit(n_outputs):
         return
-    is_folder = Path(dataset.source).is_dir()
-    if (is_folder and dataset.num_classes != n_outputs) or dataset.num_classes > n_outputs:
-        what = f"{dataset.num_classes} class folders" if is_folder else f"labels up to {dataset.num_classes - 1}"
-        raise DataError(f"{dataset.source} has {what} but the model {Path(model_path).name} has {n_outputs} "
-                        "outputs")
+    what = f"{dataset.num_classes} class folders" if dataset.source.is_dir() else \
+        f"labels up to {dataset.num_classes - 1}"
+    raise DataError(f"{dataset.source} has {what} but the model {Path(model_path).name} has {n_outputs} outputs")
 
 
 def _training_model(model_path, resume, quant):

@@ -230,10 +230,11 @@ def test_latency_is_measured_against_the_float_model_and_a_slower_int8_is_explai
             return getattr(self.s, name)
 
         def run(self, *args):
+            runs.append(1)
             time.sleep(0.02)
             return self.s.run(*args)
 
-    loads = []
+    loads, runs = [], []
 
     def session_of(model, profile_prefix=None, threads=None):
         s = real_session(model, profile_prefix, threads)
@@ -251,6 +252,12 @@ def test_latency_is_measured_against_the_float_model_and_a_slower_int8_is_explai
     assert "SLOWER" in latency.latency_lines(slow.to_dict())[-1] and "costliest nodes: " in latency.latency_lines(
         slow.to_dict())[-1]
     assert len(slow.costliest_nodes) >= 1 and "(" in slow.costliest_nodes[0][0]
+    assert len(runs) == 2 * (6 + 2)  # two batch sizes: 6 timed rounds and a warm-up in each loading order
+    # an odd number of rounds runs one more (half in each order), and the summary says how many ran
+    runs.clear()
+    odd = latency.measure(_float_model(session), str(result.path), [1, 3, 5, 5], rounds=3)
+    assert len(runs) == 2 * (4 + 2) and odd.to_dict()["rounds"] == 4
+    assert "median of 4 interleaved rounds" in latency.latency_lines(odd.to_dict())[0]
 
 
 @pytest.mark.parametrize("mode, resize_in_integers", [("nearest", True), ("linear", False)])

@@ -26,9 +26,10 @@ class Latency:
     batches: dict[int, tuple[float, float]] = field(default_factory=dict)  # batch -> (float ms, int8 ms)
     costliest: list[tuple[str, float]] = field(default_factory=list)  # int8 op types and their share of time
     costliest_nodes: list[tuple[str, float]] = field(default_factory=list)  # int8 nodes and their share
+    rounds: int = ROUNDS  # rounds run per batch size (both loading orders)
 
     def to_dict(self) -> dict:
-        return {"rounds": ROUNDS, "batches": {str(b): {"float_ms": f, "int8_ms": q, "ratio": q / f}
+        return {"rounds": self.rounds, "batches": {str(b): {"float_ms": f, "int8_ms": q, "ratio": q / f}
                                               for b, (f, q) in self.batches.items()},
                 "int8_costliest_ops": [{"op_type": t, "share": s} for t, s in self.costliest],
                 "int8_costliest_nodes": [{"node": n, "share": s} for n, s in self.costliest_nodes]}
@@ -75,7 +76,7 @@ def interleaved_ms(models: dict, inputs: dict[int, np.ndarray], rounds: dict[int
         for batch, x in inputs.items():
             for s in sessions.values():  # warm up
                 s.run(None, {s.get_inputs()[0].name: x})
-            for r in range((rounds[batch] + 1) // 2):
+            for r in range(rounds_run(rounds[batch]) // 2):
                 for k in order[r % len(order):] + order[:r % len(order)]:
                     s = sessions[k]
                     t0 = time.perf_counter()
@@ -85,6 +86,11 @@ def interleaved_ms(models: dict, inputs: dict[int, np.ndarray], rounds: dict[int
     return {k: {b: float(np.median(t) * 1e3) for b, t in per.items()} for k, per in times.items()}
 
 
+def rounds_run(rounds: int) -> int:
+    """The rounds `interleaved_ms` runs for `rounds`: half in each loading order, rounded up."""
+    return 2 * ((rounds + 1) // 2)
+
+
 def measure(float_model: onnx.ModelProto | str, int8_model: onnx.ModelProto | str, input_shape: list[int],
             rounds: int = ROUNDS) -> Latency:
     """float vs int8 at batch 1 and at the larger batch of `batch_sizes`; `input_shape` with any batch dim."""
@@ -92,7 +98,7 @@ def measure(float_model: onnx.ModelProto | str, int8_model: onnx.ModelProto | st
     inputs = {b: rng.standard_normal([b, *input_shape[1:]]).astype(np.float32)
               for b in dict.fromkeys(batch_sizes(input_shape))}
     ms = interleaved_ms({"float": float_model, "int8": int8_model}, inputs, {b: rounds for b in inputs})
-    result = Latency({b: (ms["float"][b], ms["int8"][b]) for b in inputs})
+    result = Latency({b: (ms["float"][b], ms["int8"][b]) for b in inputs}, rounds=rounds_run(rounds))
     f_ms, q_ms = result.batches[max(result.batches)]
     if q_ms > f_ms:
         result.costliest, result.costliest_nodes = costliest_ops(int8_model, inputs[max(inputs)])

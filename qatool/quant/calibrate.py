@@ -357,15 +357,6 @@ def calibrate_session(session, data, method: str = "minmax", max_images: int | N
 
 
 # ---- the `calibrate` pipeline ----------------------------------------------------------------------------------
-def labels_fit(dataset, n_outputs: int | None) -> bool:
-    """The data's labels are class indices of this model (image folder: one folder per output)."""
-    if n_outputs is None:
-        return True
-    if Path(dataset.source).is_dir():
-        return dataset.num_classes == n_outputs
-    return dataset.num_classes <= n_outputs
-
-
 def float_outputs(float_graph: Graph, data) -> np.ndarray:
     """The float model's outputs on onnxruntime (its inference form: BN folded, Dropout removed)."""
     from ..convert import normalize_proto
@@ -438,7 +429,7 @@ def calibrate(model_path, data, output, method: str = "minmax", quant: QuantConf
                 say(f"  note: {t} keeps {100 * kept:.0f}% of its observed range [{r.min:.4g}, {r.max:.4g}] "
                     f"-> [{r.lo:.4g}, {r.hi:.4g}]")
 
-    labelled = labels_fit(eval_set, float_graph.output_classes()) and len(float_graph.outputs[0].shape or [0, 0]) == 2
+    labelled = eval_set.labels_fit(float_graph.output_classes()) and len(float_graph.outputs[0].shape or [0, 0]) == 2
     top1_float = None
     if verify and labelled:
         out = float_outputs(float_graph, eval_images)

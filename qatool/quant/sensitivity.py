@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError, UsageError
-from .calibrate import apply_ranges, calibration_indices, collect_ranges, labels_fit
+from .calibrate import apply_ranges, calibration_indices, collect_ranges
 from .config import QuantConfig
 from .prepare import Layer, mark
 from .qparams import activation_grid
@@ -175,7 +175,7 @@ def sensitivity(model_path, data, quant: QuantConfig | None = None, images: int 
     pre = resolve_preprocess(float_graph, preprocess)
     dataset = ImageDataset.open(data)
     loaded = dataset.load(pre)
-    labelled = labels_fit(dataset, float_graph.output_classes())
+    labelled = dataset.labels_fit(float_graph.output_classes())
     if not labelled and echo:
         echo(f"the classes of {data} are not the model's outputs: no top-1, SQNR only")
     body = layer_sensitivity(float_graph, loaded, quant, images, calibration_images, labelled, seed, echo)

@@ -47,6 +47,15 @@ class ImageDataset:
             return cls.from_list_file(p)
         raise DataError(f"data path not found: {p}")
 
+    def labels_fit(self, n_outputs: int | None) -> bool:
+        """The labels are class indices of a model with `n_outputs` outputs (None: unknown, taken as fitting): an
+        image folder needs one class folder per output, a list file's labels must be outputs."""
+        if n_outputs is None:
+            return True
+        if self.source.is_dir():
+            return self.num_classes == n_outputs
+        return self.num_classes <= n_outputs
+
     @classmethod
     def from_folder(cls, root: Path, class_names: list[str] | None = None) -> ImageDataset:
         folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
