@@ -250,8 +250,9 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
             if start_at_chance(acc, top1_float, len(classes)):
                 echo(f"warning: the quantized start is at chance ({acc:.4f} for {len(classes)} classes, float "
                      f"{top1_float:.4f}): at W{quant_cfg.weight_bits}A{quant_cfg.activation_bits} this model's signal "
-                     "does not survive quantization, and QAT rarely climbs out of chance (its gradients carry no "
-                     "signal either); try more bits first, activations first (--activation-bits 8)")
+                     "does not survive quantization, and QAT from chance did not recover on the models measured "
+                     "(five times the steps, learned step sizes, batch statistics: docs/benchmarks.md section 4); "
+                     "try more bits first, activations first (--activation-bits 8)")
 
     scale_lr = f" (step sizes {train_cfg.scale_lr})" if train_cfg.scale_lr is not None else ""
     echo(f"QAT: steps {start}..{total}, batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr}"
