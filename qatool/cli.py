@@ -249,8 +249,6 @@ def export_int8(checkpoint, output, calib_data, no_verify, no_int4, size, color,
         click.echo(f"top-1: simulation {r['top1_qat']:.4f}, int8 onnxruntime {r['top1_int8']:.4f}")
     for fn in r["float_nodes"]:
         click.echo(f"float: {fn['node']} ({fn['op_type']}): {fn['reason']}")
-    for note in r.get("notes", []):
-        click.echo(f"note: {note}")
 
 
 @cli.command()

@@ -107,4 +107,4 @@ def export_summary(export: dict) -> list[str]:
         source = f" ({export['verified_on']})" if export.get("verified_on") else ""
         lines.append(f"simulation vs onnxruntime on {a['images']} inputs{source}: top-1 agreement "
                      f"{a['agreement_top1']:.4f}, largest difference {steps} quantization steps")
-    return lines
+    return lines + [f"note: {note}" for note in export.get("notes", [])]

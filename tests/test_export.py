@@ -7,9 +7,11 @@ from onnx import numpy_helper
 
 from helpers import SAMPLE_DIR
 from qatool import api
+from qatool.convert import normalize_proto
 from qatool.eval.backends import ort_session
 from qatool.export.deploy import export_session
 from qatool.export.verify import check_fusion
+from qatool.ir.io import load_proto
 from qatool.ops import Context, make_op
 from qatool.quant.config import QuantConfig
 from qatool.quant.qparams import weight_grid
@@ -218,6 +220,16 @@ def test_vnni_note(monkeypatch, trained):
     d, _ = trained["lenet_bn"]
     session = QatSession.from_checkpoint(load_checkpoint(d / "qat.onnx"))
     monkeypatch.setattr(deploy, "cpu_lacks_vnni", lambda: True)
-    assert "--reduce-range" in deploy.range_notes(session)[0]
+    assert "--reduce-range" in deploy.export_notes(session)[0]
     monkeypatch.setattr(deploy, "cpu_lacks_vnni", lambda: False)
-    assert deploy.range_notes(session) == []
+    assert deploy.export_notes(session) == []
+
+
+def test_activations_below_8_bits_are_noted_as_no_faster(lenet):
+    from qatool.export import deploy
+
+    graph = normalize_proto(load_proto(lenet), for_training=True).graph
+    for bits, noted in ((4, True), (8, False)):
+        session = QatSession.create(graph, QuantConfig(weight_bits=4, activation_bits=bits))
+        notes = [n for n in deploy.export_notes(session) if "below 8 bits" in n]
+        assert bool(notes) == noted and (not notes or "4-bit activations" in notes[0])

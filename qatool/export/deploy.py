@@ -39,11 +39,18 @@ def cpu_lacks_vnni() -> bool:
     return "flags" in flags and not {"avx512_vnni", "avx_vnni"} & set(flags)
 
 
-def range_notes(session) -> list[str]:
+def export_notes(session) -> list[str]:
+    """What the user should know about how onnxruntime runs this export."""
+    notes = []
     if any(session.config.weight_bits_of(layer.node.name) == 8 for layer in session.plan.layers) and cpu_lacks_vnni():
-        return ["this x86 CPU has no VNNI: onnxruntime's u8 x s8 kernels can saturate with 8-bit weights; "
-                "train with --reduce-range (7-bit weights) if the int8 accuracy falls short"]
-    return []
+        notes.append("this x86 CPU has no VNNI: onnxruntime's u8 x s8 kernels can saturate with 8-bit weights; "
+                     "train with --reduce-range (7-bit weights) if the int8 accuracy falls short")
+    bits = session.config.activation_bits
+    if bits < 8 and session.quant:
+        notes.append(f"onnxruntime has no kernels for activations below 8 bits: these {bits}-bit activations are "
+                     f"stored in 8 bits and held on their grid by integer Clips, so they save no time over 8-bit "
+                     f"activations (the grid is for a target that computes in {bits} bits)")
+    return notes
 
 
 @dataclass
@@ -108,7 +115,7 @@ def export_session(session, out_path: str | os.PathLike, data: LoadedImages | No
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return ExportResult(out, out.stat().st_size, fusion, agreement, data_source, range_notes(session), simulated,
+    return ExportResult(out, out.stat().st_size, fusion, agreement, data_source, export_notes(session), simulated,
                         deployed)
 
 
