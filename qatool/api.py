@@ -134,7 +134,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     from .train.checkpoint import load_checkpoint
     from .train.config import TrainConfig
     from .train.heads import check_class_order, check_logits, folder_class_names, set_logits, store_class_names
-    from .train.loop import Phases, train as run_train
+    from .train.loop import Phases, TrainingDiverged, train as run_train
     from .train.preprocess import METADATA_KEY, resolve_preprocess
     from .train.recipe import bn_evidence, gradient_evidence, has_batchnorm
     from .train.session import QatSession
@@ -260,9 +260,16 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     if teacher is not None:
         echo(f"distillation from {train_cfg.teacher}: T {train_cfg.distill_temperature}, "
              f"alpha {train_cfg.distill_alpha}")
-    result = run_train(session, train_images, train_cfg, phases, start, total, ckpt.arrays if ckpt else None,
-                       save, out / "metrics.jsonl", quiet, teacher, validator,
-                       train_cfg.validation_interval(total))
+    try:
+        result = run_train(session, train_images, train_cfg, phases, start, total, ckpt.arrays if ckpt else None,
+                           save, out / "metrics.jsonl", quiet, teacher, validator,
+                           train_cfg.validation_interval(total))
+    except TrainingDiverged as e:
+        if validator is not None and validator.start is not None and \
+                start_at_chance(validator.start, top1_float, len(classes)):
+            raise TrainingDiverged(f"{e}; its quantized start was at chance: more bits, activations first "
+                                   "(--activation-bits 8), are the likelier cure") from None
+        raise
 
     int8_path = out / "model_int8.onnx"
     source = str(val_data) if val_data else ""
@@ -379,7 +386,7 @@ def finetune(model_path, train_data, output, val_data=None, train=None, preproce
     from .ir.io import atomic_write_bytes, save_graph
     from .train.config import TrainConfig
     from .train.heads import check_logits, folder_class_names, store_class_names
-    from .train.loop import Phases, train as run_train
+    from .train.loop import Phases, TrainingDiverged, train as run_train
     from .train.preprocess import METADATA_KEY, resolve_preprocess
     from .train.transfer import FloatSession, feature_shape, find_features, replace_head, trainable_names
 

@@ -164,6 +164,15 @@ def test_disk_full_leaves_no_partial_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_update_that_overflows_once_folded_is_never_saved(capsys, lenet, digits, tmp_path):
+    """lr 1e38: the weights stay finite (~1e36) but their BN-folded scales overflow; the checkpoint that would
+    hold them is not written."""
+    code, _, err = run_cli(capsys, "train-quant", lenet, "--train-data", digits[0], "-o", tmp_path / "o",
+                           "--lr", "1e38", "--steps", "5", "--save-every", "1", "-q")
+    assert_clean_error(code, err, 1, "is not finite")
+    assert not (tmp_path / "o" / "qat.onnx").exists()
+
+
 def test_divergence_stops_and_keeps_the_last_checkpoint(capsys, lenet, digits, tmp_path):
     code, _, err = run_cli(capsys, "train-quant", lenet, "--train-data", digits[0], "-o", tmp_path / "o",
                            "--lr", "1e9", "--steps", "40", "--save-every", "1", "-q")

@@ -130,6 +130,19 @@ def _folded_bias_inputs(rng, c=3):
     return [y, b, gamma, beta, mean, var, np.array(0.05), rng.uniform(0.01, 0.02, c)]
 
 
+def test_a_bias_beyond_the_int32_grid_saturates_at_its_own_end():
+    """A dead channel (weight scale floored at MIN_SCALE) with an ordinary bias needs more than 2^31 steps: the
+    int32 saturates at 2^31 - 1 (2^31 in float32, which a float32 cast once wrapped to -2^31) and at -2^31."""
+    import warnings
+
+    from qatool.quant.qparams import bias_integers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q, _ = bias_integers(np.float32([5.0, -5.0, 0.5]), np.float32(1e-3), np.float32([MIN_SCALE, MIN_SCALE, 1.0]))
+    assert q.dtype == np.int32 and q.tolist() == [2**31 - 1, -2**31, 500]
+
+
 def test_folded_bias_frozen_is_the_deployed_computation():
     rng = np.random.default_rng(2)
     inputs = [a.astype(np.float32) for a in _folded_bias_inputs(rng)]

@@ -170,6 +170,22 @@ def test_a_quantized_start_at_chance_is_warned_about(lenet, digits, tmp_path):
     assert said.index(warning[0]) < next(i for i, s in enumerate(said) if s.startswith("QAT: steps"))
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the validation of an overflowed state stops cleanly
+@pytest.mark.parametrize("symmetric, at_chance", [(True, True), (False, False)])
+def test_a_divergence_from_a_chance_start_names_more_bits(lenet, digits, tmp_path, symmetric, at_chance):
+    """A learning rate that overflows the model: the error says to lower it, and, when the quantized start was
+    at chance (symmetric 2-bit activations), that more bits are the likelier cure."""
+    from qatool.train.loop import TrainingDiverged
+
+    train, val = digits
+    with pytest.raises(TrainingDiverged, match="lower --lr") as e:
+        api.train_quant(lenet, train, tmp_path, val_data=val,
+                        quant=QuantConfig(weight_bits=2, activation_bits=2, symmetric_activations=symmetric),
+                        train=TrainConfig(steps=6, lr=1e4, schedule="constant", validate_every=3),
+                        echo=lambda s: None, quiet=True)
+    assert ("start was at chance" in str(e.value) and "--activation-bits 8" in str(e.value)) == at_chance
+
+
 def test_a_start_above_chance_gets_no_such_warning(lenet, digits, tmp_path):
     train, val = digits
     said = []

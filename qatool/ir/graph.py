@@ -88,6 +88,11 @@ class Graph:
                     out.setdefault(i, []).append(n)
         return out
 
+    def nonfinite_initializer(self) -> str | None:
+        """The first float initializer holding an inf or NaN, if any."""
+        return next((k for k, v in self.initializers.items()
+                     if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()), None)
+
     def output_classes(self) -> int | None:
         """The class count of a classifier's [N, classes] first output, or None when its shape does not say."""
         shape = self.outputs[0].shape

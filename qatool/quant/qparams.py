@@ -178,7 +178,8 @@ def quantize(x: np.ndarray, scale, zero_point, grid: Grid, axis: int | None = No
     """Integers exactly as ONNX QuantizeLinear computes them: saturate(round_half_even(x / scale) + zp)."""
     s, z = _broadcast(scale, zero_point, x.ndim, axis)
     q = np.rint(x / s) + z
-    return np.clip(q, grid.qmin, grid.qmax).astype(grid.storage)
+    # in float64: the int32 grid's qmax, 2^31 - 1, is 2^31 in float32, which the cast would wrap to -2^31
+    return np.clip(q.astype(np.float64), grid.qmin, grid.qmax).astype(grid.storage)
 
 
 def _broadcast(scale, zero_point, ndim: int, axis: int | None):

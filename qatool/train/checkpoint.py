@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelError
+from ..errors import DivergedError, ModelError
 from ..ir.graph import Graph, Node
 from ..ir.io import load_graph, save_graph
 from ..quant.config import QuantConfig
@@ -65,9 +65,13 @@ def save_checkpoint(path: str | os.PathLike, float_graph: Graph, qat_graph: Grap
         scale = np.asarray(qat_graph.initializers[q.scale], np.float32).reshape(())
         zero = np.asarray(qat_graph.initializers[q.zero_point]).astype(grid.storage).reshape(())
         _insert_qdq(g, t, producers.get(t), scale, zero, None)
-    for layer in plan.layers:
-        _insert_weight_qdq(g, layer, config)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowed fold is caught just below
+        for layer in plan.layers:
+            _insert_weight_qdq(g, layer, config)
     g.toposort()
+    bad = g.nonfinite_initializer()  # finite parameters can still overflow once folded (w * gamma / sigma)
+    if bad is not None:
+        raise DivergedError(f"the checkpoint's {bad!r} is not finite")
     g.metadata[CHECKPOINT_KEY] = json.dumps({"step": step, "quant": config.to_dict(), "train": train,
                                              **(info or {})})
     arrays = dict(arrays)

@@ -106,7 +106,10 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
         bad = next((k for k, v in model.params.items() if not np.isfinite(v).all()), None)
         if bad is not None:
             raise _diverged(at, f"parameter {bad!r} is not finite")
-        save(at, optim_arrays())
+        try:
+            save(at, optim_arrays())
+        except DivergedError as e:
+            raise _diverged(at, str(e)) from None
 
     progress = Progress(total, start, enabled=None if not quiet else False)
     log = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
@@ -165,7 +168,10 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
                     checkpoint(step + 1)
                 if validate and validate_every and (step + 1) % validate_every == 0 and step + 1 < total:
-                    validate(step + 1)
+                    try:
+                        validate(step + 1)
+                    except DivergedError as e:
+                        raise _diverged(step + 1, str(e)) from None
             step = total
             checkpoint(total)
     except KeyboardInterrupt:  # a second Ctrl-C, possibly mid-step: nothing consistent to save

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..engine.model import Model
-from ..errors import ModelError
+from ..errors import DivergedError, ModelError
 from ..export.int8 import qat_to_int8
 from ..ir.graph import Graph
 from ..quant.config import QuantConfig
@@ -91,4 +91,11 @@ class QatSession:
                         {**arrays, **own}, info)
 
     def export_int8(self) -> Graph:
-        return qat_to_int8(self.model.to_graph(), self.plan.report()["float_nodes"])
+        """The int8 model of the current state; DivergedError when that state overflows (its scales go
+        non-finite: a diverged run is stopped, not exported)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            g = qat_to_int8(self.model.to_graph(), self.plan.report()["float_nodes"])
+        bad = g.nonfinite_initializer()
+        if bad is not None:
+            raise DivergedError(f"the int8 model's {bad!r} is not finite")
+        return g
