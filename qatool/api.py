@@ -386,7 +386,7 @@ def finetune(model_path, train_data, output, val_data=None, train=None, preproce
     from .ir.io import atomic_write_bytes, save_graph
     from .train.config import TrainConfig
     from .train.heads import check_logits, folder_class_names, store_class_names
-    from .train.loop import Phases, TrainingDiverged, train as run_train
+    from .train.loop import Phases, train as run_train
     from .train.preprocess import METADATA_KEY, resolve_preprocess
     from .train.transfer import FloatSession, feature_shape, find_features, replace_head, trainable_names
 
