@@ -32,9 +32,9 @@ class TrainingDiverged(QatoolError):
     pass
 
 
-def _diverged(step: int, what: str) -> TrainingDiverged:
-    return TrainingDiverged(f"training diverged at step {step} ({what}); the last checkpoint saved is kept — "
-                            "lower --lr or check the data")
+def _diverged(step: int, what: str, saved: bool) -> TrainingDiverged:
+    kept = "the last checkpoint saved is kept" if saved else "no checkpoint was saved"
+    return TrainingDiverged(f"training diverged at step {step} ({what}); {kept} — lower --lr or check the data")
 
 
 @dataclass
@@ -101,15 +101,21 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
     def optim_arrays() -> dict:
         return {f"optim/{k}": v for k, v in opt.state_arrays().items()}
 
+    saved = [start > 0]  # a resumed run continues from a saved checkpoint
+
+    def diverged(at: int, what: str) -> TrainingDiverged:
+        return _diverged(at, what, saved[0])
+
     def checkpoint(at: int) -> None:
         """Save, unless the parameters went non-finite: a diverged state never replaces a good checkpoint."""
         bad = next((k for k, v in model.params.items() if not np.isfinite(v).all()), None)
         if bad is not None:
-            raise _diverged(at, f"parameter {bad!r} is not finite")
+            raise diverged(at, f"parameter {bad!r} is not finite")
         try:
             save(at, optim_arrays())
         except DivergedError as e:
-            raise _diverged(at, str(e)) from None
+            raise diverged(at, str(e)) from None
+        saved[0] = True
 
     progress = Progress(total, start, enabled=None if not quiet else False)
     log = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
@@ -141,7 +147,7 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
                     try:
                         (out,) = model.forward({session.input_name: x}, training=True, outputs=[session.logits])
                     except DivergedError as e:
-                        raise _diverged(step, str(e)) from None
+                        raise diverged(step, str(e)) from None
                     logits = out.reshape(len(out), -1)  # a (N, C, 1, 1) head's logits as (N, C)
                     if teacher is not None:
                         loss, dlogits = distillation_loss(logits, teacher.logits(x), y, cfg.distill_temperature,
@@ -149,11 +155,11 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
                     else:
                         loss, dlogits = softmax_cross_entropy(logits, y)
                     if not np.isfinite(loss):
-                        raise _diverged(step, f"loss {loss}")
+                        raise diverged(step, f"loss {loss}")
                     opt.step(model.backward([dlogits.reshape(out.shape)]), lr=lr)
                     collapsed = session.nonpositive_scale()
                     if collapsed:
-                        raise _diverged(step, f"learned step size {collapsed[0]!r} fell to {collapsed[1]:.3g}, "
+                        raise diverged(step, f"learned step size {collapsed[0]!r} fell to {collapsed[1]:.3g}, "
                                               "not above zero: lower --scale-lr")
                 times.append(time.perf_counter() - t0)
                 correct += int((logits.argmax(1) == y).sum())
@@ -171,7 +177,7 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
                     try:
                         validate(step + 1)
                     except DivergedError as e:
-                        raise _diverged(step + 1, str(e)) from None
+                        raise diverged(step + 1, str(e)) from None
             step = total
             checkpoint(total)
     except KeyboardInterrupt:  # a second Ctrl-C, possibly mid-step: nothing consistent to save
