@@ -240,6 +240,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
 
     # a safe start and a safe end: int8 accuracy before the first step and at checkpoints (qatool.train.validation)
     validator = None
+    start_chance = False  # the quantized start (measured now, or by the run resumed) is at chance: say so
     if val_images is not None:
         validator = Validator(session, val_images, lambda path, step: save(step, {}, path), qat_path,
                               train_cfg.keep, list(ckpt.info.get("validations", [])) if ckpt else [])
@@ -247,12 +248,13 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         if ckpt is None and train_cfg.init == "calibrate":
             acc = validator(0)
             echo(f"start: int8 val top-1 {acc:.4f} before any QAT step (post-training quantization, same placement)")
-            if start_at_chance(acc, top1_float, len(classes)):
-                echo(f"warning: the quantized start is at chance ({acc:.4f} for {len(classes)} classes, float "
-                     f"{top1_float:.4f}): at W{quant_cfg.weight_bits}A{quant_cfg.activation_bits} this model's signal "
-                     "does not survive quantization, and QAT from chance did not recover on the models measured "
-                     "(five times the steps, learned step sizes, batch statistics: docs/benchmarks.md section 4); "
-                     "try more bits first, activations first (--activation-bits 8)")
+        start_chance = validator.start is not None and start_at_chance(validator.start, top1_float, len(classes))
+        if start_chance and ckpt is None:
+            echo(f"warning: the quantized start is at chance ({validator.start:.4f} for {len(classes)} classes, "
+                 f"float {top1_float:.4f}): at W{quant_cfg.weight_bits}A{quant_cfg.activation_bits} this model's "
+                 "signal does not survive quantization, and QAT from chance did not recover on the models measured "
+                 "(five times the steps, learned step sizes, batch statistics: docs/benchmarks.md section 4); "
+                 "try more bits first, activations first (--activation-bits 8)")
 
     scale_lr = f" (step sizes {train_cfg.scale_lr})" if train_cfg.scale_lr is not None else ""
     echo(f"QAT: steps {start}..{total}, batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr}"
@@ -265,8 +267,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
                            save, out / "metrics.jsonl", quiet, teacher, validator,
                            train_cfg.validation_interval(total))
     except TrainingDiverged as e:
-        if validator is not None and validator.start is not None and \
-                start_at_chance(validator.start, top1_float, len(classes)):
+        if start_chance:
             raise TrainingDiverged(f"{e}; its quantized start was at chance: more bits, activations first "
                                    "(--activation-bits 8), are the likelier cure") from None
         raise
@@ -298,8 +299,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
                    max_diff_steps=exported.agreement.max_diff_steps, **validator.summary(),
                    int8_step=kept_step, ended_below_start=validator.ended_below_start())
         val["far_below_float"] = val["top1_int8"] < top1_float - FAR_BELOW_FLOAT
-        val["start_at_chance"] = validator.start is not None and start_at_chance(validator.start, top1_float,
-                                                                                 len(classes))
+        val["start_at_chance"] = start_chance
         selected = (f"; the int8 model is step {kept_step}'s, the best of {len(validator.history)} validated "
                     "checkpoints, selected on these validation images" if train_cfg.keep == "best" else "")
         echo(f"val top-1: float {top1_float:.4f}, QAT simulation {val['top1_qat']:.4f}, "
