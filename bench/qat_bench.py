@@ -82,7 +82,7 @@ def preprocess_of(model_path: Path):
     """The preprocessing qatool takes from the model's metadata (the sample models: gray 28x28, mean/std)."""
     from qatool.convert import normalize_proto
     from qatool.ir.io import load_proto
-    from qatool.train.preprocess import resolve_preprocess
+    from qatool.data.preprocess import resolve_preprocess
 
     return resolve_preprocess(normalize_proto(load_proto(model_path), for_training=True).graph, None)
 
@@ -91,7 +91,7 @@ class Data:
     """The training and validation images as qatool loads them (ImageDataset order, uint8), and their labels."""
 
     def __init__(self, pre):
-        from qatool.train.data import ImageDataset
+        from qatool.data.images import ImageDataset
 
         self.pre = pre
         self.train = ImageDataset.open(TRAIN_DIR).load(self.pre)
@@ -105,7 +105,7 @@ class Data:
 
     def batch(self, step: int, seed: int = SEEDS[0]) -> tuple[np.ndarray, np.ndarray]:
         """Training batch `step`: qatool's batch_indices over the training set, preprocessed as qatool does."""
-        from qatool.train.data import batch_indices
+        from qatool.data.images import batch_indices
 
         idx = batch_indices(len(self.train), BATCH, step, seed)
         return self.pre.normalize(self.uint8(idx)), np.asarray(self.train.labels)[idx]

@@ -22,7 +22,7 @@ def _refuse_overwrite(input_path: str | os.PathLike, output_path: str | os.PathL
 def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, for_training: bool = False) -> ConvertResult:
     """Normalise a float ONNX model (see `qatool.convert`) and write it to `output_path` atomically."""
     _refuse_overwrite(input_path, output_path)
-    result = normalize_proto(load_proto(input_path), for_training)
+    result = normalize_proto(load_proto(input_path), for_training, free_batch=True)
     model = to_onnx(result.graph)
     try:
         onnx.checker.check_model(model)
@@ -59,7 +59,7 @@ def _training_model(model_path, resume, quant):
     from .quant.config import QuantConfig
     from .train.checkpoint import load_checkpoint
 
-    float_graph = normalize_proto(load_proto(model_path), for_training=True).graph
+    float_graph = normalize_proto(load_proto(model_path), for_training=True, free_batch=True).graph
     if resume is None:
         return float_graph, None, quant or QuantConfig()
     ckpt = load_checkpoint(resume)
@@ -72,7 +72,7 @@ def _training_model(model_path, resume, quant):
 
 def _open_data(train_data, val_data, class_names, n_outputs, model_path):
     """The training and validation sets (listed, not yet decoded)."""
-    from .train.data import ImageDataset
+    from .data.images import ImageDataset
 
     train_set = ImageDataset.open(train_data, class_names)
     check_classes(train_set, n_outputs, model_path)
@@ -111,9 +111,15 @@ def _mixed_precision(float_graph, images, quant_cfg, train_cfg, echo):
 
 def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, train=None, preprocess=None,
                 labels=None, resume=None, quiet: bool = False, echo=print, new_head: bool = False,
-                features: str | None = None, float_steps: int | None = None, freeze_backbone: bool = False) -> dict:
+                features: str | None = None, float_steps: int | None = None, freeze_backbone: bool = False,
+                distill_outputs: list[str] | None = None) -> dict:
     """QAT of a float (or convert --for-training) model on an image folder; writes qat.onnx, model_int8.onnx,
     metrics.jsonl and report.json into `out_dir` and returns the report.
+
+    A classifier whose data has labels trains with cross-entropy and is judged by top-1; any other model, or any
+    data without labels (a plain folder of images, a folder of `.npy` input tensors), trains to reproduce the
+    float model and is judged against it by what each output is for (`_train_quant_any`; `distill_outputs`
+    names the outputs to train on, default all).
 
     `quant` / `train` are QuantConfig / TrainConfig; `preprocess` a dict of size/color/mean/std overrides;
     `labels` a file of class names, one per line, in output order (default: the model's own class names when
@@ -128,16 +134,17 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     """
     import json
 
-    from .eval.backends import ort_logits, ort_session, top1
+    from .runtime.backends import ort_logits, ort_session, top1
     from .export.deploy import export_session, time_export
-    from .ir.io import atomic_write_bytes
+    from .ir.io import atomic_write_bytes, report_json
     from .train.checkpoint import load_checkpoint
     from .train.config import TrainConfig
     from .train.heads import check_class_order, check_logits, folder_class_names, set_logits, store_class_names
     from .train.loop import Phases, TrainingDiverged, train as run_train
-    from .train.preprocess import METADATA_KEY, resolve_preprocess
+    from .data.preprocess import METADATA_KEY, resolve_preprocess
     from .train.recipe import bn_evidence, gradient_evidence, has_batchnorm
     from .train.session import QatSession
+    from .train.objective import LabelledClasses
     from .train.teacher import Teacher
     from .train.validation import FAR_BELOW_FLOAT, Validator, best_path, start_at_chance
 
@@ -166,6 +173,14 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     float_graph, ckpt, quant_cfg = _training_model(model_path, resume, quant)
     if train_cfg.scale_lr is not None and quant_cfg.scale_learning != "lsq":
         raise UsageError("--scale-lr sets the learning rate of learned step sizes: it needs --scale-learning lsq")
+    from .train.anymodel import is_labelled_classifier
+
+    if not is_labelled_classifier(float_graph, train_data) or distill_outputs:
+        if train_cfg.teacher or labels or train_cfg.logits:
+            raise UsageError("--teacher, --labels and --logits belong to a classifier trained with labels; without "
+                             "labels the float model itself is the teacher")
+        return _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_data, out, val_data,
+                                preprocess, resume, quiet, echo, distill_outputs)
     pre = resolve_preprocess(float_graph, preprocess)
     float_graph.metadata[METADATA_KEY] = pre.to_json()
     if train_cfg.logits:
@@ -174,6 +189,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     session = QatSession.from_checkpoint(ckpt, train_cfg.seed) if ckpt else \
         QatSession.create(float_graph, quant_cfg, train_cfg.seed)
     teacher = Teacher(train_cfg.teacher) if train_cfg.teacher else None
+    objective = LabelledClasses(session.logits, teacher, train_cfg.distill_temperature, train_cfg.distill_alpha)
     train_set, val_set = _open_data(train_data, val_data, folder_class_names(float_graph, train_data, labels, echo),
                                     float_graph.output_classes(), model_path)
     classes = train_set.classes
@@ -260,11 +276,10 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     echo(f"QAT: steps {start}..{total}, batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr}"
          f"{scale_lr}; BN freezes at step {phases.freeze_bn_after}, observers at {phases.freeze_observers_after}")
     if teacher is not None:
-        echo(f"distillation from {train_cfg.teacher}: T {train_cfg.distill_temperature}, "
-             f"alpha {train_cfg.distill_alpha}")
+        echo(objective.describe())
     try:
         result = run_train(session, train_images, train_cfg, phases, start, total, ckpt.arrays if ckpt else None,
-                           save, out / "metrics.jsonl", quiet, teacher, validator,
+                           save, out / "metrics.jsonl", quiet, objective, validator,
                            train_cfg.validation_interval(total))
     except TrainingDiverged as e:
         if start_chance:
@@ -337,7 +352,135 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
                     **({"best_checkpoint": str(best_path(qat_path))} if kept_step != total else {})},
     }
     report["peak_rss_mb"] = peak_rss_mb()
-    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, default=_json_default) + "\n").encode())
+    atomic_write_bytes(out / "report.json", report_json(report))
+    memory = f" (peak memory {report['peak_rss_mb']:,.0f} MB)" if report["peak_rss_mb"] else ""
+    echo(f"wrote {qat_path}, {int8_path}, {out / 'report.json'}{memory}")
+    return report
+
+
+def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_data, out, val_data, preprocess,
+                     resume, quiet, echo, distill_outputs) -> dict:
+    """Label-free QAT of any model: the float model (onnxruntime) is the teacher of every chosen output's task
+    (qatool.tasks), and the judge of the int8 model at the start, at checkpoints and at the end."""
+    import json
+
+    from .export.deploy import export_session, time_export
+    from .export.latency import latency_lines
+    from .export.verify import fusion_lines
+    from .ir.io import atomic_write_bytes, report_json
+    from .quant.calibrate import calibrate_session
+    from .runtime.backends import eval_batch_size
+    from .tasks.judge import Judge, describe
+    from .train.anymodel import FloatModel, choose_output_tasks, data_kind, load_unlabelled, unlabelled_preprocess
+    from .train.checkpoint import load_checkpoint
+    from .train.loop import Phases, train as run_train
+    from .train.objective import Distillation
+    from .train.session import QatSession
+    from .train.teacher import Teacher
+    from .train.validation import Validator, best_path
+
+    pre = unlabelled_preprocess(float_graph, train_data, val_data, preprocess)
+    # the QAT graph first: a model the engine cannot run fails before any image is read
+    session = QatSession.from_checkpoint(ckpt, train_cfg.seed) if ckpt else \
+        QatSession.create(float_graph, quant_cfg, train_cfg.seed)
+    train_set, val_set = load_unlabelled(float_graph, train_data, val_data, pre)
+    echo(f"{len(train_set)} training {data_kind(train_set)} from {train_data} (no labels: the float model is the "
+         f"teacher)" + (f"; {len(val_set)} validation from {val_data}" if val_set is not None else ""))
+    float_model = FloatModel(float_graph)
+    tasks = choose_output_tasks(float_graph, float_model, train_set, distill_outputs, echo,
+                                map_threshold=train_cfg.map_threshold)
+    objective = Distillation(tasks, Teacher(float_graph, [t.loss_tensor for t in tasks]))
+    judge = Judge(tasks, float_model, val_set, eval_batch_size(val_set)) if val_set is not None else None
+    plan = session.plan.report()
+    echo(f"quantized {len(plan['quantized_layers'])} layers ({len(plan['folded_batchnorm'])} with BN folded), "
+         f"{plan['quantized_activations']} activation quantizers; {len(plan['float_nodes'])} nodes stay float")
+    total = train_cfg.total_steps(len(train_set))
+    start = ckpt.step if ckpt else 0
+    if start > total:
+        raise UsageError(f"the checkpoint is at step {start}, beyond --steps {total}")
+    info = {"model_signature": _model_signature(float_graph), "top1_float": None,
+            "val_data": str(Path(val_data).resolve()) if val_data else None}
+    qat_path = out / "qat.onnx"
+
+    def save(step: int, arrays: dict, path=qat_path) -> None:
+        session.save(path, train_cfg.to_dict(), step, arrays, info)
+
+    if ckpt is None and train_cfg.init == "calibrate":
+        calibrate_session(session, train_set, train_cfg.init_method, train_cfg.init_images, seed=train_cfg.seed)
+        echo(f"activation ranges calibrated ({train_cfg.init_method}) on "
+             f"{min(train_cfg.init_images, len(train_set))} training inputs")
+    # the float model, in eval mode, is the target: BN's batch statistics could only move the student away
+    # from it, so BN uses its running statistics throughout unless --freeze-bn-after says otherwise
+    freeze_bn = quant_cfg.freeze_bn_after if quant_cfg.freeze_bn_after is not None else 0
+    phases = Phases.resolve(total, freeze_bn, quant_cfg.freeze_observers_after)
+    validator = None
+    if judge is not None:
+        validator = Validator(session, val_set, lambda path, step: save(step, {}, path), qat_path, train_cfg.keep,
+                              list(ckpt.info.get("validations", [])) if ckpt else [], judge=judge, key="score")
+        info["validations"] = validator.history
+        if ckpt is None and train_cfg.init == "calibrate":
+            validator(0)
+            first = validator.history[0]
+            echo(f"start (post-training quantization, same placement), int8 against float: "
+                 f"{describe({'outputs': first['measures']})}")
+    echo(f"QAT: steps {start}..{total}, batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr}; "
+         f"{objective.describe()}; BN {'frozen from the start' if phases.freeze_bn_after == 0 else 'freezes at step ' + str(phases.freeze_bn_after)}, "
+         f"observers freeze at {phases.freeze_observers_after}")
+    result = run_train(session, train_set, train_cfg, phases, start, total, ckpt.arrays if ckpt else None, save,
+                       out / "metrics.jsonl", quiet, objective, validator, train_cfg.validation_interval(total))
+
+    int8_path = out / "model_int8.onnx"
+    verify_on = val_set if val_set is not None else train_set
+    final_judge = judge or Judge(tasks, float_model, train_set, eval_batch_size(train_set))
+    exported = export_session(session, int8_path, verify_on, verify=True, strict=False,
+                              data_source=str(val_data or train_data), judge=final_judge)
+    kept_step, kept_session = total, session
+    if validator is not None:
+        validator.record(total, exported.measures["int8"]["score"], exported.measures["int8"]["outputs"])
+        kept_step = validator.kept_step(total)
+        if kept_step != total:
+            kept_session = QatSession.from_checkpoint(load_checkpoint(best_path(qat_path)), train_cfg.seed)
+            exported = export_session(kept_session, int8_path, verify_on, verify=True, strict=False,
+                                      data_source=str(val_data), judge=final_judge)
+    group = verify_on.groups[0]
+    time_export(kept_session, exported, [1, *verify_on.item_shape(int(group[0]))])
+    for line in fusion_lines(exported.fusion.to_dict()) + latency_lines(exported.latency.to_dict()):
+        echo(line)
+    for note in exported.notes:
+        echo(f"note: {note}")
+    m = exported.measures
+    echo(f"int8 (onnxruntime) against float: {describe(m['int8'])}")
+    echo(f"simulation against float: {describe(m['simulation'])}; int8 against the simulation: "
+         f"{describe(m['int8_vs_simulation'])}")
+    val = {"top1_float": None, "top1_qat": None, "top1_int8": None, "agreement_top1": None,
+           "measure": m["int8"]["score_name"], "score_int8": m["int8"]["score"],
+           "score_simulation": m["simulation"]["score"], "measures": m,
+           "images": len(verify_on), "int8_step": kept_step}
+    if validator is not None:
+        val.update(**validator.summary(), ended_below_start=validator.ended_below_start())
+        selected = (f"; the int8 model is step {kept_step}'s, the best of {len(validator.history)} validated "
+                    f"checkpoints by {val['measure']}, selected on these validation inputs"
+                    if train_cfg.keep == "best" else "")
+        echo(f"{val['measure']}: int8 {val['score_int8']:.4f}, simulation {val['score_simulation']:.4f} "
+             f"(start {validator.start if validator.start is not None else float('nan'):.4f}){selected}")
+        if validator.ended_below_start():
+            echo(f"warning: QAT ended below its start by {val['measure']}"
+                 + (f"; model_int8.onnx is step {kept_step}'s" if train_cfg.keep == "best" else ""))
+    report = {
+        "model": str(model_path), "steps": result.steps, "batch_size": train_cfg.batch_size,
+        "ms_per_step": round(result.ms_per_step, 3), "final_loss": result.final_loss,
+        "skipped_images": len(getattr(train_set, "skipped", [])),
+        "tasks": [t.to_dict() for t in tasks], "objective": objective.describe(),
+        "config": {"quant": quant_cfg.to_dict(), "train": train_cfg.to_dict(),
+                   "preprocess": json.loads(pre.to_json()) if pre is not None else None,
+                   "freeze_bn_after": phases.freeze_bn_after,
+                   "freeze_observers_after": phases.freeze_observers_after, "bn_check": None},
+        "val": val, "placement": plan, "export": exported.to_dict(),
+        "outputs": {"checkpoint": str(qat_path), "int8_model": str(int8_path), "metrics": str(out / "metrics.jsonl"),
+                    **({"best_checkpoint": str(best_path(qat_path))} if kept_step != total else {})},
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    atomic_write_bytes(out / "report.json", report_json(report))
     memory = f" (peak memory {report['peak_rss_mb']:,.0f} MB)" if report["peak_rss_mb"] else ""
     echo(f"wrote {qat_path}, {int8_path}, {out / 'report.json'}{memory}")
     return report
@@ -353,14 +496,6 @@ def peak_rss_mb() -> float | None:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
     return round(peak / (1024**2 if sys.platform == "darwin" else 1024), 1)
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # ---- finetune ---------------------------------------------------------------------------------------------------
@@ -382,12 +517,12 @@ def finetune(model_path, train_data, output, val_data=None, train=None, preproce
 
     from .train.checkpoint import _save_npz_atomic, state_path
 
-    from .eval.backends import engine_logits, top1
+    from .runtime.backends import engine_logits, top1
     from .ir.io import atomic_write_bytes, save_graph
     from .train.config import TrainConfig
     from .train.heads import check_logits, folder_class_names, store_class_names
     from .train.loop import Phases, train as run_train
-    from .train.preprocess import METADATA_KEY, resolve_preprocess
+    from .data.preprocess import METADATA_KEY, resolve_preprocess
     from .train.transfer import FloatSession, feature_shape, find_features, replace_head, trainable_names
 
     out = Path(output)
@@ -499,12 +634,12 @@ def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, pre
     `qatool.export.deploy`). The verification batch comes from `calib_data`, else the validation data the
     checkpoint recorded, else random inputs. `int4=False` keeps weights of 4 bits or fewer one per byte (an
     opset-13 file for onnxruntime older than 1.20)."""
-    from .eval.backends import top1
+    from .runtime.backends import top1
     from .export.deploy import export_session, time_export
     from .train.checkpoint import load_checkpoint
-    from .train.data import ImageDataset
+    from .data.images import ImageDataset
     from .train.heads import folder_class_names
-    from .train.preprocess import resolve_preprocess
+    from .data.preprocess import resolve_preprocess
     from .train.session import QatSession
 
     _refuse_overwrite(qat_path, output_path)

@@ -32,7 +32,7 @@ def cli(debug: bool, max_memory: str | None) -> None:
 
     keep_freed_memory()  # every step allocates the same large arrays: reuse them instead of re-mapping pages
     if max_memory:
-        from .eval.backends import set_memory_budget
+        from .runtime.backends import set_memory_budget
         from .quant.mixed import parse_size
 
         set_memory_budget(parse_size(max_memory))  # a bad size: UsageError, one line
@@ -120,15 +120,21 @@ def convert(model: str, output: str, for_training: bool) -> None:
                    "layer without --new-head unless --freeze-backbone). The warmed-up model is "
                    "OUTPUT_DIR/float_warmup.onnx.")
 @click.option("--freeze-backbone", is_flag=True, help="The float warm-up trains the head only.")
+@click.option("--map-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Without labels: a probability map is measured by its IoU with float's, both thresholded here "
+                   "(0.3, a DB text detector's own).")
+@click.option("--distill-outputs", metavar="NAME", multiple=True,
+              help="Without labels: the graph outputs the model learns to reproduce (repeatable; default all).")
 @click.option("--resume", type=click.Path(dir_okay=False), help="Continue from a qat.onnx checkpoint.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def train_quant(model, train_data, val_data, output_dir, labels, config_file, size, color, mean, std, augment,
+def train_quant(model, train_data, val_data, output_dir, labels, config_file, size, color, mean, std, resize,
+                pad_value, augment,
                 bits, weight_bits, activation_bits, per_tensor, symmetric_activations, scale_update,
                 observer_momentum, freeze_bn_after, freeze_observers_after, exclude, reduce_range, scale_learning,
                 optimizer, lr, scale_lr, momentum, weight_decay, schedule, warmup_steps, steps, epochs, batch_size,
                 seed, init, init_method, init_images, mixed_precision, mixed_low_bits, save_every, keep,
                 validate_every, logits, teacher, distill_temperature, distill_alpha, new_head, features, float_steps,
-                freeze_backbone, resume, quiet):
+                freeze_backbone, map_threshold, distill_outputs, resume, quiet):
     """Quantization-aware training of MODEL on an image folder.
 
     MODEL is a float ONNX model (converted --for-training on the fly) or the output of
@@ -156,17 +162,17 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                "teacher": teacher, "distill_temperature": distill_temperature, "distill_alpha": distill_alpha,
                "init": init, "init_method": init_method, "init_images": init_images,
                "mixed_precision": mixed_precision, "mixed_low_bits": mixed_low_bits, "keep": keep,
-               "validate_every": validate_every, "logits": logits}
+               "validate_every": validate_every, "logits": logits, "map_threshold": map_threshold}
     quant = {**q_file, **{k: v for k, v in q_flags.items() if v is not None}}
     train = {**t_file, **{k: v for k, v in t_flags.items() if v is not None}}
-    pre = {k: tuple(v) for k, v in p_file.items() if k != "color"}
-    if "color" in p_file:
-        pre["color"] = p_file["color"]
-    pre.update({k: v for k, v in preprocess_overrides(size, color, mean, std).items() if v is not None})
+    pre = {k: tuple(v) if isinstance(v, list) else v for k, v in p_file.items()}
+    pre.update({k: v for k, v in preprocess_overrides(size, color, mean, std, resize, pad_value).items()
+                if v is not None})
     api.train_quant(model, train_data, output_dir, val_data=val_data,
                     quant=QuantConfig(**quant) if (quant or not resume) else None, train=TrainConfig(**train),
                     preprocess=pre, labels=labels, resume=resume, quiet=quiet, echo=click.echo, new_head=new_head,
-                    features=features, float_steps=float_steps, freeze_backbone=freeze_backbone)
+                    features=features, float_steps=float_steps, freeze_backbone=freeze_backbone,
+                    distill_outputs=list(distill_outputs) or None)
 
 
 @cli.command("finetune")
@@ -198,7 +204,7 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
               help="Continue a finetune run from its OUTPUT (same --steps); its head and frozen parameters are kept.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def finetune(model, train_data, val_data, output, new_head, features, freeze_backbone, trainable, labels, size,
-             color, mean, std, augment, optimizer, lr, momentum, weight_decay, schedule, warmup_steps, steps, epochs,
+             color, mean, std, resize, pad_value, augment, optimizer, lr, momentum, weight_decay, schedule, warmup_steps, steps, epochs,
              batch_size, seed, save_every, resume, quiet):
     """Float training of MODEL on an image folder: transfer learning to your own classes.
 
@@ -215,7 +221,8 @@ def finetune(model, train_data, val_data, output, new_head, features, freeze_bac
                "batch_size": batch_size, "seed": seed, "augment": augment, "save_every": save_every}
     api.finetune(model, train_data, output, val_data=val_data,
                  train=TrainConfig(**{k: v for k, v in t_flags.items() if v is not None}),
-                 preprocess=preprocess_overrides(size, color, mean, std), labels=labels, new_head=new_head,
+                 preprocess=preprocess_overrides(size, color, mean, std, resize, pad_value), labels=labels,
+                 new_head=new_head,
                  features=features, freeze_backbone=freeze_backbone, trainable=list(trainable) or None,
                  resume=resume, quiet=quiet, echo=click.echo)
 
@@ -229,7 +236,8 @@ def finetune(model, train_data, val_data, output, new_head, features, freeze_bac
               help="Store weights of 4 bits or fewer one per byte instead of two (INT4 needs opset 21, onnxruntime "
                    ">= 1.20; without it the file keeps the model's opset).")
 @preprocessing_options
-def export_int8(checkpoint, output, calib_data, no_verify, no_int4, size, color, mean, std):
+def export_int8(checkpoint, output, calib_data, no_verify, no_int4, size, color, mean, std, resize,
+                pad_value):
     """Write the deployable int8 model of a QAT CHECKPOINT (qat.onnx).
 
     BN folded, int8 per-channel weights, int32 biases, Q/DQ activations with the trained scales. Unless
@@ -241,7 +249,8 @@ def export_int8(checkpoint, output, calib_data, no_verify, no_int4, size, color,
     from . import api
 
     r = api.export_int8(checkpoint, output, calib_data=calib_data, verify=not no_verify,
-                        preprocess=preprocess_overrides(size, color, mean, std), int4=not no_int4)
+                        preprocess=preprocess_overrides(size, color, mean, std, resize, pad_value),
+                        int4=not no_int4)
     click.echo(f"wrote {r['path']} ({r['size_bytes'] / 1024:.1f} KB)")
     for line in export_summary(r):
         click.echo(line)

@@ -33,20 +33,27 @@ def _parse_floats(value: str | None, flag: str) -> tuple[float, ...] | None:
 
 
 def preprocessing_options(f):
-    """--size/--color/--mean/--std, shared by every command that reads images."""
+    """--size/--color/--mean/--std/--resize/--pad-value, shared by every command that reads images."""
     for opt in reversed([
         click.option("--size", help="Input size HxW (default: the model's metadata, else its input shape)."),
         click.option("--color", type=click.Choice(["gray", "rgb", "bgr"]), help="Colour of the input tensor."),
         click.option("--mean", help="Mean(s) subtracted after scaling pixels to [0, 1]: one value or three."),
         click.option("--std", help="Standard deviation(s) divided by: one value or three."),
+        click.option("--resize", type=click.Choice(["stretch", "pad", "letterbox"]),
+                     help="stretch (default): resize to HxW; pad: fill the height, keep the aspect ratio, pad on the "
+                          "right (PaddleOCR's recogniser); letterbox: keep the aspect ratio, centre, pad around "
+                          "(YOLO)."),
+        click.option("--pad-value", type=float,
+                     help="What padded pixels hold, in the normalised space (default 0: PaddleOCR's; YOLO's grey "
+                          "is 0.447 with mean 0, std 1)."),
     ]):
         f = opt(f)
     return f
 
 
-def preprocess_overrides(size, color, mean, std) -> dict:
+def preprocess_overrides(size, color, mean, std, resize=None, pad_value=None) -> dict:
     return {"size": _parse_size(size), "color": color, "mean": _parse_floats(mean, "--mean"),
-            "std": _parse_floats(std, "--std")}
+            "std": _parse_floats(std, "--std"), "resize": resize, "pad_value": pad_value}
 
 
 BITS = click.IntRange(2, 8)
@@ -107,4 +114,12 @@ def export_summary(export: dict) -> list[str]:
         source = f" ({export['verified_on']})" if export.get("verified_on") else ""
         lines.append(f"simulation vs onnxruntime on {a['images']} inputs{source}: top-1 agreement "
                      f"{a['agreement_top1']:.4f}, largest difference {steps} quantization steps")
+    if export.get("measures"):
+        from .tasks.judge import describe
+
+        m = export["measures"]
+        source = f" on {export['verified_on']}" if export.get("verified_on") else ""
+        lines.append(f"int8 (onnxruntime) against float{source}: {describe(m['int8'])}")
+        lines.append(f"simulation against float: {describe(m['simulation'])}; int8 against the simulation: "
+                     f"{describe(m['int8_vs_simulation'])}")
     return lines + [f"note: {note}" for note in export.get("notes", [])]

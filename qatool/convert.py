@@ -11,6 +11,9 @@ Steps, in order:
 4b. Identity removed (so a layer's consumers are seen through it); a bias written as a separate Add after a
    Conv or MatMul becomes the layer's bias (`ir/bias_add.py`; a MatMul with a bias becomes a Gemm), as
    onnxruntime's integer kernels take it;
+4c. (commands only) a model exported with a fixed batch of 1 gets a free batch (`ir/batch.py`), checked on onnxruntime at
+   batch 2 and 3 against the model run one image at a time; the declared shapes are kept in the metadata
+   (BATCH_KEY) so the int8 model declares them again, and a user's pipeline calls it as it called the float one;
 5. for inference: BatchNormalization folded into the preceding Conv/ConvTranspose/Gemm, Dropout removed;
    for training: BN and Dropout kept; HardSwish, HardSigmoid and Div by a constant rewritten into elementwise
    forms whose pieces run as integer kernels once quantized (`ir/integer_forms.py`); and the roles of the
@@ -47,6 +50,7 @@ class ConvertResult:
     ops_before: dict[str, int]
     folded_constants: int = 0
     folded_bias_adds: list[str] = field(default_factory=list)
+    batch: object = None  # ir.batch.BatchResult when an input declared a batch of 1
     integer_forms: dict[str, int] = field(default_factory=dict)  # op_type -> nodes rewritten
     folded_bn: list[str] = field(default_factory=list)
     kept_bn: list[tuple[str, str]] = field(default_factory=list)
@@ -72,6 +76,13 @@ class ConvertResult:
         ]
         if self.folded_constants:
             lines.append(f"folded {self.folded_constants} constant nodes into initializers")
+        if self.batch is not None:
+            b = self.batch
+            lines.append(f"the input declares a batch of 1: freed ({len(b.rewritten) + len(b.added)} nodes rewritten "
+                         "or added; onnxruntime at batch 2 and 3 equals the images run one at a time); the int8 "
+                         "model declares the original shapes" if b.freed else
+                         f"the input declares a batch of 1 that could not be freed ({b.reason}): onnxruntime "
+                         "takes it at batch 1 only")
         if self.folded_bias_adds:
             lines.append(f"folded {len(self.folded_bias_adds)} bias Adds into the Conv/MatMul before them "
                          "(a MatMul with a bias becomes a Gemm)")
@@ -87,8 +98,9 @@ class ConvertResult:
         return lines
 
 
-def normalize_proto(model: onnx.ModelProto, for_training: bool) -> ConvertResult:
-    """Normalise a ModelProto (see the module docstring)."""
+def normalize_proto(model: onnx.ModelProto, for_training: bool, free_batch: bool = False) -> ConvertResult:
+    """Normalise a ModelProto (see the module docstring); step 4c only with `free_batch` (it runs the model on
+    onnxruntime: the commands do it once, on the user's file)."""
     try:
         onnx.checker.check_model(model)
     except Exception as e:  # ValidationError, or the C++ side's own errors (e.g. invalid UTF-8 in a name)
@@ -113,6 +125,8 @@ def normalize_proto(model: onnx.ModelProto, for_training: bool) -> ConvertResult
     graph.cleanup()
     result.removed = remove_inference_noops(graph, ("Identity",))  # a no-op in training too; Dropout is not
     result.folded_bias_adds = fold_bias_adds(graph, lambda t: _rank(graph, t))
+    if free_batch:
+        result.batch = free_fixed_batch(graph)
     if for_training:
         result.integer_forms = integer_forms.rewrite_all(graph)
         result.trainable, result.state = infer_roles(graph)
@@ -127,11 +141,33 @@ def normalize_proto(model: onnx.ModelProto, for_training: bool) -> ConvertResult
     return result
 
 
-def normalize(graph: Graph, for_training: bool) -> ConvertResult:
-    return normalize_proto(to_onnx(graph), for_training)
+def normalize(graph: Graph, for_training: bool, free_batch: bool = False) -> ConvertResult:
+    return normalize_proto(to_onnx(graph), for_training, free_batch)
 
 
 # ---- passes -------------------------------------------------------------------------------------------------------
+BATCH_KEY = "qatool.declared_shapes"  # the input/output shapes a model declared before its batch was freed
+
+
+def free_fixed_batch(graph: Graph):
+    """Free the batch of a graph whose input declares a batch of 1, in place, when `ir.batch.free_batch` can and
+    onnxruntime confirms it (batch 2 and 3 equal the images run one at a time); the BatchResult, or None when no
+    input declares a batch of 1."""
+    import json
+
+    from .ir.batch import free_batch
+
+    if not any(v.shape and len(v.shape) >= 2 and v.shape[0] == 1 for v in graph.inputs):
+        return None
+    result = free_batch(graph)
+    if result.freed and result.verify(to_onnx(graph)):
+        declared = result.declared
+        graph.__dict__.update(result.graph.__dict__)
+        graph.metadata[BATCH_KEY] = json.dumps(declared)
+    return result
+
+
+
 def _name_nodes(graph: Graph) -> None:
     """Give every node a unique, non-empty name."""
     seen: set[str] = set()

@@ -15,9 +15,9 @@ from qatool.quant.cli import calibrate_command
 from qatool.quant.config import QuantConfig
 from qatool.quant.qparams import activation_grid, activation_qparams
 from qatool.train.config import TrainConfig
-from qatool.train.data import ImageDataset
+from qatool.data.images import ImageDataset
 from qatool.train.loop import Phases, train
-from qatool.train.preprocess import resolve_preprocess
+from qatool.data.preprocess import resolve_preprocess
 from qatool.train.session import QatSession
 
 

@@ -126,8 +126,8 @@ def test_constant_subgraph_folds_static_reshape():
 def test_sample_models_engine_matches_onnxruntime_on_real_digits(name, digits):
     """The sample models (trained weights, real images): engine eval == onnxruntime on the original file."""
     from helpers import SAMPLE_DIR
-    from qatool.train.data import ImageDataset
-    from qatool.train.preprocess import resolve_preprocess
+    from qatool.data.images import ImageDataset
+    from qatool.data.preprocess import resolve_preprocess
 
     path = SAMPLE_DIR / f"{name}.onnx"
     model = qatool.engine.load(path)

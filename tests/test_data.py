@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from qatool.errors import DataError, UsageError
-from qatool.train.data import ImageDataset, augment, batch_indices
-from qatool.train.preprocess import Preprocess
+from qatool.data.images import ImageDataset, augment, batch_indices
+from qatool.data.preprocess import Preprocess
 
 GRAY28 = Preprocess(size=(28, 28), color="gray", mean=(0.5,), std=(0.25,))
 
@@ -58,8 +58,11 @@ def test_nothing_usable_is_an_error(tmp_path):
     (tmp_path / "a" / "bad.png").write_bytes(b"junk")
     with pytest.raises(DataError, match="could be read"):
         ImageDataset.open(tmp_path).load(GRAY28)
-    with pytest.raises(DataError, match="no class sub-folders"):
-        ImageDataset.open(tmp_path / "a")
+    flat = ImageDataset.open(tmp_path / "a")  # a folder of images with no class sub-folders: data without labels
+    assert not flat.labelled and flat.classes == [] and len(flat) == 1
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(DataError, match="holds no images"):
+        ImageDataset.open(tmp_path / "empty")
     with pytest.raises(DataError, match="not found"):
         ImageDataset.open(tmp_path / "missing")
 
@@ -128,7 +131,7 @@ def test_streamed_set_equals_in_memory_set(tmp_path):
 
 def test_training_on_a_streamed_set(lenet, digits, tmp_path, monkeypatch):
     from qatool import api
-    from qatool.train import data as data_module
+    from qatool.data import images as data_module
     from qatool.train.config import TrainConfig
 
     monkeypatch.setattr(data_module, "IN_MEMORY_BYTES", 1000)
@@ -145,3 +148,87 @@ def test_training_on_a_streamed_set(lenet, digits, tmp_path, monkeypatch):
                              echo=lambda s: None, quiet=True)
     assert len(made) == 2  # the training and the validation sets were streamed
     assert report["steps"] == 4 and report["val"]["agreement_top1"] >= 0.99
+
+
+# ---- data without labels, resize modes, tensor folders ------------------------------------------------------
+def test_nested_folder_without_labels(tmp_path):
+    """Any folder of images is data: flat or nested, read without labels when labels are not wanted."""
+    _png(tmp_path / "x" / "deep" / "1.png", 10)
+    _png(tmp_path / "y" / "2.png", 20)
+    _png(tmp_path / ".hidden" / "3.png", 30)
+    ds = ImageDataset.open(tmp_path, labelled=False)
+    assert not ds.labelled and [p.name for p, _ in ds.samples] == ["1.png", "2.png"]
+    loaded = ds.load(GRAY28)
+    assert loaded.labels is None
+    x, y = loaded.batch(np.arange(2))
+    assert y is None and x.shape == (2, 1, 28, 28)
+    assert ImageDataset.open(tmp_path).labelled  # the same folder read as class folders when labels are wanted
+
+
+def _wide(path, size=(40, 10), value=200):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", size, value).save(path)
+
+
+def test_resize_pad_keeps_the_ratio_and_pads_right_in_the_normalised_space(tmp_path):
+    """PaddleOCR's recogniser: full height, width ceil(H * w / h), padded right with 0 after normalisation."""
+    _wide(tmp_path / "a.png", (40, 10))  # ratio 4 -> 8 x 32 in an 8 x 64 input
+    _wide(tmp_path / "b.png", (200, 10))  # ratio 20 -> squeezed to the full width
+    pre = Preprocess(size=(8, 64), color="gray", mean=(0.5,), std=(0.5,), resize="pad", pad_value=-7.0)
+    loaded = ImageDataset.open(tmp_path, labelled=False).load(pre)
+    x, _ = loaded.batch(np.arange(2))
+    expected = (200 / 255 - 0.5) / 0.5
+    np.testing.assert_allclose(x[0, 0, :, :32], expected, rtol=1e-6)
+    np.testing.assert_array_equal(x[0, 0, :, 32:], -7.0)
+    np.testing.assert_allclose(x[1, 0], expected, rtol=1e-6)
+    assert Preprocess.from_json(pre.to_json()) == pre
+
+
+def test_resize_letterbox_centres(tmp_path):
+    _wide(tmp_path / "a.png", (40, 10))  # into 20 x 20: scale 0.5 -> 5 x 20, rows 7..11
+    pre = Preprocess(size=(20, 20), color="gray", resize="letterbox", pad_value=114 / 255)
+    assert pre.placement(40, 10) == (7, 0, 5, 20)
+    x, _ = ImageDataset.open(tmp_path, labelled=False).load(pre).batch(np.arange(1))
+    np.testing.assert_allclose(x[0, 0, 7:12], 200 / 255, rtol=1e-6)
+    np.testing.assert_allclose(x[0, 0, :7], 114 / 255, rtol=1e-6)
+    np.testing.assert_allclose(x[0, 0, 12:], 114 / 255, rtol=1e-6)
+    # streamed from disk, the same values
+    streamed = ImageDataset.open(tmp_path, labelled=False).load(pre, max_bytes=1)
+    np.testing.assert_array_equal(next(streamed.batches(4))[0], x)
+
+
+def test_tensor_folder_is_batched_by_shape(tmp_path):
+    from qatool.data import TensorSet, open_dataset
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for i, w in enumerate([32, 48, 32, 32, 48]):
+        a = rng.standard_normal((3, 8, w)).astype(np.float32)
+        arrays[i] = a
+        np.save(tmp_path / f"{i:02d}.npy", a if i != 3 else a[None])  # [1, C, H, W] is taken too
+    ts = open_dataset(tmp_path)
+    assert isinstance(ts, TensorSet) and ts.load(None) is ts and ts.labels is None
+    assert [list(g) for g in ts.groups] == [[0, 2, 3], [1, 4]]
+    seen = []
+    for x, y in ts.batches(2):
+        assert y is None and len({x.shape}) == 1
+        seen.append(x)
+    assert [x.shape for x in seen] == [(2, 3, 8, 32), (1, 3, 8, 32), (2, 3, 8, 48)]
+    np.testing.assert_array_equal(seen[0][1], arrays[2])
+    for step in range(8):  # training batches never mix shapes, and are a pure function of (seed, step)
+        idx = batch_indices(ts.groups, 2, step, seed=5)
+        assert len({ts.shapes[i] for i in idx}) == 1
+        np.testing.assert_array_equal(idx, batch_indices(ts.groups, 2, step, seed=5))
+    epoch = np.concatenate([batch_indices(ts.groups, 2, s, 5) for s in range(3)])
+    assert sorted(epoch) == [0, 1, 2, 3, 4]  # one epoch visits every file once
+    ts.check_fits([1, 3, 8, "W"], "the model")
+    with pytest.raises(DataError, match=r"00.npy holds a tensor of shape \[3, 8, 32\] but the model takes \[N, 1, 8, \?\]"):
+        ts.check_fits(["N", 1, 8, "W"], "the model")
+
+
+def test_tensor_folder_refuses_other_ranks(tmp_path):
+    from qatool.data import open_dataset
+
+    np.save(tmp_path / "a.npy", np.zeros((8, 8), np.float32))
+    with pytest.raises(DataError, match=r"a.npy holds a tensor of shape \[8, 8\]"):
+        open_dataset(tmp_path)

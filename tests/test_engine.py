@@ -224,9 +224,9 @@ def test_a_forward_asked_for_some_values_returns_those():
 def test_evaluation_batches_follow_the_memory_budget(lenet, digits):
     """The engine's evaluation batch comes from the intermediate bytes of one image and the budget (qatool
     --max-memory); the logits do not depend on it."""
-    from qatool.eval import backends
-    from qatool.train.data import ImageDataset
-    from qatool.train.preprocess import resolve_preprocess
+    from qatool.runtime import backends
+    from qatool.data.images import ImageDataset
+    from qatool.data.preprocess import resolve_preprocess
 
     model = qatool.engine.load(lenet)
     data = ImageDataset.open(digits[1]).load(resolve_preprocess(model.graph))
@@ -247,7 +247,7 @@ def test_max_memory_option(lenet, tmp_path):
     from click.testing import CliRunner
 
     from qatool.cli import cli
-    from qatool.eval import backends
+    from qatool.runtime import backends
 
     res = CliRunner().invoke(cli, ["--max-memory", "lots", "convert", str(lenet), "-o", str(tmp_path / "o.onnx")])
     assert res.exit_code != 0 and "cannot read the size 'lots'" in str(res.exception)

@@ -13,14 +13,14 @@ import qatool.cli  # noqa: F401  (before qatool.eval.cli, which takes the shared
 from helpers import SAMPLE_DIR
 from qatool import api
 from qatool.errors import DataError, ModelError, UsageError
-from qatool.eval.backends import engine_logits, top1
+from qatool.runtime.backends import engine_logits, top1
 from qatool.eval.cli import eval_command
 from qatool.eval.evaluate import evaluate, format_table
 from qatool.ir.io import load_graph, save_graph
 from qatool.train.checkpoint import load_checkpoint
 from qatool.train.config import TrainConfig
-from qatool.train.data import ImageDataset
-from qatool.train.preprocess import METADATA_KEY, Preprocess
+from qatool.data.images import ImageDataset
+from qatool.data.preprocess import METADATA_KEY, Preprocess
 from qatool.train.session import QatSession
 
 SCHEMA = json.loads((SAMPLE_DIR.parent / "schemas" / "eval-report.schema.json").read_text())
@@ -183,7 +183,7 @@ def test_onnxruntime_run_errors_become_one_model_error_line():
     import numpy as np
     from onnx import TensorProto, helper
 
-    from qatool.eval.backends import ort_run, ort_session
+    from qatool.runtime.backends import ort_run, ort_session
 
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],

@@ -8,7 +8,7 @@ from onnx import numpy_helper
 from helpers import SAMPLE_DIR
 from qatool import api
 from qatool.convert import normalize_proto
-from qatool.eval.backends import ort_session
+from qatool.runtime.backends import ort_session
 from qatool.export.deploy import export_session
 from qatool.export.verify import check_fusion
 from qatool.ir.io import load_proto
@@ -17,7 +17,7 @@ from qatool.quant.config import QuantConfig
 from qatool.quant.qparams import weight_grid
 from qatool.train.checkpoint import load_checkpoint
 from qatool.train.config import TrainConfig
-from qatool.train.preprocess import resolve_preprocess
+from qatool.data.preprocess import resolve_preprocess
 from qatool.train.session import QatSession
 
 VAL = SAMPLE_DIR / "data" / "mnist" / "val"

@@ -17,8 +17,8 @@ from qatool.cli import main
 from qatool.errors import ConfigError
 from qatool.quant.config import QuantConfig
 from qatool.train.config import TrainConfig, split_config, validate_config
-from qatool.train.data import decode_image
-from qatool.train.preprocess import Preprocess
+from qatool.data.images import decode_image
+from qatool.data.preprocess import Preprocess
 
 LENET = (SAMPLE_DIR / "lenet_bn.onnx").read_bytes()
 FUZZ = settings(max_examples=int(os.environ.get("QATOOL_FUZZ_EXAMPLES", "40")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -139,5 +139,6 @@ def test_mutated_images(tmp_path, flips, cut, color):
     path = tmp_path / "x.png"
     path.write_bytes(bytes(data))
     pre = Preprocess(size=(8, 8), color=color)
-    arr = decode_image(path, pre)
-    assert arr is None or (arr.shape == (8, 8, pre.channels) and arr.dtype == np.uint8)
+    decoded = decode_image(path, pre)
+    assert decoded is None or (decoded[0].shape == (8, 8, pre.channels) and decoded[0].dtype == np.uint8
+                               and decoded[1] == (0, 0, 8, 8))

@@ -11,15 +11,15 @@ import pytest
 from onnx import helper, numpy_helper
 
 from qatool.convert import normalize_proto
-from qatool.eval.backends import ort_session
+from qatool.runtime.backends import ort_session
 from qatool.export.deploy import export_session
 from qatool.export.verify import optimized_graph
 from qatool.quant.calibrate import calibrate_session
 from qatool.quant.config import QuantConfig
 from qatool.quant.integer_eval import broadcast_first
 from qatool.quant.qparams import MIN_SCALE
-from qatool.train.data import LoadedImages
-from qatool.train.preprocess import Preprocess
+from qatool.data.images import LoadedImages
+from qatool.data.preprocess import Preprocess
 from qatool.train.session import QatSession
 from test_exporter_patterns import exporter_zoo
 

@@ -19,8 +19,8 @@ from qatool.export.verify import optimized_graph
 from qatool.quant.calibrate import calibrate_session
 from qatool.quant.config import QuantConfig
 from qatool.quant.qparams import activation_grid, activation_qparams, off_tie
-from qatool.train.data import LoadedImages
-from qatool.train.preprocess import Preprocess
+from qatool.data.images import LoadedImages
+from qatool.data.preprocess import Preprocess
 from qatool.train.session import QatSession
 from test_exporter_patterns import exporter_zoo
 

@@ -17,8 +17,8 @@ from qatool.convert import normalize
 from qatool.ir.io import load_graph, save_graph
 from qatool.quant.config import QuantConfig
 from qatool.train.config import TrainConfig
-from qatool.train.data import ImageDataset
-from qatool.train.preprocess import resolve_preprocess
+from qatool.data.images import ImageDataset
+from qatool.data.preprocess import resolve_preprocess
 from qatool.train.recipe import bn_evidence
 
 

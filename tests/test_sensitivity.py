@@ -18,8 +18,8 @@ from qatool.quant.mixed import FLOAT_BITS, mixed_precision_config, parse_size, p
 from qatool.quant.prepare import mark
 from qatool.quant.qparams import weight_grid
 from qatool.quant.sensitivity import layer_sensitivity, sensitivity, single_layer_config, sqnr_db
-from qatool.train.data import ImageDataset
-from qatool.train.preprocess import resolve_preprocess
+from qatool.data.images import ImageDataset
+from qatool.data.preprocess import resolve_preprocess
 from qatool.train.session import QatSession
 
 SCHEMA = json.loads((SAMPLE_DIR.parent / "schemas" / "sensitivity.schema.json").read_text())

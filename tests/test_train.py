@@ -221,9 +221,9 @@ def test_scale_lr_is_the_learning_rate_of_the_lsq_step_sizes_only(lenet, digits)
     a run with lr 1e-3 (same batch, so the same gradients)."""
     from qatool.convert import normalize_proto
     from qatool.ir.io import load_proto
-    from qatool.train.data import ImageDataset
+    from qatool.data.images import ImageDataset
     from qatool.train.loop import Phases, train
-    from qatool.train.preprocess import resolve_preprocess
+    from qatool.data.preprocess import resolve_preprocess
     from qatool.train.session import QatSession
 
     graph = normalize_proto(load_proto(lenet), for_training=True).graph

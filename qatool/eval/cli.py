@@ -28,7 +28,8 @@ from .evaluate import BACKENDS, DEFAULT_BATCH_SIZE
 @preprocessing_options
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Measure the warm median latency at batch 1 and at --batch-size.")
-def eval_command(models, data, backends, json_path, batch_size, threads, labels, size, color, mean, std,
+def eval_command(models, data, backends, json_path, batch_size, threads, labels, size, color, mean, std, resize,
+                 pad_value,
                  latency) -> None:
     """Accuracy, agreement, size and latency of one or more MODELs on the images of --data.
 
@@ -43,7 +44,8 @@ def eval_command(models, data, backends, json_path, batch_size, threads, labels,
     from .evaluate import evaluate, format_table
 
     report = evaluate(models, data, backend=list(backends) or "ort", batch_size=batch_size,
-                      preprocess_overrides=preprocess_overrides(size, color, mean, std), threads=threads,
+                      preprocess_overrides=preprocess_overrides(size, color, mean, std, resize, pad_value),
+                      threads=threads,
                       labels=labels, latency=latency, json_path=json_path)
     for line in format_table(report):
         click.echo(line)

@@ -22,10 +22,11 @@ import numpy as np
 
 from ..errors import DataError, ModelError, UsageError
 from ..ir.graph import Graph
-from ..ir.io import atomic_write_bytes, load_graph
-from ..train.data import ImageDataset, LoadedImages, StreamingImages
-from ..train.preprocess import Preprocess, resolve_preprocess
-from .backends import agreement, engine_logits, latency_ms, ort_logits, ort_run, ort_session, top1, topk
+from ..ir.io import atomic_write_bytes, load_graph, report_json
+from ..data.images import ImageDataset, LoadedImages, StreamingImages
+from ..data.preprocess import Preprocess, resolve_preprocess
+from ..runtime.backends import (agreement, engine_logits, latency_ms, ort_logits, ort_run, ort_run_all, ort_session,
+                                top1, topk)
 
 BACKENDS = ("ort", "engine")
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "eval-report.schema.json"
@@ -72,9 +73,16 @@ def evaluate(models, data, backend="ort", batch_size: int = DEFAULT_BATCH_SIZE,
         if any(target == m.resolve() for m in models):
             raise UsageError(f"--json {json_path} is one of the models; choose another file for the report")
 
+    from ..train.anymodel import is_labelled_classifier
     from ..train.heads import folder_class_names
 
     first_graph = load_graph(models[0])  # ModelError when missing or not ONNX
+    if not is_labelled_classifier(first_graph, data):
+        report = _evaluate_any(models, backends, first_graph, data, batch_size, preprocess_overrides, threads,
+                               latency)
+        if json_path is not None:
+            write_report(report, json_path)
+        return report
     dataset = ImageDataset.open(data, folder_class_names(first_graph, data, labels))  # the first model's classes
     entries = [_check_model(m, b, dataset, preprocess_overrides, first_graph if i == 0 else None)
                for i, (m, b) in enumerate(zip(models, backends))]
@@ -121,9 +129,71 @@ def evaluate(models, data, backend="ort", batch_size: int = DEFAULT_BATCH_SIZE,
     return report
 
 
+def _evaluate_any(models, backends, first_graph, data, batch_size, overrides, threads, latency) -> dict:
+    """Any model, data without labels: the first model is the reference; every other one is measured against it
+    by what each output is for (qatool.tasks: decoded sequences, thresholded maps, top-1, SQNR, cosine)."""
+    from ..convert import normalize
+    from ..tasks.judge import Judge
+    from ..train.anymodel import choose_output_tasks, data_kind, load_unlabelled, unlabelled_preprocess
+
+    reference = normalize(first_graph, for_training=False, free_batch=True).graph
+    pre = unlabelled_preprocess(reference, data, None, overrides)
+    images, _ = load_unlabelled(reference, data, None, pre)
+    runs = [_output_runner(m, b, threads) for m, b in zip(models, backends)]
+    tasks = choose_output_tasks(reference, runs[0], images, echo=lambda s: None)
+    judge = Judge(tasks, runs[0], images, min(batch_size, 64))
+    results = []
+    for i, (path, backend, run) in enumerate(zip(models, backends, runs)):
+        measured = judge.measure(run) if i else None
+        result = {"model": str(path), "backend": backend, "images": len(images),
+                  "preprocess": json.loads(pre.to_json()) if pre is not None else None,
+                  "top1": None, "top5": None, "agreement_top1": None,
+                  "measure": measured["score_name"] if measured else None,
+                  "score": measured["score"] if measured else None,
+                  "outputs": measured["outputs"] if measured else None,
+                  "size_bytes": Path(path).stat().st_size, "latency_ms_batch1": None, "latency_ms_batch": None,
+                  "latency_batch_size": None}
+        if latency:
+            group = images.groups[0]
+            nb = min(batch_size, len(group))
+            ms1, _ = latency_ms(run, images.batch(group[:1])[0], LATENCY_RUNS_BATCH1, LATENCY_BUDGET_S)
+            msb, _ = latency_ms(run, images.batch(group[:nb])[0], LATENCY_RUNS_BATCH, LATENCY_BUDGET_S)
+            result.update(latency_ms_batch1=round(ms1, 4), latency_ms_batch=round(msb, 4), latency_batch_size=nb)
+        results.append(result)
+    return {"qatool_version": _qatool_version(), "data": str(data), "images": len(images),
+            "skipped_images": len(getattr(images, "skipped", [])), "classes": None,
+            "data_kind": data_kind(images), "tasks": [t.to_dict() for t in tasks],
+            "backend": backends[0] if len(set(backends)) == 1 else "mixed", "batch_size": batch_size,
+            "threads": threads, "latency": {"runs_batch1": LATENCY_RUNS_BATCH1, "runs_batch": LATENCY_RUNS_BATCH,
+                                            "budget_s": LATENCY_BUDGET_S} if latency else None,
+            "machine": machine_facts(), "results": results}
+
+
+def _output_runner(path: Path, backend: str, threads: int | None):
+    """A batch -> {output name: array} run of the model file on its back end (every graph output)."""
+    if backend == "ort":
+        sess = ort_session(str(path), threads=threads)
+        names = [o.name for o in sess.get_outputs()]
+        return lambda x: dict(zip(names, ort_run_all(sess, x, path.name)))
+    from ..train.checkpoint import is_checkpoint
+
+    graph = load_graph(path)
+    if is_checkpoint(graph):
+        from ..train.checkpoint import load_checkpoint
+        from ..train.session import QatSession
+
+        model = QatSession.from_checkpoint(load_checkpoint(path)).model
+    else:
+        from .. import engine
+
+        model = engine.load(graph)
+    name = model.input_names[0]
+    return lambda x: dict(zip(model.output_names, model.forward({name: x}, training=False)))
+
+
 def write_report(report: dict, path) -> None:
     try:
-        atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode())
+        atomic_write_bytes(path, report_json(report))
     except OSError as e:
         raise UsageError(f"cannot write the report {path}: {e.strerror or e}") from e
 
@@ -286,6 +356,8 @@ def _ms(v: float | None) -> str:
 
 def format_table(report: dict) -> list[str]:
     """The side-by-side table: one row per model, plus a header line and a note on agreement."""
+    if report.get("tasks") is not None:
+        return _format_any(report)
     results = report["results"]
     names = [Path(r["model"]).name for r in results]
     if len(set(names)) < len(names):  # the same file name twice: show the paths as given
@@ -314,4 +386,20 @@ def format_table(report: dict) -> list[str]:
     out += [line(row) for row in rows]
     out.append("agree: share of images whose top-1 class equals the first model's; "
                "latency: warm median in ms, preprocessing not timed")
+    return out
+
+
+def _format_any(report: dict) -> list[str]:
+    """The table of a run without labels: each model's measures against the first."""
+    from ..tasks.judge import describe
+
+    out = [f"{report['images']} {report['data_kind']} from {report['data']} (no labels); the first model is the "
+           "reference; threads: " + str(report["threads"] or "onnxruntime default")]
+    for t in report["tasks"]:
+        out.append(f"output {t['output']}: {t['kind']} ({t['why']})")
+    for r in report["results"]:
+        speed = (f"{_ms(r['latency_ms_batch1'])} ms at b=1, {_ms(r['latency_ms_batch'])} ms at "
+                 f"b={r['latency_batch_size']}" if r["latency_ms_batch1"] is not None else "not timed")
+        head = f"{Path(r['model']).name} ({r['backend']}, {format_size(r['size_bytes'])}, {speed})"
+        out.append(head + (f": {describe({'outputs': r['outputs']})}" if r["outputs"] else ": the reference"))
     return out

@@ -11,10 +11,9 @@ import numpy as np
 import onnx
 
 from ..errors import ModelError, QatoolError
-from ..eval.backends import engine_logits, ort_logits, ort_run, ort_session
+from ..runtime.backends import engine_logits, ort_logits, ort_run, ort_run_all, ort_session
 from ..ir.graph import to_onnx
 from ..ir.io import save_proto
-from ..train.data import LoadedImages
 from .latency import Latency
 from .latency import measure as measure_latency
 from .pack import pack_int4_weights
@@ -64,11 +63,16 @@ class ExportResult:
     simulated: np.ndarray | None = field(default=None, repr=False)
     deployed: np.ndarray | None = field(default=None, repr=False)
     latency: Latency | None = None
+    # with a judge (any model): {"int8": ..., "simulation": ..., "int8_vs_simulation": ...} (qatool.tasks.judge)
+    measures: dict | None = None
+    # the int8 model with a free batch, when the file declares the float model's fixed batch of 1 (for timing)
+    runnable: onnx.ModelProto | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "size_bytes": self.size_bytes,
                 "fusion": self.fusion.to_dict() if self.fusion else None,
                 "agreement": self.agreement.to_dict() if self.agreement else None,
+                "measures": self.measures,
                 "latency": self.latency.to_dict() if self.latency else None,
                 "verified_on": self.data_source, "notes": self.notes}
 
@@ -78,20 +82,23 @@ def meant_int8(session) -> list[tuple[str, str]]:
         [(n.name, n.op_type) for n in session.plan.activation_ops]
 
 
-def export_session(session, out_path: str | os.PathLike, data: LoadedImages | None = None, verify: bool = True,
-                   strict: bool = True, data_source: str = "", int4: bool = True) -> ExportResult:
+def export_session(session, out_path: str | os.PathLike, data=None, verify: bool = True,
+                   strict: bool = True, data_source: str = "", int4: bool = True, judge=None) -> ExportResult:
     """Export, then (if `verify`) check fusion and simulation-vs-onnxruntime agreement on `data` (random inputs
     when None). With `strict`, unfused nodes raise FusionError and nothing is written. With `int4`, weights of
     4 bits or fewer are stored two to a byte (`pack.pack_int4_weights`: opset 21). `time_export` then times it
-    against the float model."""
+    against the float model. With a `judge` (qatool.tasks.judge: any model), every output of the int8 model and
+    of the simulation is measured against the float model on the judge's data, and the int8 model against the
+    simulation (`ExportResult.measures`), instead of the first output's top-1 agreement."""
     out = Path(out_path)
-    model = to_onnx(session.export_int8())
+    runnable = to_onnx(session.export_int8())
     if int4:
-        model = pack_int4_weights(model)
+        runnable = pack_int4_weights(runnable)
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(runnable)
     except onnx.checker.ValidationError as e:
         raise ModelError(f"internal: the int8 model fails onnx.checker: {str(e).splitlines()[0]}") from e
+    model = declared_form(runnable, session.float_graph)
     if not verify:
         save_proto(model, out)
         return ExportResult(out, out.stat().st_size)
@@ -105,7 +112,13 @@ def export_session(session, out_path: str | os.PathLike, data: LoadedImages | No
             lines = "; ".join(f"{n} ({t}): {why}" for n, t, why in fusion.unfused)
             raise FusionError(f"{len(fusion.unfused)} of {fusion.expected} nodes meant to be int8 did not fuse "
                               f"into integer kernels: {lines} (use --no-verify to write the model anyway)")
-        sess = ort_session(tmp)
+        sess = ort_session(runnable)
+        free = runnable if model is not runnable else None
+        if judge is not None:
+            measures = judged(session, sess, judge)
+            os.replace(tmp, out)
+            return ExportResult(out, out.stat().st_size, fusion, None, data_source, export_notes(session),
+                                measures=measures, runnable=free)
         if data is None:
             simulated, deployed, data_source = _random_run(session, sess)
         else:
@@ -116,12 +129,51 @@ def export_session(session, out_path: str | os.PathLike, data: LoadedImages | No
     finally:
         Path(tmp).unlink(missing_ok=True)
     return ExportResult(out, out.stat().st_size, fusion, agreement, data_source, export_notes(session), simulated,
-                        deployed)
+                        deployed, runnable=free)
 
 
-def time_export(session, result: ExportResult) -> ExportResult:
-    """Time the written int8 model against the session's float model (`latency.measure`); in place."""
-    result.latency = measure_latency(_float_model(session), result.path, _input_shape(session))
+def declared_form(model: onnx.ModelProto, float_graph) -> onnx.ModelProto:
+    """`model` with the input/output shapes the float model's file declared, when convert freed its fixed batch
+    of 1 (`convert.BATCH_KEY`): the user's pipeline calls the int8 model exactly as it called the float one.
+    Otherwise `model` itself."""
+    import json
+
+    from ..convert import BATCH_KEY
+    from ..ir.batch import restore_declared_shapes
+
+    declared = float_graph.metadata.get(BATCH_KEY)
+    if not declared:
+        return model
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    restore_declared_shapes(fixed, json.loads(declared))
+    return fixed
+
+
+def judged(session, sess, judge) -> dict:
+    """The int8 model (onnxruntime) and the simulation (engine, eval mode) measured against the float model, and
+    the int8 model against the simulation: three passes over the judge's data."""
+    from ..tasks.judge import Judge
+
+    names = [o.name for o in sess.get_outputs()]
+    model = session.model
+
+    def int8(x):
+        return dict(zip(names, ort_run_all(sess, x, "the int8 model")))
+
+    def simulation(x):
+        return dict(zip(model.output_names, model.forward({session.input_name: x}, training=False)))
+
+    between = Judge(judge.tasks, simulation, judge.data, judge.batch_size)
+    return {"int8": judge.measure(int8), "simulation": judge.measure(simulation),
+            "int8_vs_simulation": between.measure(int8)}
+
+
+def time_export(session, result: ExportResult, input_shape: list[int] | None = None) -> ExportResult:
+    """Time the written int8 model against the session's float model (`latency.measure`) on inputs of
+    `input_shape` (default: the model's, its free dims from the preprocessing); in place."""
+    int8 = result.runnable if result.runnable is not None else result.path
+    result.latency = measure_latency(_float_model(session), int8, input_shape or _input_shape(session))
     return result
 
 
@@ -135,7 +187,7 @@ def _float_model(session) -> onnx.ModelProto:
 def _input_shape(session) -> list[int]:
     """The model's image input (N, C, H, W), its dynamic dims taken from the preprocessing it carries."""
     from ..errors import QatoolError
-    from ..train.preprocess import resolve_preprocess
+    from ..data.preprocess import resolve_preprocess
 
     shape = list(session.model.graph.inputs[0].shape or [])
     if len(shape) == 4 and not all(isinstance(d, int) and d > 0 for d in shape[1:]):

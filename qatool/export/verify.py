@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..eval.backends import ort_session
+from ..runtime.backends import ort_session
 
 # op_type of a quantized node -> the onnxruntime kernels it may become
 INT8_KERNELS = {

@@ -89,3 +89,25 @@ def save_proto(model: onnx.ModelProto, path: str | os.PathLike) -> None:
 
 def save_graph(graph: Graph, path: str | os.PathLike) -> None:
     save_proto(to_onnx(graph), path)
+
+
+def report_json(report) -> bytes:
+    """A report as standard JSON (indented, newline-terminated): numpy scalars as numbers, and a non-finite
+    float (an SQNR of identical outputs is inf) as null, since JSON has no infinity."""
+    import json
+    import math
+
+    import numpy as np
+
+    def clean(o):
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        if isinstance(o, (np.floating, np.integer)):
+            o = o.item()
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        return o
+
+    return (json.dumps(clean(report), indent=2, allow_nan=False) + "\n").encode()

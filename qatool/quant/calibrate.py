@@ -110,9 +110,12 @@ def calibration_indices(n: int, max_images: int | None, seed: int = 0) -> np.nda
 
 
 def _batches(data, indices: np.ndarray, batch_size: int):
-    for start in range(0, len(indices), batch_size):
-        x, _ = data.batch(indices[start:start + batch_size])
-        yield x
+    """The inputs of `indices`, in batches that each hold one group of the set (one input shape)."""
+    for group in data.groups:
+        chosen = group[np.isin(group, indices)]
+        for start in range(0, len(chosen), batch_size):
+            x, _ = data.batch(chosen[start:start + batch_size])
+            yield x
 
 
 def _observe(model, tensors: list[str], data, indices: np.ndarray, batch_size: int):
@@ -257,10 +260,10 @@ def collect_ranges(float_graph: Graph, tensors: list[str], data, method: str = "
     `grid` is the activation grid the ranges are for (default 8-bit asymmetric): a signed grid means
     symmetric activations (percentile of |x|, symmetric entropy windows), and its number of levels is the
     number of groups of the entropy search. `batch_size` None: at most DEFAULT_BATCH_SIZE, fewer for large inputs
-    or when the observed tensors of a batch would exceed the memory budget (`qatool.eval.backends.engine_batch_size`).
+    or when the observed tensors of a batch would exceed the memory budget (`qatool.runtime.backends.engine_batch_size`).
     """
     from ..engine.model import Model
-    from ..eval.backends import engine_batch_size
+    from ..runtime.backends import engine_batch_size
 
     if method not in METHODS:
         raise UsageError(f"the calibration method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -360,7 +363,7 @@ def calibrate_session(session, data, method: str = "minmax", max_images: int | N
 def float_outputs(float_graph: Graph, data) -> np.ndarray:
     """The float model's outputs on onnxruntime (its inference form: BN folded, Dropout removed)."""
     from ..convert import normalize_proto
-    from ..eval.backends import ort_logits, ort_session
+    from ..runtime.backends import ort_logits, ort_session
     from ..ir.graph import to_onnx
 
     infer = normalize_proto(to_onnx(float_graph), for_training=False).graph
@@ -384,12 +387,12 @@ def calibrate(model_path, data, output, method: str = "minmax", quant: QuantConf
     import json
 
     from ..convert import normalize_proto
-    from ..eval.backends import top1
+    from ..runtime.backends import top1
     from ..export.deploy import export_session, time_export
     from ..ir.io import load_proto
-    from ..train.data import ImageDataset
+    from ..data.images import ImageDataset
     from ..train.heads import check_class_order, folder_class_names, store_class_names
-    from ..train.preprocess import METADATA_KEY, resolve_preprocess
+    from ..data.preprocess import METADATA_KEY, resolve_preprocess
     from ..train.session import QatSession
 
     say = echo or (lambda s: None)
@@ -398,7 +401,12 @@ def calibrate(model_path, data, output, method: str = "minmax", quant: QuantConf
     if method not in METHODS:
         raise UsageError(f"the calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     quant = quant or QuantConfig()
-    float_graph = normalize_proto(load_proto(model_path), for_training=True).graph
+    float_graph = normalize_proto(load_proto(model_path), for_training=True, free_batch=True).graph
+    from ..train.anymodel import is_labelled_classifier
+
+    if not is_labelled_classifier(float_graph, data):
+        return _calibrate_any(model_path, float_graph, data, output, method, quant, images, preprocess, verify,
+                              val_data, percentile, bins, seed, say)
     pre = resolve_preprocess(float_graph, preprocess)
     float_graph.metadata[METADATA_KEY] = pre.to_json()
     session = QatSession.create(float_graph, quant)  # a model the engine cannot run fails before any image is read
@@ -466,3 +474,49 @@ def calibrate(model_path, data, output, method: str = "minmax", quant: QuantConf
             report["top1_int8"] = top1(exported.deployed, eval_images.labels)
     return report
 
+
+
+def _calibrate_any(model_path, float_graph, data, output, method, quant, images, preprocess, verify, val_data,
+                   percentile, bins, seed, say) -> dict:
+    """`calibrate` of any model on data without labels: the int8 model is judged against the float model by
+    what each output is for (qatool.tasks), on `val_data` (default `data`)."""
+    import json
+
+    from ..export.deploy import export_session, time_export
+    from ..runtime.backends import eval_batch_size
+    from ..tasks.judge import Judge
+    from ..train.anymodel import FloatModel, choose_output_tasks, data_kind, load_unlabelled, unlabelled_preprocess
+    from ..train.session import QatSession
+
+    pre = unlabelled_preprocess(float_graph, data, val_data, preprocess)
+    session = QatSession.create(float_graph, quant)  # a model the engine cannot run fails before any image is read
+    calib, held = load_unlabelled(float_graph, data, val_data, pre)
+    evaluated = held if held is not None else calib
+    judge = None
+    if verify:
+        float_model = FloatModel(float_graph)
+        tasks = choose_output_tasks(float_graph, float_model, calib, echo=say)
+        judge = Judge(tasks, float_model, evaluated, eval_batch_size(evaluated))
+    n_calib = min(len(calib), images) if images else len(calib)
+    plan = session.plan.report()
+    say(f"quantizing {len(plan['quantized_layers'])} layers ({len(plan['folded_batchnorm'])} with BN folded), "
+        f"{len(session.quant)} activation quantizers; {len(plan['float_nodes'])} nodes stay float")
+    say(f"calibrating ({method}) on {n_calib} {data_kind(calib)} of {data} (no labels)")
+    ranges = calibrate_session(session, calib, method, images, percentile, bins, seed=seed)
+    exported = export_session(session, output, evaluated if verify else None, verify=verify, strict=False,
+                              data_source=str(val_data or data) if verify else "", judge=judge)
+    if verify:
+        group = evaluated.groups[0]
+        time_export(session, exported, [1, *evaluated.item_shape(int(group[0]))])
+    return {
+        "model": str(model_path), "data": str(data), "val_data": str(val_data) if val_data is not None else None,
+        "method": method, "calibration_images": n_calib,
+        "percentile": float(percentile) if method == "percentile" else None,
+        "bins": bins if method != "minmax" else None, "quant": quant.to_dict(),
+        "preprocess": json.loads(pre.to_json()) if pre is not None else None, "placement": plan,
+        "ranges": {t: r.to_dict() for t, r in ranges.items()},
+        "clipped_ranges": sum(r.clipped for r in ranges.values()), "export": exported.to_dict(),
+        "size_bytes": exported.size_bytes, "tasks": [t.to_dict() for t in judge.tasks] if judge else None,
+        "top1_float": None, "top1_sim": None, "top1_int8": None, "agreement_top1": None,
+        "images": len(evaluated) if verify else None,
+    }

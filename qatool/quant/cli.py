@@ -45,7 +45,7 @@ def _quant_config(weight_bits, activation_bits, per_tensor, symmetric_activation
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime checks (fusion, agreement, top-1).")
 def calibrate_command(model, data, output, val_data, method, images, percentile, bins, labels, bits, weight_bits,
                       activation_bits, per_tensor, symmetric_activations, exclude, reduce_range, size, color, mean,
-                      std, no_verify) -> None:
+                      std, resize, pad_value, no_verify) -> None:
     """Post-training quantization of a float MODEL: calibrate activation ranges on --data, write the int8 model.
 
     The ranges are observed on the float model (BN folded, eval mode) and the model goes through the same
@@ -63,7 +63,8 @@ def calibrate_command(model, data, output, val_data, method, images, percentile,
     quant = _quant_config(weight_bits or bits, activation_bits or bits, per_tensor, symmetric_activations, exclude,
                           reduce_range)
     r = calibrate(model, data, output, method=method, quant=quant, images=images,
-                  preprocess=preprocess_overrides(size, color, mean, std), verify=not no_verify, val_data=val_data,
+                  preprocess=preprocess_overrides(size, color, mean, std, resize, pad_value), verify=not no_verify,
+                  val_data=val_data,
                   percentile=percentile, bins=bins, echo=click.echo, labels=labels)
     click.echo(f"wrote {output} ({r['size_bytes'] / 1024:.1f} KB)")
     export = r["export"]
@@ -72,7 +73,7 @@ def calibrate_command(model, data, output, val_data, method, images, percentile,
     if r["top1_int8"] is not None:
         click.echo(f"top-1 on {val_data or data}: float {r['top1_float']:.4f}, int8 simulation {r['top1_sim']:.4f}, "
                    f"int8 onnxruntime {r['top1_int8']:.4f}")
-    elif not no_verify:
+    elif not no_verify and not r.get("tasks"):
         click.echo("no top-1: the data's classes are not the model's outputs")
     for fn in r["placement"]["float_nodes"]:
         click.echo(f"float: {fn['node']} ({fn['op_type']}): {fn['reason']}")
@@ -98,7 +99,7 @@ def calibrate_command(model, data, output, val_data, method, images, percentile,
 @click.option("--exclude", multiple=True, help="Node name or op type to leave out (repeatable).")
 @preprocessing_options
 def sensitivity_command(model, data, json_path, bits, activation_bits, images, calibration_images, per_tensor,
-                        symmetric_activations, exclude, size, color, mean, std) -> None:
+                        symmetric_activations, exclude, size, color, mean, std, resize, pad_value) -> None:
     """Quantize one layer of MODEL at a time and rank the layers by how much that hurts.
 
     For each Conv/Gemm/MatMul, only that layer (input, weights, bias, output) is quantized, its ranges
@@ -109,7 +110,8 @@ def sensitivity_command(model, data, json_path, bits, activation_bits, images, c
 
     quant = _quant_config(bits, activation_bits, per_tensor, symmetric_activations, exclude)
     report = sensitivity(model, data, quant=quant, images=images, calibration_images=calibration_images,
-                         preprocess=preprocess_overrides(size, color, mean, std), json_path=json_path,
+                         preprocess=preprocess_overrides(size, color, mean, std, resize, pad_value),
+                         json_path=json_path,
                          echo=click.echo)
     for line in format_table(report):
         click.echo(line)

@@ -62,7 +62,7 @@ def single_layer_config(graph, layer: Layer, base: QuantConfig) -> QuantConfig:
 
 
 def _logits(model, output: str, data, indices: np.ndarray) -> np.ndarray:
-    from ..eval.backends import engine_batch_size
+    from ..runtime.backends import engine_batch_size
 
     name = model.input_names[0]
     outs = []
@@ -166,8 +166,8 @@ def sensitivity(model_path, data, quant: QuantConfig | None = None, images: int 
     from .. import __version__
     from ..convert import normalize_proto
     from ..ir.io import atomic_write_bytes, load_proto
-    from ..train.data import ImageDataset
-    from ..train.preprocess import resolve_preprocess
+    from ..data.images import ImageDataset
+    from ..data.preprocess import resolve_preprocess
 
     if json_path is not None and Path(json_path).resolve() == Path(model_path).resolve():
         raise UsageError(f"--json {json_path} is the model; choose another file for the report")

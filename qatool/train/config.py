@@ -42,6 +42,7 @@ class TrainConfig:
     keep: str = "best"  # the int8 model: the best validated checkpoint (start included), or "last"
     validate_every: int | None = None  # steps between int8 validations; None: a quarter of the run
     logits: str | None = None  # the logits tensor, when the output is probabilities no Softmax produces
+    map_threshold: float = 0.3  # without labels: a probability map's IoU with float's, both thresholded here
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -64,6 +65,8 @@ class TrainConfig:
             raise ConfigError(f"keep must be best or last, got {self.keep!r}")
         if self.validate_every is not None and self.validate_every < 1:
             raise ConfigError(f"validate_every must be >= 1, got {self.validate_every}")
+        if not 0.0 < self.map_threshold < 1.0:
+            raise ConfigError(f"map_threshold must be in (0, 1), got {self.map_threshold}")
         if self.distill_temperature <= 0:
             raise ConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if not 0.0 <= self.distill_alpha <= 1.0:
@@ -83,7 +86,7 @@ class TrainConfig:
         return asdict(self)
 
 
-PREPROCESS_KEYS = ("size", "color", "mean", "std")
+PREPROCESS_KEYS = ("size", "color", "mean", "std", "resize", "pad_value")
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -122,8 +125,28 @@ def validate_config(data, where: str = "config") -> None:
         raise ConfigError(f"{where}: key {path}: {e.message}")
 
 
+def _as_integers(data: dict) -> dict:
+    """Integral floats (JSON's 3.0) as ints where the schema asks for integers: JSON Schema counts 3.0 as an
+    integer, and the typed settings take Python ints."""
+    props = json.loads(SCHEMA_PATH.read_text()).get("properties", {})
+
+    def integer(spec: dict) -> bool:
+        t = spec.get("type")
+        return t == "integer" or (isinstance(t, list) and "integer" in t)
+
+    def fix(v, spec: dict):
+        if isinstance(v, float) and v.is_integer() and integer(spec):
+            return int(v)
+        if isinstance(v, list) and isinstance(spec.get("items"), dict):
+            return [fix(x, spec["items"]) for x in v]
+        return v
+
+    return {k: fix(v, props.get(k, {})) for k, v in data.items()}
+
+
 def split_config(data: dict) -> tuple[dict, dict, dict]:
     """(quantization, training, preprocessing) settings from one flat config mapping."""
+    data = _as_integers(data)
     qkeys = {f.name for f in fields(QuantConfig)}
     tkeys = {f.name for f in fields(TrainConfig)}
     quant = {k: v for k, v in data.items() if k in qkeys}

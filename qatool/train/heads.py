@@ -25,9 +25,8 @@ import numpy as np
 
 from ..errors import UsageError
 from ..ir.graph import Graph
+from ..tasks.base import pre_softmax
 
-LOSS_HEADS = ("Softmax", "LogSoftmax")
-SHAPE_ONLY = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Dropout")
 LOGITS_KEY = "qatool.logits"
 CLASSES_KEY = "qatool.classes"
 CLASS_NAME_KEYS = (CLASSES_KEY, "character", "labels", "classes", "class_names", "names")
@@ -36,19 +35,7 @@ CLASS_NAME_KEYS = (CLASSES_KEY, "character", "labels", "classes", "class_names",
 def logits_tensor(graph: Graph) -> str:
     """The tensor to take the loss on: `qatool.logits` from the metadata if set, else the input of a final
     Softmax/LogSoftmax reached through shape-only ops, else the first graph output."""
-    named = graph.metadata.get(LOGITS_KEY)
-    if named:
-        return named
-    out = graph.output_names[0]
-    producers = graph.producers()
-    t = out
-    while (node := producers.get(t)) is not None:
-        if node.op_type in LOSS_HEADS:
-            return node.input(0)
-        if node.op_type not in SHAPE_ONLY:
-            break
-        t = node.input(0)
-    return out
+    return graph.metadata.get(LOGITS_KEY) or pre_softmax(graph, graph.output_names[0]) or graph.output_names[0]
 
 
 def set_logits(graph: Graph, name: str) -> None:
@@ -118,7 +105,7 @@ def folder_class_names(graph: Graph, data_path, labels_file=None, echo=None) -> 
     the model's metadata when the folders carry those names, else None (sorted folder names)."""
     from pathlib import Path
 
-    from .data import read_class_names
+    from ..data.images import read_class_names
 
     say = echo or (lambda s: None)
     if labels_file:

@@ -17,8 +17,7 @@ import numpy as np
 
 from ..errors import DivergedError, QatoolError
 from .config import TrainConfig
-from .data import LoadedImages, StreamingImages, augment, batch_indices
-from .loss import distillation_loss, softmax_cross_entropy
+from ..data.images import batch_indices
 from .optim import learning_rate, make_optimizer
 from .progress import Progress
 from .session import QatSession
@@ -82,15 +81,18 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainConfig, phases: Phases, start: int, total: int,
+def train(session: QatSession, data, cfg: TrainConfig, phases: Phases, start: int, total: int,
           optimizer_state: dict[str, np.ndarray] | None, save: Callable[[int, dict], None],
-          metrics_path: Path | None = None, quiet: bool = False, teacher=None,
+          metrics_path: Path | None = None, quiet: bool = False, objective=None,
           validate: Callable[[int], float] | None = None, validate_every: int | None = None) -> TrainResult:
-    """Run steps [start, total). `save(step, optimizer_arrays)` writes a checkpoint at `step`. With a `teacher`
-    (qatool.train.teacher.Teacher) the loss is the distillation loss. `validate(step)` (the int8 accuracy, see
-    qatool.train.validation) runs every `validate_every` steps before the last one (the last step is measured by
-    the export that follows)."""
+    """Run steps [start, total). `save(step, optimizer_arrays)` writes a checkpoint at `step`. `objective`
+    (qatool.train.objective: the tensors a step computes, their loss and its gradients; default: cross-entropy
+    on the session's logits) is what the step trains. `validate(step)` (see qatool.train.validation) runs
+    every `validate_every` steps before the last one (the last step is measured by the export that follows)."""
+    from .objective import LabelledClasses
+
     model = session.model
+    objective = objective or LabelledClasses(session.logits)
     # --scale-lr: the LSQ step sizes get their own learning rate, scheduled as lr is
     multipliers = {k: cfg.scale_lr / cfg.lr for k in session.learned_scales} if cfg.scale_lr is not None else None
     opt = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.momentum, cfg.weight_decay, multipliers)
@@ -123,7 +125,7 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
     loss = float("nan")
     correct = seen = 0
     step = start
-    pending = data.prefetch(batch_indices(len(data), cfg.batch_size, start, cfg.seed)) if start < total else None
+    pending = data.prefetch(batch_indices(data.groups, cfg.batch_size, start, cfg.seed)) if start < total else None
     try:
         with _StopFlag() as stop:
             for step in range(start, total):
@@ -132,45 +134,41 @@ def train(session: QatSession, data: LoadedImages | StreamingImages, cfg: TrainC
                     raise TrainingInterrupted(f"interrupted at step {step}; resume with --resume")
                 t0 = time.perf_counter()
                 session.set_phase(step, phases.freeze_bn_after, phases.freeze_observers_after)
-                idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
-                images = pending.result()
+                idx = batch_indices(data.groups, cfg.batch_size, step, cfg.seed)
+                raw = pending.result()
                 if step + 1 < total:  # decode the next batch while this one trains (streamed data sets)
-                    pending = data.prefetch(batch_indices(len(data), cfg.batch_size, step + 1, cfg.seed))
-                if cfg.augment:
-                    images = augment(images, np.random.default_rng([cfg.seed, step, 1]))
-                x = data.preprocess.normalize(images)
-                y = data.labels[idx]
+                    pending = data.prefetch(batch_indices(data.groups, cfg.batch_size, step + 1, cfg.seed))
+                x = data.to_input(raw, idx, np.random.default_rng([cfg.seed, step, 1]) if cfg.augment else None)
+                y = data.labels_of(idx)
                 model.ctx.rng = np.random.default_rng([cfg.seed, step, 2])
                 lr = learning_rate(step, total, cfg.lr, cfg.schedule, cfg.warmup_steps, cfg.step_size,
                                    cfg.step_gamma)
                 with np.errstate(over="ignore", invalid="ignore"):  # divergence is detected, not warned about
                     try:
-                        (out,) = model.forward({session.input_name: x}, training=True, outputs=[session.logits])
+                        outs = model.forward({session.input_name: x}, training=True, outputs=objective.tensors)
                     except DivergedError as e:
                         raise diverged(step, str(e)) from None
-                    logits = out.reshape(len(out), -1)  # a (N, C, 1, 1) head's logits as (N, C)
-                    if teacher is not None:
-                        loss, dlogits = distillation_loss(logits, teacher.logits(x), y, cfg.distill_temperature,
-                                                          cfg.distill_alpha)
-                    else:
-                        loss, dlogits = softmax_cross_entropy(logits, y)
+                    loss, grads, hits = objective(outs, x, y)
                     if not np.isfinite(loss):
                         raise diverged(step, f"loss {loss}")
-                    opt.step(model.backward([dlogits.reshape(out.shape)]), lr=lr)
+                    opt.step(model.backward(grads), lr=lr)
                     collapsed = session.nonpositive_scale()
                     if collapsed:
                         raise diverged(step, f"learned step size {collapsed[0]!r} fell to {collapsed[1]:.3g}, "
                                               "not above zero: lower --scale-lr")
                 times.append(time.perf_counter() - t0)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-                record = {"step": step + 1, "loss": round(loss, 6), "acc": round(correct / seen, 6),
-                          "lr": lr, "ms": round(times[-1] * 1000, 2),
+                running = None
+                if hits is not None:  # the running training accuracy, where there are labels to count
+                    correct += hits
+                    seen += len(x)
+                    running = correct / seen
+                record = {"step": step + 1, "loss": round(loss, 6), "acc": None if running is None else
+                          round(running, 6), "lr": lr, "ms": round(times[-1] * 1000, 2),
                           "bn_frozen": model.ctx.bn_frozen, "observers_frozen": model.ctx.observers_frozen}
                 if log:
                     log.write(json.dumps(record) + "\n")
                     log.flush()  # a user may follow the run with tail -f
-                progress.update(step, loss=loss, acc=correct / seen, lr=lr)
+                progress.update(step, loss=loss, acc=running, lr=lr)
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
                     checkpoint(step + 1)
                 if validate and validate_every and (step + 1) % validate_every == 0 and step + 1 < total:

@@ -27,7 +27,7 @@ class Progress:
         width = 24
         filled = int(width * (step + 1) / max(self.total, 1))
         bar = "#" * filled + "-" * (width - filled)
-        info = "  ".join(f"{k} {v:.4g}" for k, v in fields.items())
+        info = "  ".join(f"{k} {v:.4g}" for k, v in fields.items() if v is not None)
         self.stream.write(f"\r[{bar}] {step + 1}/{self.total}  {info}  {rate:.1f} it/s  ETA {eta:.0f}s ")
         self.stream.flush()
 

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..eval.backends import ort_logits, ort_session, top1
+from ..runtime.backends import ort_logits, ort_run_all, ort_session, top1
 from ..ir.graph import to_onnx
 from .heads import near_chance
 
@@ -43,12 +43,22 @@ def best_path(qat_path: str | os.PathLike) -> Path:
     return p.with_name(p.stem + "_best" + p.suffix)
 
 
+def int8_measures(session, judge) -> dict:
+    """Every output of the int8 model of the session's current state (onnxruntime) measured by `judge`
+    (qatool.tasks.judge) against the float model."""
+    sess = ort_session(to_onnx(session.export_int8()))
+    names = [o.name for o in sess.get_outputs()]
+    return judge.measure(lambda x: dict(zip(names, ort_run_all(sess, x, "the int8 model"))))
+
+
 @dataclass
 class Validator:
-    """Measures int8 top-1 at the steps it is called for and keeps the best checkpoint: the latest one within
-    one validation image of the highest accuracy measured. A difference of one image is noise, and the later
-    step has trained longer (measured on PaddleOCR's text direction, 500 validation images: the start at 491
-    right beat step 150 at 490, and on the held-out test set the start was 1.2 points the worse)."""
+    """Measures the int8 model at the steps it is called for and keeps the best checkpoint: the latest one within
+    `margin` of the highest score measured. For a classifier with labels the score is int8 top-1 and the margin
+    one validation image: a difference of one image is noise, and the later step has trained longer (measured on
+    PaddleOCR's text direction, 500 validation images: the start at 491 right beat step 150 at 490, and on the
+    held-out test set the start was 1.2 points the worse). With `judge` (any model, no labels) the score is the
+    judge's (qatool.tasks.judge: the task measure against the float model) under `key`."""
 
     session: object
     data: object
@@ -57,15 +67,18 @@ class Validator:
     keep: str = "best"
     history: list[dict] = field(default_factory=list)
     kept: dict | None = None
+    judge: object = None
+    key: str = "top1_int8"
 
     @property
     def start(self) -> float | None:
-        return self.history[0]["top1_int8"] if self.history and self.history[0]["step"] == 0 else None
+        return self.history[0][self.key] if self.history and self.history[0]["step"] == 0 else None
 
     @property
     def margin(self) -> float:
-        """One validation image, as a share of top-1 (a float error's worth more, so equal counts compare equal)."""
-        return 1.0 / max(len(self.data), 1) + 1e-9
+        """One validation image, as a share of top-1 (a float error's worth more, so equal counts compare equal);
+        with a judge, no margin beyond float error."""
+        return (1.0 / max(len(self.data), 1) if self.judge is None else 0.0) + 1e-9
 
     @property
     def best(self) -> dict | None:
@@ -75,15 +88,18 @@ class Validator:
     def __call__(self, step: int) -> float:
         """Measure the session's current state at `step` and record it."""
         if self.history and self.history[-1]["step"] == step:  # already measured (a run of 0 steps, a resume)
-            return self.history[-1]["top1_int8"]
-        return self.record(step, int8_top1(self.session, self.data))
+            return self.history[-1][self.key]
+        if self.judge is None:
+            return self.record(step, int8_top1(self.session, self.data))
+        measured = int8_measures(self.session, self.judge)
+        return self.record(step, measured["score"], measured["outputs"])
 
-    def record(self, step: int, acc: float) -> float:
-        """Record an int8 top-1 measured elsewhere (the final export's), saving the checkpoint if it is the best."""
+    def record(self, step: int, acc: float, measures: dict | None = None) -> float:
+        """Record a score measured elsewhere (the final export's), saving the checkpoint if it is the best."""
         if self.history and self.history[-1]["step"] == step:
-            return self.history[-1]["top1_int8"]
-        highest = max((r["top1_int8"] for r in self.history), default=None)
-        self.history.append({"step": step, "top1_int8": acc})
+            return self.history[-1][self.key]
+        highest = max((r[self.key] for r in self.history), default=None)
+        self.history.append({"step": step, self.key: acc, **({"measures": measures} if measures else {})})
         if highest is None or acc >= highest - self.margin:
             self.kept = self.history[-1]
             if self.keep == "best":
@@ -93,9 +109,9 @@ class Validator:
     def summary(self) -> dict:
         best = self.best
         return {"keep": self.keep, "checkpoints": list(self.history),
-                "start_top1_int8": self.start,
+                f"start_{self.key}": self.start,
                 "best_step": best["step"] if best else None,
-                "best_top1_int8": best["top1_int8"] if best else None,
+                f"best_{self.key}": best[self.key] if best else None,
                 "selected_on": "validation data"}
 
     def kept_step(self, last: int) -> int:
@@ -104,4 +120,4 @@ class Validator:
         return best["step"] if self.keep == "best" and best is not None else last
 
     def ended_below_start(self) -> bool:
-        return self.start is not None and bool(self.history) and self.history[-1]["top1_int8"] < self.start
+        return self.start is not None and bool(self.history) and self.history[-1][self.key] < self.start

@@ -7,7 +7,6 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import ModelError
-from ..train.data import LoadedImages
 
 
 def ort_session(model: onnx.ModelProto | str, threads: int | None = None,
@@ -30,8 +29,18 @@ def ort_session(model: onnx.ModelProto | str, threads: int | None = None,
 def ort_run(sess: ort.InferenceSession, x: np.ndarray, what: str = "the model") -> np.ndarray:
     """The first output for one batch; onnxruntime's own exceptions (wrong input type or shape, a quantization
     parameter its kernel cannot take, ...) become one ModelError line naming `what`."""
+    return ort_run_all(sess, x, what)[0]
+
+
+def ort_run_all(sess: ort.InferenceSession, x: np.ndarray, what: str = "the model",
+                outputs: list[str] | None = None) -> list[np.ndarray]:
+    """Every output (or `outputs`) for one batch, in order (errors as `ort_run`). A model whose input declares a
+    fixed batch of 1 (one whose batch could not be freed) runs image by image, its outputs joined on their batch
+    axis."""
+    from ..ir.batch import ort_run_per_image
+
     try:
-        return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        return ort_run_per_image(sess, {sess.get_inputs()[0].name: x}, output_names=outputs)
     except Exception as e:
         if type(e).__module__.startswith("onnxruntime"):
             raise ModelError(f"onnxruntime failed to run {what}: {str(e).splitlines()[0]}") from e
@@ -66,18 +75,16 @@ def engine_batch_size(model, data, outputs: list[str] | None = None) -> int:
 def eval_batch_size(data) -> int:
     """The batch of an evaluation pass, from the size of one input: a model's activations are some tens of times
     its input, so a fixed input budget bounds the working set whatever the number of images."""
-    h, w = data.preprocess.size
-    per_image = h * w * data.preprocess.channels * 4
-    return int(max(1, min(MAX_EVAL_BATCH, EVAL_INPUT_BYTES // per_image)))
+    return int(max(1, min(MAX_EVAL_BATCH, EVAL_INPUT_BYTES // data.input_bytes())))
 
 
-def ort_logits(sess: ort.InferenceSession, data: LoadedImages, batch_size: int | None = None,
+def ort_logits(sess: ort.InferenceSession, data, batch_size: int | None = None,
                what: str = "the model") -> np.ndarray:
     bs = batch_size or eval_batch_size(data)
     return np.concatenate([ort_run(sess, x, what) for x, _ in data.batches(bs)])
 
 
-def engine_logits(model, data: LoadedImages, output: str | None = None, batch_size: int | None = None) -> np.ndarray:
+def engine_logits(model, data, output: str | None = None, batch_size: int | None = None) -> np.ndarray:
     """Eval-mode logits of an engine Model (`output` names another tensor than the first graph output)."""
     name = model.input_names[0]
     outs = [output] if output else None

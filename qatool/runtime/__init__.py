@@ -1,0 +1,1 @@
+"""Running models: onnxruntime sessions, engine evaluation batches, latency."""

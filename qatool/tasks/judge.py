@@ -1,0 +1,59 @@
+"""Judging a model by what its outputs are for: each output's task measures it against the float model's output
+on the same inputs (and against labels when there are any), streamed batch by batch.
+
+`Judge.measure(run)` takes any runner (onnxruntime on the int8 model, the engine's simulation, ...) and returns
+every output's measures and one score that chooses checkpoints: the headline measure of the first output whose
+task decodes something (top-1 agreement, sequence agreement, map IoU, pixel agreement), else the mean SQNR of
+the outputs in dB. A user's own metric (`UserMetric`) replaces that score when given.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+Run = Callable[[np.ndarray], dict]  # input batch -> {output name: array}
+
+
+def score_of(tasks, results: dict) -> tuple[str, float]:
+    """(name, value) of the measure that chooses checkpoints (see the module notes)."""
+    for t in tasks:
+        r = results[t.output]
+        if t.kind != "tensor":
+            return f"{t.output}: {r['primary']}", float(r[r["primary"]])
+    sqnr = [min(float(results[t.output]["sqnr_db"]), 100.0) for t in tasks]
+    return "mean SQNR (dB)", float(np.mean(sqnr))
+
+
+class Judge:
+    """Measures runs of a model against its float model on `data`, output by output."""
+
+    def __init__(self, tasks, float_run: Run, data, batch_size: int, metric=None):
+        self.tasks, self.float_run, self.data, self.batch_size = list(tasks), float_run, data, batch_size
+        self.metric = metric
+
+    def measure(self, run: Run) -> dict:
+        meters = [t.meter() for t in self.tasks]
+        user = self.metric.start() if self.metric is not None else None
+        for x, labels in self.data.batches(self.batch_size):
+            ref, got = self.float_run(x), run(x)
+            for t, m in zip(self.tasks, meters):
+                m.update(got[t.output], ref[t.output], labels)
+            if user is not None:
+                user.update(got, x, labels)
+        results = {t.output: m.result() for t, m in zip(self.tasks, meters)}
+        name, value = score_of(self.tasks, results)
+        if user is not None:
+            name, value = self.metric.name, user.result()
+        return {"score": value, "score_name": name, "outputs": results}
+
+
+def describe(results: dict) -> str:
+    """One line of a measurement: the score, then each output's headline measure and SQNR."""
+    parts = []
+    for out, r in results["outputs"].items():
+        head = r["primary"]
+        main = f"{head} {r[head]:.4f}" if head != "sqnr_db" else ""
+        parts.append(f"{out}: {main}{', ' if main else ''}SQNR {r['sqnr_db']:.1f} dB")
+    return "; ".join(parts)

@@ -1,0 +1,241 @@
+"""The kinds of output: one OutputTask and one Meter per kind.
+
+Temperature: KL is taken at T = 1 by default. The teacher is the float model of the same network, not a larger
+model whose "dark knowledge" at high T is worth transferring: what the int8 model must reproduce is the
+distribution it deploys, softmax(z) at T = 1, and above all its argmax. At high T the loss tends to the squared
+error of the centred logits over all C classes, which for a 6625-class CTC head spends the gradient on thousands of
+classes that never win. T^2 keeps the gradient's scale independent of T, so `temperature` can be raised (today's
+--distill-temperature is 4) without retuning the learning rate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import UsageError
+from .base import Meter, OutputTask
+from .ctc import ctc_greedy_decode, ctc_text, similarity
+from .losses import NMSE_EPS, class_distillation, kl_divergence, normalised_mse
+
+
+# ---- Classes ---------------------------------------------------------------------------------------------------
+class ClassesMeter(Meter):
+    """agreement = share of images whose int8 top-1 class is float's; top1_int8 / top1_float against labels."""
+
+    primary = "agreement"
+
+    def __init__(self):
+        super().__init__(0)
+        self.same = self.labelled = self.hits_int8 = self.hits_float = 0
+
+    def _update(self, q, f, labels):
+        pq, pf = q.argmax(axis=1).reshape(len(q)), f.argmax(axis=1).reshape(len(f))
+        self.same += int(np.sum(pq == pf))
+        if labels is not None:
+            labels = np.asarray(labels).reshape(-1)
+            self.labelled += len(labels)
+            self.hits_int8 += int(np.sum(pq == labels))
+            self.hits_float += int(np.sum(pf == labels))
+
+    def _result(self):
+        out = {"agreement": self.same / max(self.images, 1)}
+        if self.labelled:
+            out |= {"top1_int8": self.hits_int8 / self.labelled, "top1_float": self.hits_float / self.labelled}
+        return out
+
+
+class Classes(OutputTask):
+    """Class logits or probabilities [N, C] (or [N, C, 1, 1]). Loss: T^2 KL(softmax(t/T) || softmax(s/T)) over
+    `loss_axis`, mean over the batch; with labels and alpha < 1, alpha * that + (1 - alpha) * cross-entropy."""
+
+    kind = "classes"
+
+    def __init__(self, output, loss_tensor=None, *, temperature=1.0, alpha=1.0, loss_axis=1, why=""):
+        super().__init__(output, loss_tensor, batch_axis=0, why=why)
+        self.temperature, self.alpha, self.loss_axis = float(temperature), float(alpha), loss_axis
+
+    @property
+    def loss_name(self):
+        return "kl" if self.alpha >= 1 else "kl+ce"
+
+    def loss(self, student, teacher, labels=None):
+        if labels is None or self.alpha >= 1:
+            return kl_divergence(student, teacher, self.temperature, self.loss_axis)
+        return class_distillation(student, teacher, labels, self.temperature, self.alpha, self.loss_axis)
+
+    def meter(self):
+        return ClassesMeter()
+
+    def options(self):
+        return {"temperature": self.temperature, "alpha": self.alpha, "loss_axis": self.loss_axis}
+
+
+# ---- Sequence (CTC) --------------------------------------------------------------------------------------------
+class SequenceMeter(Meter):
+    """Greedy CTC decoding of int8 and float: seq_agreement (same sequence), char_agreement (mean of
+    1 - edit distance / max(len, 1)); with label strings (needs `characters`) the same against the labels."""
+
+    primary = "seq_agreement"
+
+    def __init__(self, batch_axis, characters):
+        super().__init__(batch_axis)
+        self.characters = characters
+        self.sums = dict.fromkeys(("seq_agreement", "char_agreement", "seq_acc_int8", "char_acc_int8",
+                                   "seq_acc_float", "char_acc_float"), 0.0)
+        self.labelled = 0
+
+    def _update(self, q, f, labels):
+        dq = ctc_greedy_decode(np.moveaxis(q, self.batch_axis, 0))
+        df = ctc_greedy_decode(np.moveaxis(f, self.batch_axis, 0))
+        self._add("agreement", dq, df)
+        if labels is not None:
+            if self.characters is None:
+                raise UsageError("text labels need the model's characters to compare with (metadata 'character')")
+            self.labelled += len(labels)
+            for who, seqs in (("int8", dq), ("float", df)):
+                self._add(f"acc_{who}", [ctc_text(s, self.characters) for s in seqs], list(labels))
+
+    def _add(self, suffix, a, b):
+        self.sums[f"seq_{suffix}"] += sum(x == y for x, y in zip(a, b, strict=True))
+        self.sums[f"char_{suffix}"] += sum(similarity(x, y) for x, y in zip(a, b, strict=True))
+
+    def _result(self):
+        out = {k: self.sums[k] / max(self.images, 1) for k in ("seq_agreement", "char_agreement")}
+        if self.labelled:
+            out |= {k: v / self.labelled for k, v in self.sums.items() if "acc" in k}
+        return out
+
+
+class Sequence(OutputTask):
+    """CTC scores [N, T, C] (or [T, N, C]: batch_axis=1) over C classes per time step, class 0 the blank.
+    Loss: T^2 KL per time step over `loss_axis`, mean over N and T (labels are for measuring only)."""
+
+    kind = "sequence"
+    loss_name = "kl"
+
+    def __init__(self, output, loss_tensor=None, *, batch_axis=0, temperature=1.0, loss_axis=-1, characters=None,
+                 why=""):
+        super().__init__(output, loss_tensor, batch_axis=batch_axis, why=why)
+        self.temperature, self.loss_axis, self.characters = float(temperature), loss_axis, characters
+
+    def loss(self, student, teacher, labels=None):
+        return kl_divergence(student, teacher, self.temperature, self.loss_axis)
+
+    def meter(self):
+        return SequenceMeter(self.batch_axis, self.characters)
+
+    def options(self):
+        return {"batch_axis": self.batch_axis, "temperature": self.temperature, "loss_axis": self.loss_axis,
+                "characters": len(self.characters) if self.characters is not None else None}
+
+
+# ---- ProbabilityMap --------------------------------------------------------------------------------------------
+class ProbabilityMapMeter(Meter):
+    """map_iou = sum over the set of |Q & F| / sum of |Q | F| with Q = q > threshold, F = f > threshold (1 when
+    both are empty everywhere); pixel_agreement = share of pixels where Q == F."""
+
+    primary = "map_iou"
+
+    def __init__(self, threshold):
+        super().__init__(0)
+        self.threshold = threshold
+        self.inter = self.union = self.same = self.pixels = 0
+
+    def _update(self, q, f, labels):
+        bq, bf = q > self.threshold, f > self.threshold
+        self.inter += int(np.sum(bq & bf))
+        self.union += int(np.sum(bq | bf))
+        self.same += int(np.sum(bq == bf))
+        self.pixels += bq.size
+
+    def _result(self):
+        return {"map_iou": self.inter / self.union if self.union else 1.0,
+                "pixel_agreement": self.same / max(self.pixels, 1)}
+
+
+class ProbabilityMap(OutputTask):
+    """A map [N, 1, H, W] of values in [0, 1] (a DB text detector's sigmoid map). Loss: normalised MSE."""
+
+    kind = "probability_map"
+    loss_name = "nmse"
+
+    def __init__(self, output, *, threshold=0.3, eps=NMSE_EPS, why=""):
+        super().__init__(output, None, batch_axis=0, why=why)
+        self.threshold, self.eps = float(threshold), float(eps)
+
+    def loss(self, student, teacher, labels=None):
+        return normalised_mse(student, teacher, self.eps)
+
+    def meter(self):
+        return ProbabilityMapMeter(self.threshold)
+
+    def options(self):
+        return {"threshold": self.threshold, "eps": self.eps}
+
+
+# ---- ClassMap --------------------------------------------------------------------------------------------------
+class ClassMapMeter(Meter):
+    """From the confusion matrix of float's argmax over axis 1 (rows) and int8's (columns), summed over the set:
+    pixel_agreement = trace / pixels; miou = mean over classes present in either of diag / (row + col - diag)."""
+
+    primary = "miou"
+
+    def __init__(self):
+        super().__init__(0)
+        self.confusion = None
+
+    def _update(self, q, f, labels):
+        c = q.shape[1]
+        if self.confusion is None:
+            self.confusion = np.zeros((c, c), np.int64)
+        pairs = f.argmax(axis=1).reshape(-1) * c + q.argmax(axis=1).reshape(-1)
+        self.confusion += np.bincount(pairs, minlength=c * c).reshape(c, c)
+
+    def _result(self):
+        m = self.confusion if self.confusion is not None else np.zeros((1, 1), np.int64)
+        diag = np.diag(m)
+        union = m.sum(0) + m.sum(1) - diag
+        present = union > 0
+        return {"miou": float(np.mean(diag[present] / union[present])) if present.any() else 1.0,
+                "pixel_agreement": float(diag.sum() / max(m.sum(), 1))}
+
+
+class ClassMap(OutputTask):
+    """Per-pixel classes [N, C, H, W], C > 1. Loss: T^2 KL over `loss_axis` per pixel, mean over N, H, W."""
+
+    kind = "class_map"
+    loss_name = "kl"
+
+    def __init__(self, output, loss_tensor=None, *, temperature=1.0, loss_axis=1, why=""):
+        super().__init__(output, loss_tensor, batch_axis=0, why=why)
+        self.temperature, self.loss_axis = float(temperature), loss_axis
+
+    def loss(self, student, teacher, labels=None):
+        return kl_divergence(student, teacher, self.temperature, self.loss_axis)
+
+    def meter(self):
+        return ClassMapMeter()
+
+    def options(self):
+        return {"temperature": self.temperature, "loss_axis": self.loss_axis}
+
+
+# ---- Tensor ----------------------------------------------------------------------------------------------------
+class Tensor(OutputTask):
+    """Anything else (boxes, features, detector heads). Loss: normalised MSE. Measure: SQNR (and cosine)."""
+
+    kind = "tensor"
+    loss_name = "nmse"
+
+    def __init__(self, output, *, batch_axis=0, eps=NMSE_EPS, why=""):
+        super().__init__(output, None, batch_axis=batch_axis, why=why)
+        self.eps = float(eps)
+
+    def loss(self, student, teacher, labels=None):
+        return normalised_mse(student, teacher, self.eps)
+
+    def options(self):
+        return {"batch_axis": self.batch_axis, "eps": self.eps}
+
+
+KINDS = {cls.kind: cls for cls in (Classes, Sequence, ProbabilityMap, ClassMap, Tensor)}

@@ -1,0 +1,199 @@
+"""Any model, no labels: train-quant on a probability-map model (image folder) and on a CTC sequence model (a .npy
+folder of two input widths), judged against the float model; bad inputs get one clear line."""
+
+import json
+
+import jsonschema
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from helpers import SAMPLE_DIR, ort_run
+from qatool import api
+from qatool.train.config import TrainConfig
+
+SCHEMA = json.loads((SAMPLE_DIR.parent / "schemas" / "train-report.schema.json").read_text())
+QUIET = dict(echo=lambda s: None, quiet=True)
+
+
+def _save(nodes, inputs, outputs, inits, path, metadata=None):
+    g = helper.make_graph(nodes, "g", inputs, outputs,
+                          initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    for k, v in (metadata or {}).items():
+        m.metadata_props.add(key=k, value=v)
+    onnx.save(m, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def map_model(tmp_path_factory):
+    """A tiny text-detector-like model: two convolutions and a Sigmoid map [N, 1, 16, 16] (bright blobs light up)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("map") / "map.onnx"
+    w1 = rng.standard_normal((4, 1, 3, 3)) * 0.5
+    w2 = np.abs(rng.standard_normal((1, 4, 3, 3))) * 0.3
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["z"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["z"], ["map"])]
+    return _save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 16, 16])],
+                 [helper.make_tensor_value_info("map", TensorProto.FLOAT, ["N", 1, 16, 16])],
+                 {"w1": w1, "b1": np.zeros(4), "w2": w2, "b2": np.full(1, -1.5)}, path)
+
+
+@pytest.fixture(scope="module")
+def blob_images(tmp_path_factory):
+    """Flat folders of gray 16x16 images with a bright rectangle: data without labels."""
+    root = tmp_path_factory.mktemp("blobs")
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 48), ("val", 16)):
+        (root / split).mkdir()
+        for i in range(n):
+            a = (rng.random((16, 16)) * 40).astype(np.uint8)
+            y, x = rng.integers(0, 10, 2)
+            a[y:y + rng.integers(3, 7), x:x + rng.integers(3, 7)] = 220
+            Image.fromarray(a).save(root / split / f"{i:03d}.png")
+    return root / "train", root / "val"
+
+
+def test_probability_map_model_trains_without_labels(map_model, blob_images, tmp_path):
+    train, val = blob_images
+    report = api.train_quant(map_model, train, tmp_path, val_data=val,
+                             train=TrainConfig(steps=8, batch_size=8, lr=0.01), **QUIET)
+    jsonschema.validate(report, SCHEMA)
+    assert [t["kind"] for t in report["tasks"]] == ["probability_map"]
+    assert report["tasks"][0]["loss"] == "nmse"
+    v = report["val"]
+    assert v["top1_int8"] is None and v["measure"] == "map: map_iou"
+    assert [c["step"] for c in v["checkpoints"]] == [0, 2, 4, 6, 8]
+    assert all("score" in c and "map" in c["measures"] for c in v["checkpoints"])
+    m = v["measures"]
+    assert 0.5 < m["int8"]["outputs"]["map"]["map_iou"] <= 1.0
+    # the contract: the simulation computes what onnxruntime runs
+    assert m["int8_vs_simulation"]["outputs"]["map"]["sqnr_db"] >= 30
+    assert abs(v["score_int8"] - v["score_simulation"]) <= 0.002
+    # keep best: the int8 model is never worse than the start on the validation images
+    assert v["score_int8"] >= v["start_score"] - 1e-9
+    on_disk = json.loads((tmp_path / "report.json").read_text(), parse_constant=pytest.fail)  # standard JSON
+    assert on_disk["val"]["measure"] == v["measure"]
+    int8 = onnx.load(tmp_path / "model_int8.onnx")
+    assert [i.name for i in int8.graph.input] == ["x"] and [o.name for o in int8.graph.output] == ["map"]
+    x = np.random.default_rng(2).random((2, 1, 16, 16)).astype(np.float32)
+    assert ort_run(int8, {"x": x})[0].shape == (2, 1, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def ctc_model(tmp_path_factory):
+    """A tiny CTC recogniser: Conv over [N, 1, 8, W], mean over the height, a MatMul to 5 classes per column and a
+    Softmax over the last axis: [N, W, 5]; its metadata names the characters (index 0 is the blank)."""
+    rng = np.random.default_rng(3)
+    path = tmp_path_factory.mktemp("ctc") / "ctc.onnx"
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["h"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("ReduceMean", ["r"], ["m"], axes=[2], keepdims=0),
+             helper.make_node("Transpose", ["m"], ["t"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["t", "fc"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["probs"], axis=-1)]
+    return _save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, "W"])],
+                 [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", "W", 5])],
+                 {"w": rng.standard_normal((6, 1, 3, 3)), "b": np.zeros(6), "fc": rng.standard_normal((6, 5)) * 2},
+                 path, {"character": "a\nb\nc\nd"})
+
+
+@pytest.fixture(scope="module")
+def npy_inputs(tmp_path_factory):
+    """Folders of .npy input tensors of two widths (12 and 16): batched by shape."""
+    root = tmp_path_factory.mktemp("npy")
+    rng = np.random.default_rng(4)
+    for split, n in (("train", 24), ("val", 10)):
+        (root / split).mkdir()
+        for i in range(n):
+            np.save(root / split / f"{i:03d}.npy", rng.standard_normal((1, 8, 12 if i % 3 else 16)).astype(np.float32))
+    return root / "train", root / "val"
+
+
+def test_ctc_model_trains_on_tensor_folders_of_two_shapes(ctc_model, npy_inputs, tmp_path):
+    train, val = npy_inputs
+    lines = []
+    report = api.train_quant(ctc_model, train, tmp_path, val_data=val, train=TrainConfig(steps=6, batch_size=4),
+                             echo=lines.append, quiet=True)
+    jsonschema.validate(report, SCHEMA)
+    [task] = report["tasks"]
+    assert task["kind"] == "sequence" and task["loss_tensor"] == "logits" and task["loss"] == "kl"
+    assert any("a CTC sequence of 5 classes" in ln and "4 characters" in ln for ln in lines)
+    assert report["config"]["preprocess"] is None  # the tensors are used as they are
+    out = report["val"]["measures"]["int8"]["outputs"]["probs"]
+    assert out["primary"] == "seq_agreement" and 0 <= out["seq_agreement"] <= 1 and out["images"] == 10
+    assert report["val"]["measures"]["int8_vs_simulation"]["outputs"]["probs"]["sqnr_db"] >= 30
+
+
+def test_bad_inputs_get_one_line_and_no_output(capsys, ctc_model, map_model, npy_inputs, tmp_path):
+    from test_errors import assert_clean_error, run_cli
+
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    code, _, err = run_cli(capsys, "train-quant", map_model, "--train-data", empty, "-o", tmp_path / "o1")
+    assert_clean_error(code, err, 1, "empty holds no images")
+    train, _ = npy_inputs  # [1, 8, W] tensors for a model that takes [N, 1, 16, 16]
+    code, _, err = run_cli(capsys, "train-quant", map_model, "--train-data", train, "-o", tmp_path / "o2")
+    assert_clean_error(code, err, 1, "holds a tensor of shape [1, 8, ")
+    assert "takes [N, 1, 16, 16]" in err
+    code, _, err = run_cli(capsys, "train-quant", ctc_model, "--train-data", train, "-o", tmp_path / "o3",
+                           "--distill-outputs", "nope")
+    assert_clean_error(code, err, 2, "--distill-outputs nope: the model has no output of that name (its outputs: "
+                                     "probs)")
+    assert not any((tmp_path / o / f).exists() for o in ("o1", "o2", "o3") for f in ("qat.onnx", "model_int8.onnx"))
+
+
+def test_a_model_exported_at_batch_one_trains_at_batch_eight_and_keeps_its_declared_shapes(blob_images, tmp_path):
+    """A fixed batch of 1 (the input's shape and a Reshape constant) is freed at convert: teacher, validation
+    and checks run at batch 8, and the int8 model declares [1, 1, 16, 16] again."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["z"], pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["z", "shape"], ["flat"]),
+             helper.make_node("Sigmoid", ["flat"], ["s"]),
+             helper.make_node("Reshape", ["s", "back"], ["map"])]
+    path = _save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 16, 16])],
+                 [helper.make_tensor_value_info("map", TensorProto.FLOAT, [1, 1, 16, 16])],
+                 {"w1": rng.standard_normal((4, 1, 3, 3)) * 0.5, "b1": np.zeros(4),
+                  "w2": np.abs(rng.standard_normal((1, 4, 3, 3))) * 0.3, "b2": np.full(1, -1.5)},
+                 tmp_path / "b1.onnx")
+    model = onnx.load(path)
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([1, 256], np.int64), "shape"),
+                                    numpy_helper.from_array(np.array([1, 1, 16, 16], np.int64), "back")])
+    onnx.save(model, path)
+    train, val = blob_images
+    report = api.train_quant(path, train, tmp_path / "out", val_data=val, train=TrainConfig(steps=4, batch_size=8),
+                             **QUIET)
+    assert report["val"]["measures"]["int8_vs_simulation"]["outputs"]["map"]["sqnr_db"] >= 30
+    int8 = onnx.load(tmp_path / "out" / "model_int8.onnx")
+    dims = [[d.dim_value for d in v.type.tensor_type.shape.dim] for v in (int8.graph.input[0], int8.graph.output[0])]
+    assert dims == [[1, 1, 16, 16], [1, 1, 16, 16]]
+    x = np.random.default_rng(6).random((1, 1, 16, 16)).astype(np.float32)
+    assert ort_run(int8, {"x": x})[0].shape == (1, 1, 16, 16)  # the user's pipeline calls it as before
+
+
+def test_calibrate_and_eval_without_labels(capsys, map_model, blob_images, tmp_path):
+    """`calibrate` and `eval` take the same unlabelled data and print the task measures instead of top-1."""
+    from test_errors import run_cli
+
+    train, val = blob_images
+    code, out, err = run_cli(capsys, "calibrate", map_model, "--data", train, "--val-data", val,
+                             "-o", tmp_path / "ptq.onnx")
+    assert code == 0, err
+    assert "int8 (onnxruntime) against float on" in out and "map: map_iou" in out and "no top-1" not in out
+    report = tmp_path / "eval.json"
+    code, out, err = run_cli(capsys, "eval", map_model, tmp_path / "ptq.onnx", "--data", val, "--json", report,
+                             "--no-latency")
+    assert code == 0, err
+    assert "probability_map" in out and "ptq.onnx (ort" in out and "map_iou" in out
+    data = json.loads(report.read_text())
+    jsonschema.validate(data, json.loads((SAMPLE_DIR.parent / "schemas" / "eval-report.schema.json").read_text()))
+    first, second = data["results"]
+    assert first["outputs"] is None and second["measure"] == "map: map_iou"
+    assert 0.5 < second["score"] <= 1 and second["outputs"]["map"]["images"] == 16
