@@ -90,6 +90,22 @@ def _load_data(train_set, val_set, pre, echo):
     return train_images, val_images
 
 
+def _resolve_batch(train_cfg, session, data, tensors, ckpt, echo):
+    """The training config with its batch: --batch-size, else a resumed run's, else the largest that fits the
+    step's memory budget (qatool.train.footprint), at most 64. Returns (config, the choice's record or None)."""
+    from dataclasses import replace
+
+    from .train.footprint import choose_batch
+
+    if train_cfg.batch_size is not None:
+        return train_cfg, None
+    if ckpt is not None and ckpt.train.get("batch_size"):
+        return replace(train_cfg, batch_size=int(ckpt.train["batch_size"])), None
+    choice = choose_batch(session, data, tensors)
+    echo(choice.summary())
+    return replace(train_cfg, batch_size=choice.batch_size), choice.to_dict()
+
+
 def _mixed_precision(float_graph, images, quant_cfg, train_cfg, echo):
     """Per-layer weight bits from the layers' sensitivity, within the weight-size budget."""
     from .quant.config import QuantConfig
@@ -200,6 +216,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     probe = session.model.forward({session.input_name: train_images.batch(np.arange(min(8, len(train_images))))[0]},
                                   outputs=[session.logits])[0]
     check_logits(probe, float_graph, session.logits)
+    train_cfg, batch_choice = _resolve_batch(train_cfg, session, train_images, [session.logits], ckpt, echo)
     if ckpt is None and train_cfg.mixed_precision:  # (a resumed run's settings already hold the per-layer bits)
         quant_cfg = _mixed_precision(float_graph, train_images, quant_cfg, train_cfg, echo)
         session = QatSession.create(float_graph, quant_cfg, train_cfg.seed)
@@ -343,7 +360,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
                    "preprocess": json.loads(pre.to_json()),
                    "freeze_bn_after": phases.freeze_bn_after,
                    "freeze_observers_after": phases.freeze_observers_after,
-                   "bn_check": bn_check},
+                   "bn_check": bn_check, "batch": batch_choice},
         "val": val,
         "placement": plan,
         "export": exported.to_dict(),
@@ -390,6 +407,7 @@ def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_
     tasks = choose_output_tasks(float_graph, float_model, train_set, distill_outputs, echo,
                                 map_threshold=train_cfg.map_threshold)
     objective = Distillation(tasks, Teacher(float_graph, [t.loss_tensor for t in tasks]))
+    train_cfg, batch_choice = _resolve_batch(train_cfg, session, train_set, objective.tensors, ckpt, echo)
     judge = Judge(tasks, float_model, val_set, eval_batch_size(val_set)) if val_set is not None else None
     plan = session.plan.report()
     echo(f"quantized {len(plan['quantized_layers'])} layers ({len(plan['folded_batchnorm'])} with BN folded), "
@@ -474,7 +492,8 @@ def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_
         "config": {"quant": quant_cfg.to_dict(), "train": train_cfg.to_dict(),
                    "preprocess": json.loads(pre.to_json()) if pre is not None else None,
                    "freeze_bn_after": phases.freeze_bn_after,
-                   "freeze_observers_after": phases.freeze_observers_after, "bn_check": None},
+                   "freeze_observers_after": phases.freeze_observers_after, "bn_check": None,
+                   "batch": batch_choice},
         "val": val, "placement": plan, "export": exported.to_dict(),
         "outputs": {"checkpoint": str(qat_path), "int8_model": str(int8_path), "metrics": str(out / "metrics.jsonl"),
                     **({"best_checkpoint": str(best_path(qat_path))} if kept_step != total else {})},
@@ -575,6 +594,7 @@ def finetune(model_path, train_data, output, val_data=None, train=None, preproce
         session = FloatSession.full(graph, train_cfg.seed)
     check_logits(session.model.forward({session.input_name: sample}, outputs=[session.logits])[0], graph,
                  session.logits)
+    train_cfg, _ = _resolve_batch(train_cfg, session, train_images, [session.logits], None, echo)
 
     def val_top1() -> float | None:
         if val_images is None:

@@ -90,7 +90,9 @@ def training_options(f):
         click.option("--steps", type=click.IntRange(0), help="Training steps (default 200)."),
         click.option("--epochs", type=click.FloatRange(0, min_open=True),
                      help="Training length in epochs instead of steps."),
-        click.option("--batch-size", type=click.IntRange(1), help="Default 64."),
+        click.option("--batch-size", type=click.IntRange(1),
+                     help="Default: the largest batch whose training step fits 6 GB, at most 64 (measured on two "
+                          "probe steps)."),
         click.option("--seed", type=click.IntRange(0), help="Seed of every random choice (default 0)."),
     ]):
         f = opt(f)

@@ -197,3 +197,31 @@ def test_calibrate_and_eval_without_labels(capsys, map_model, blob_images, tmp_p
     first, second = data["results"]
     assert first["outputs"] is None and second["measure"] == "map: map_iou"
     assert 0.5 < second["score"] <= 1 and second["outputs"]["map"]["images"] == 16
+
+
+def test_the_default_batch_fits_the_step_memory_budget(map_model, blob_images, tmp_path):
+    """Two probe steps (batch 1 and 2) measure what one image's training step holds; the default batch is the
+    largest that fits the budget, at most 64, and the run says why."""
+    from qatool.convert import normalize_proto
+    from qatool.data import open_dataset
+    from qatool.data.preprocess import resolve_preprocess
+    from qatool.ir.io import load_proto
+    from qatool.quant.config import QuantConfig
+    from qatool.train.footprint import DEFAULT_BATCH, choose_batch
+    from qatool.train.session import QatSession
+
+    graph = normalize_proto(load_proto(map_model), for_training=True).graph
+    session = QatSession.create(graph, QuantConfig())
+    train, _ = blob_images
+    data = open_dataset(train, labelled=False).load(resolve_preprocess(graph))
+    state = {k: v.copy() for k, v in session.model.state.items()}
+    free = choose_batch(session, data, ["map"])
+    # the step keeps at least the 4 x 16 x 16 float32 values of the first convolution (and its Relu) per image
+    assert free.batch_size == DEFAULT_BATCH and free.bytes_per_image >= 2 * 4 * 16 * 16 * 4
+    tight = choose_batch(session, data, ["map"], budget=int(5.5 * free.bytes_per_image))
+    assert tight.batch_size == 5 and "5 fit the" in tight.summary()
+    assert all(np.array_equal(v, state[k]) for k, v in session.model.state.items())  # the probes left no trace
+    lines = []
+    report = api.train_quant(map_model, train, tmp_path, train=TrainConfig(steps=1), echo=lines.append, quiet=True)
+    assert report["batch_size"] == DEFAULT_BATCH and report["config"]["batch"]["bytes_per_image"] > 0
+    assert any(ln.startswith("batch 64 (one image's training step holds") for ln in lines)

@@ -203,6 +203,16 @@ def test_choose_probability_map():
     _, [task] = run_and_choose([helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
                                 helper.make_node("Sigmoid", ["c"], ["y"])], [3, 2, 8, 8], ["y"], {"W": w(1, 2, 3, 3)})
     assert isinstance(task, ProbabilityMap) and task.loss_tensor == "y" and "Sigmoid" in task.why
+    # onnxruntime's Sigmoid of a large input is 1.0000001 (PP-OCRv4's text detector at 640 x 640): still a map
+    g = from_onnx(helper.make_model(helper.make_graph(
+        [helper.make_node("Sigmoid", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])))
+    map_ = np.full((3, 1, 4, 4), np.float32(1.0000001))
+    map_[:, :, 0] = 0
+    [task] = choose_tasks(g, {"y": map_}, 3)
+    assert isinstance(task, ProbabilityMap)
+    [task] = choose_tasks(g, {"y": map_ * 1.01}, 3)  # clearly above 1: not probabilities
+    assert not isinstance(task, ProbabilityMap)
 
 
 @pytest.mark.parametrize("x_shape,batch_axis", [([3, 5, 4], 0), ([5, 3, 4], 1)])

@@ -11,7 +11,8 @@ output, the first rule that holds:
    the last axis, in a model of one output (with more, it is a detector's class scores [N, anchors, C]: Tensor);
    or the first output with text labels (`labels_kind="text"`). The `character` metadata, when
    it fits the class count (ctc.ctc_characters), gives the text.
-3. ProbabilityMap: [N, 1, H, W] whose values all lie in [0, 1].
+3. ProbabilityMap: [N, 1, H, W] whose values all lie in [0, 1] (give or take float error: onnxruntime's Sigmoid
+   returns 1.0000001).
 4. ClassMap: [N, C, H, W], C > 1, read from a Softmax/LogSoftmax, distributions over axis 1.
 5. Tensor: anything else.
 
@@ -97,7 +98,7 @@ def _choose(graph, name, v, batch, meta, labels, opts, n_outputs) -> OutputTask:
         return Sequence(name, logits, batch_axis=b, temperature=t, loss_axis=axis if axis is not None else -1,
                         characters=chars, why=f"rank 3 {list(shape)} {reason}: a CTC sequence of {shape[2]} classes "
                                               f"over {shape[1 - b]} steps, batch axis {b} ({where}){note}")
-    if rank == 4 and b == 0 and shape[1] == 1 and v.size and v.min() >= 0 and v.max() <= 1:
+    if rank == 4 and b == 0 and shape[1] == 1 and v.size and v.min() >= -1e-5 and v.max() <= 1 + 1e-5:
         return ProbabilityMap(name, threshold=opts["threshold"],
                               why=f"{list(shape)} in [0, 1] {head}: a probability map (threshold "
                                   f"{opts['threshold']:g})")

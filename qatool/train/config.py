@@ -18,7 +18,7 @@ DEFAULT_STEPS = 200
 class TrainConfig:
     steps: int | None = None  # default: `epochs` if given, else DEFAULT_STEPS
     epochs: float | None = None
-    batch_size: int = 64
+    batch_size: int | None = None  # None: the largest that fits the step's memory budget, at most 64 (footprint)
     optimizer: str = "sgd"
     lr: float = 1e-3
     scale_lr: float | None = None  # lr of the LSQ step sizes (same optimizer and schedule); None: lr
@@ -49,7 +49,7 @@ class TrainConfig:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.steps is not None and self.steps < 0:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
