@@ -128,14 +128,15 @@ def _mixed_precision(float_graph, images, quant_cfg, train_cfg, echo):
 def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, train=None, preprocess=None,
                 labels=None, resume=None, quiet: bool = False, echo=print, new_head: bool = False,
                 features: str | None = None, float_steps: int | None = None, freeze_backbone: bool = False,
-                distill_outputs: list[str] | None = None) -> dict:
+                distill_outputs: list[str] | None = None, metric: str | None = None) -> dict:
     """QAT of a float (or convert --for-training) model on an image folder; writes qat.onnx, model_int8.onnx,
     metrics.jsonl and report.json into `out_dir` and returns the report.
 
     A classifier whose data has labels trains with cross-entropy and is judged by top-1; any other model, or any
     data without labels (a plain folder of images, a folder of `.npy` input tensors), trains to reproduce the
     float model and is judged against it by what each output is for (`_train_quant_any`; `distill_outputs`
-    names the outputs to train on, default all).
+    names the outputs to train on, default all; `metric` a user's measure FILE.py:FUNCTION that chooses the
+    checkpoint, see qatool.tasks.metric).
 
     `quant` / `train` are QuantConfig / TrainConfig; `preprocess` a dict of size/color/mean/std overrides;
     `labels` a file of class names, one per line, in output order (default: the model's own class names when
@@ -191,12 +192,12 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         raise UsageError("--scale-lr sets the learning rate of learned step sizes: it needs --scale-learning lsq")
     from .train.anymodel import is_labelled_classifier
 
-    if not is_labelled_classifier(float_graph, train_data) or distill_outputs:
+    if not is_labelled_classifier(float_graph, train_data) or distill_outputs or metric:
         if train_cfg.teacher or labels or train_cfg.logits:
             raise UsageError("--teacher, --labels and --logits belong to a classifier trained with labels; without "
                              "labels the float model itself is the teacher")
         return _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_data, out, val_data,
-                                preprocess, resume, quiet, echo, distill_outputs)
+                                preprocess, resume, quiet, echo, distill_outputs, metric)
     pre = resolve_preprocess(float_graph, preprocess)
     float_graph.metadata[METADATA_KEY] = pre.to_json()
     if train_cfg.logits:
@@ -376,9 +377,10 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
 
 
 def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_data, out, val_data, preprocess,
-                     resume, quiet, echo, distill_outputs) -> dict:
+                     resume, quiet, echo, distill_outputs, metric=None) -> dict:
     """Label-free QAT of any model: the float model (onnxruntime) is the teacher of every chosen output's task
-    (qatool.tasks), and the judge of the int8 model at the start, at checkpoints and at the end."""
+    (qatool.tasks), and the judge of the int8 model at the start, at checkpoints and at the end (by the user's
+    `metric` when given)."""
     import json
 
     from .export.deploy import export_session, time_export
@@ -388,6 +390,7 @@ def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_
     from .quant.calibrate import calibrate_session
     from .runtime.backends import eval_batch_size
     from .tasks.judge import Judge, describe
+    from .tasks.metric import UserMetric
     from .train.anymodel import FloatModel, choose_output_tasks, data_kind, load_unlabelled, unlabelled_preprocess
     from .train.checkpoint import load_checkpoint
     from .train.loop import Phases, train as run_train
@@ -396,6 +399,9 @@ def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_
     from .train.teacher import Teacher
     from .train.validation import Validator, best_path
 
+    user_metric = UserMetric(metric) if metric else None  # a bad --metric fails before anything runs
+    if user_metric is not None and val_data is None:
+        raise UsageError("--metric chooses among the checkpoints measured on --val-data: give --val-data")
     pre = unlabelled_preprocess(float_graph, train_data, val_data, preprocess)
     # the QAT graph first: a model the engine cannot run fails before any image is read
     session = QatSession.from_checkpoint(ckpt, train_cfg.seed) if ckpt else \
@@ -408,7 +414,8 @@ def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_
                                 map_threshold=train_cfg.map_threshold)
     objective = Distillation(tasks, Teacher(float_graph, [t.loss_tensor for t in tasks]))
     train_cfg, batch_choice = _resolve_batch(train_cfg, session, train_set, objective.tensors, ckpt, echo)
-    judge = Judge(tasks, float_model, val_set, eval_batch_size(val_set)) if val_set is not None else None
+    judge = Judge(tasks, float_model, val_set, eval_batch_size(val_set), user_metric) if val_set is not None \
+        else None
     plan = session.plan.report()
     echo(f"quantized {len(plan['quantized_layers'])} layers ({len(plan['folded_batchnorm'])} with BN folded), "
          f"{plan['quantized_activations']} activation quantizers; {len(plan['float_nodes'])} nodes stay float")

@@ -123,6 +123,10 @@ def convert(model: str, output: str, for_training: bool) -> None:
 @click.option("--map-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Without labels: a probability map is measured by its IoU with float's, both thresholded here "
                    "(0.3, a DB text detector's own).")
+@click.option("--metric", metavar="FILE.py:FUNCTION",
+              help="Without labels: your own measure, a function (outputs, batch) -> score (higher is better; "
+                   "outputs: {output name: array} of one batch, batch: its input), averaged over the validation "
+                   "images; it chooses the checkpoint (--keep best) instead of the task measure.")
 @click.option("--distill-outputs", metavar="NAME", multiple=True,
               help="Without labels: the graph outputs the model learns to reproduce (repeatable; default all).")
 @click.option("--resume", type=click.Path(dir_okay=False), help="Continue from a qat.onnx checkpoint.")
@@ -134,7 +138,7 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                 optimizer, lr, scale_lr, momentum, weight_decay, schedule, warmup_steps, steps, epochs, batch_size,
                 seed, init, init_method, init_images, mixed_precision, mixed_low_bits, save_every, keep,
                 validate_every, logits, teacher, distill_temperature, distill_alpha, new_head, features, float_steps,
-                freeze_backbone, map_threshold, distill_outputs, resume, quiet):
+                freeze_backbone, map_threshold, metric, distill_outputs, resume, quiet):
     """Quantization-aware training of MODEL on an image folder.
 
     MODEL is a float ONNX model (converted --for-training on the fly) or the output of
@@ -172,7 +176,7 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                     quant=QuantConfig(**quant) if (quant or not resume) else None, train=TrainConfig(**train),
                     preprocess=pre, labels=labels, resume=resume, quiet=quiet, echo=click.echo, new_head=new_head,
                     features=features, float_steps=float_steps, freeze_backbone=freeze_backbone,
-                    distill_outputs=list(distill_outputs) or None)
+                    distill_outputs=list(distill_outputs) or None, metric=metric)
 
 
 @cli.command("finetune")

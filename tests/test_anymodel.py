@@ -225,3 +225,48 @@ def test_the_default_batch_fits_the_step_memory_budget(map_model, blob_images, t
     report = api.train_quant(map_model, train, tmp_path, train=TrainConfig(steps=1), echo=lines.append, quiet=True)
     assert report["batch_size"] == DEFAULT_BATCH and report["config"]["batch"]["bytes_per_image"] > 0
     assert any(ln.startswith("batch 64 (one image's training step holds") for ln in lines)
+
+
+def test_a_users_metric_chooses_the_checkpoint(map_model, blob_images, tmp_path):
+    """--metric FILE.py:FUNCTION: the image-weighted mean of the function's batch scores is each checkpoint's
+    score, and it is what the report calls the measure."""
+    metric = tmp_path / "mine.py"
+    metric.write_text("import numpy as np\n\n"
+                      "def lit(outputs, batch):\n"
+                      "    assert batch.ndim == 4 and set(outputs) == {'map'}\n"
+                      "    return float((outputs['map'] > 0.5).mean())\n")
+    train, val = blob_images
+    report = api.train_quant(map_model, train, tmp_path / "out", val_data=val, train=TrainConfig(steps=4),
+                             metric=f"{metric}:lit", **QUIET)
+    v = report["val"]
+    assert v["measure"] == "lit (mine.py)" and len(v["checkpoints"]) == 5
+    int8 = onnx.load(tmp_path / "out" / "model_int8.onnx")
+    x = np.concatenate([b for b, _ in _val_batches(val)])
+    expected = float((ort_run(int8, {"x": x})[0] > 0.5).mean())
+    assert v["score_int8"] == pytest.approx(expected, abs=1e-6)
+
+
+def _val_batches(folder):
+    from qatool.data import open_dataset
+    from qatool.data.preprocess import Preprocess
+
+    return open_dataset(folder, labelled=False).load(Preprocess((16, 16), "gray")).batches(64)
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("missing.py:f", "--metric missing.py:f: no file missing.py"),
+    ("{dir}/m.py:nope", "has no function 'nope'"),
+    ("{dir}/m.py:boom", "raised ZeroDivisionError: division by zero"),
+    ("{dir}/m.py:words", "returned str, not a number"),
+    ("{dir}/m.py", "expected FILE.py:FUNCTION"),
+])
+def test_a_bad_metric_is_one_line(capsys, map_model, blob_images, tmp_path, spec, match):
+    from test_errors import assert_clean_error, run_cli
+
+    (tmp_path / "m.py").write_text("def boom(outputs, batch):\n    return 1 / 0\n\n"
+                                   "def words(outputs, batch):\n    return 'good'\n")
+    train, val = blob_images
+    code, _, err = run_cli(capsys, "train-quant", map_model, "--train-data", train, "--val-data", val,
+                           "-o", tmp_path / "o", "--steps", 1, "--metric", spec.format(dir=tmp_path))
+    assert_clean_error(code, err, 2, match)
+    assert not (tmp_path / "o" / "model_int8.onnx").exists() and not (tmp_path / "o" / "qat.onnx").exists()
