@@ -8,9 +8,10 @@ Steps, in order:
    constant is evaluated with the engine's own op and replaced by its result (so weights written as
    `ConstantOfShape` or `Transpose(W)` become plain initializers, and `Shape -> Gather/Slice` chains on static
    dims fold away);
-4b. Identity removed (so a layer's consumers are seen through it); a bias written as a separate Add after a
-   Conv or MatMul becomes the layer's bias (`ir/bias_add.py`; a MatMul with a bias becomes a Gemm), as
-   onnxruntime's integer kernels take it;
+4b. Identity removed (so a layer's consumers are seen through it); a per-channel scale and a bias written as a
+   separate Mul and Add after a Conv or MatMul become the layer's weight scale and bias (`ir/bias_add.py`; a
+   MatMul with a bias becomes a Gemm), as onnxruntime's integer kernels take them and as quantizing the layer's
+   output needs (one scale per tensor before a per-channel Mul amplifies the rounding of some channels);
 4c. (commands only) a model exported with a fixed batch of 1 gets a free batch (`ir/batch.py`), checked on onnxruntime at
    batch 2 and 3 against the model run one image at a time; the declared shapes are kept in the metadata
    (BATCH_KEY) so the int8 model declares them again, and a user's pipeline calls it as it called the float one;
@@ -84,8 +85,8 @@ class ConvertResult:
                          f"the input declares a batch of 1 that could not be freed ({b.reason}): onnxruntime "
                          "takes it at batch 1 only")
         if self.folded_bias_adds:
-            lines.append(f"folded {len(self.folded_bias_adds)} bias Adds into the Conv/MatMul before them "
-                         "(a MatMul with a bias becomes a Gemm)")
+            lines.append(f"folded {len(self.folded_bias_adds)} per-channel scale Muls and bias Adds into the "
+                         "Conv/MatMul before them (a MatMul with a bias becomes a Gemm)")
         if self.integer_forms:
             done = ", ".join(f"{k} {v}" for k, v in self.integer_forms.items())
             lines.append(f"rewrote into forms onnxruntime runs as integer kernels when quantized: {done}")

@@ -270,3 +270,14 @@ def test_a_bad_metric_is_one_line(capsys, map_model, blob_images, tmp_path, spec
                            "-o", tmp_path / "o", "--steps", 1, "--metric", spec.format(dir=tmp_path))
     assert_clean_error(code, err, 2, match)
     assert not (tmp_path / "o" / "model_int8.onnx").exists() and not (tmp_path / "o" / "qat.onnx").exists()
+
+
+def test_sensitivity_without_labels_on_tensors_of_two_shapes(capsys, ctc_model, npy_inputs):
+    from test_errors import run_cli
+
+    train, _ = npy_inputs
+    code, out, err = run_cli(capsys, "sensitivity", ctc_model, "--data", train, "--bits", 4)
+    assert code == 0, err
+    assert "no labels of the model's classes: SQNR only" in out
+    ranked = [ln.split()[1:3] for ln in out.splitlines() if ln.strip()[:1].isdigit()]
+    assert sorted(op for _, op in ranked) == ["Conv", "MatMul"]

@@ -62,6 +62,32 @@ def test_bias_adds_fold_into_conv_and_matmul_becomes_gemm():
         _same_outputs(proto, result.graph, rng.standard_normal((2, 3, 5, 5)).astype(np.float32))
 
 
+def test_scale_muls_fold_into_conv_weights_before_the_bias():
+    """Paddle's spelled-out BatchNormalization, Conv -> Mul(scale) -> Add(shift), becomes one Conv whose weight
+    and bias carry the scale: the output is unchanged and the shared weight is not touched."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b0"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["c", "s"], ["cs"], name="bn_scale"),
+             helper.make_node("Add", ["cs", "b"], ["cb"], name="bn_shift"),
+             helper.make_node("Conv", ["x", "w"], ["c2"], name="shared_weight", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["cb", "c2"], ["y"]),
+             helper.make_node("MatMul", ["y", "wm"], ["m"], name="fc"),  # rank 4: scaled, not a Gemm
+             helper.make_node("Mul", ["m", "sm"], ["z"], name="fc_scale")]
+    w = rng.standard_normal((4, 3, 3, 3))
+    inits = {"w": w, "b0": rng.standard_normal(4), "s": rng.uniform(-30, 30, (1, 4, 1, 1)),
+             "b": rng.standard_normal((1, 4, 1, 1)), "wm": rng.standard_normal((5, 6)), "sm": rng.standard_normal(6)}
+    proto = _model(nodes, inits, [2, 3, 5, 5], [2, 4, 5, 6], y="z")
+    result = normalize_proto(proto, for_training=True)
+    assert result.folded_bias_adds == ["bn_scale", "fc_scale", "bn_shift"]
+    ops = result.graph.op_counts()
+    assert ops["Conv"] == 2 and ops["Add"] == 1 and "Mul" not in ops and ops["MatMul"] == 1
+    np.testing.assert_array_equal(result.graph.initializers["w"], w.astype(np.float32))
+    _same_outputs(proto, result.graph, rng.standard_normal((2, 3, 5, 5)).astype(np.float32))
+    # the scale of another consumer's output, or one that broadcasts along the width, stays a Mul
+    for inits["s"] in (rng.standard_normal(5),):
+        kept = normalize_proto(_model(nodes, inits, [2, 3, 5, 5], [2, 4, 5, 6], y="z"), for_training=True)
+        assert "bn_scale" not in kept.folded_bias_adds and kept.graph.op_counts()["Mul"] == 1
+
+
 @pytest.mark.parametrize("why, bias_shape, shared", [
     ("broadcasts along the width, not the channels", (5,), False),
     ("the conv output has another consumer", (1, 4, 1, 1), True),

@@ -276,3 +276,24 @@ def test_choose_integer_output():
     _, [task] = run_and_choose([helper.make_node("ArgMax", ["x"], ["y"], axis=1)], [3, 4, 2, 2], ["y"], {},
                                 out_type=TensorProto.INT64)
     assert isinstance(task, Tensor) and "measured only" in task.why
+
+
+def test_sequences_decoded_with_characters_compare_the_lines_text():
+    """With the model's characters, a margin's space at either end is not a different reading."""
+    from qatool.tasks.kinds import SequenceMeter
+
+    def scores(seq, t=6):  # one-hot [1, T, 4] scores over blank, a, b, space
+        out = np.zeros((1, t, 4))
+        out[0, np.arange(t), 0] = 1
+        for i, c in enumerate(seq):
+            out[0, i, 0], out[0, i, c] = 0, 1
+        return out
+
+    m = SequenceMeter(0, ["a", "b", " "])
+    m.update(scores([3, 1, 0, 2]), scores([1, 0, 2, 3]))  # " ab" against "ab ": the same line
+    m.update(scores([1, 3, 2]), scores([1, 2]))  # "a b" against "ab": not the same
+    r = m.result()
+    assert r["seq_agreement"] == 0.5 and r["char_agreement"] == pytest.approx((1 + 2 / 3) / 2)
+    plain = SequenceMeter(0, None)  # without characters the class indices are compared as they are
+    plain.update(scores([3, 1, 0, 2]), scores([1, 0, 2, 3]))
+    assert plain.result()["seq_agreement"] == 0.0

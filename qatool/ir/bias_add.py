@@ -1,14 +1,22 @@
-"""Fold a bias written as a separate Add into the layer before it (exporters such as Paddle2ONNX and tf2onnx
-write Conv -> Add(bias) and MatMul -> Add(bias)).
+"""Fold a scale and a bias written as separate Mul and Add into the layer before them (exporters such as
+Paddle2ONNX and tf2onnx write Conv -> Mul(scale) -> Add(bias), an inference BatchNormalization spelled out, and
+MatMul -> Add(bias)).
 
-Maths, with c the constant added:
+Maths, with s the constant multiplied and c the constant added:
 
-    Conv(x, W, b) + c      = Conv(x, W, b + c)       c broadcasts as one value per output channel: shape (C,),
-                                                    (C, 1, 1), (1, C, 1, 1) or a single value
-    MatMul(A, W) + c       = Gemm(A, W, c)           A of rank 2, W a constant (K, M) matrix, c of M values or one
+    Conv(x, W, b) * s      = Conv(x, W * s[o], b * s)   s broadcasts as one value per output channel o: shape
+                                                      (C,), (C, 1, 1), (1, C, 1, 1) or a single value
+    MatMul(A, W) * s       = MatMul(A, W * s[None, :])  W a constant (K, M) matrix, s of M values or one
+    Conv(x, W, b) + c      = Conv(x, W, b + c)          c per output channel, as s
+    MatMul(A, W) + c       = Gemm(A, W, c)              A of rank 2, W a constant (K, M) matrix, c of M values or one
 
 Why: onnxruntime runs a quantized Conv with its bias as one QLinearConv, and a quantized Gemm as one QGemm; a
 separate Add is a second kernel (and, with a constant operand, one the int8 graph would run on another scale).
+A separate per-channel Mul is worse: the layer's output is quantized on one scale *before* the Mul multiplies
+each channel by its own factor, so a channel scaled up by 50 gets 50 times the rounding error. Measured on
+PP-OCRv4's text recogniser (38 Convs, 32 of them followed by such a Mul): with the Mul left apart, each of its
+first 7 Convs quantized alone at 8 bits cost the output 17 dB of SQNR, and post-training quantization agreed with
+float on 26 % of the lines; onnxruntime's own quantizer folds it (`quant_pre_process`) and agreed on 77 %.
 Each fold is pattern (`match`) / check (`why_not`) / rewrite (`rewrite`); graph input and output names are kept.
 """
 
@@ -30,9 +38,9 @@ class BiasMatch:
     constant: str  # the Add's constant operand
 
 
-def match(graph: Graph, add: Node, producers: dict[str, Node]) -> BiasMatch | None:
-    """An Add of a constant to the output of a Conv or MatMul."""
-    if add.op_type != "Add" or len(add.inputs) != 2:
+def match(graph: Graph, add: Node, producers: dict[str, Node], op: str = "Add") -> BiasMatch | None:
+    """An Add (or, with `op`, a Mul) of a constant to the output of a Conv or MatMul."""
+    if add.op_type != op or len(add.inputs) != 2:
         return None
     for mine, other in ((0, 1), (1, 0)):
         layer = producers.get(add.input(mine))
@@ -68,7 +76,8 @@ def _layout(graph: Graph, layer: Node) -> tuple[int, int]:
 
 
 def why_not(graph: Graph, m: BiasMatch, consumers: dict[str, list[Node]], rank_of) -> str | None:
-    """Why this Add cannot become the layer's bias, or None when it can. `rank_of(tensor)` -> rank or None."""
+    """Why this Add (Mul) cannot become the layer's bias (scale), or None when it can. `rank_of(tensor)` -> rank
+    or None."""
     layer = m.layer
     out = layer.outputs[0]
     if len(consumers.get(out, [])) != 1 or out in graph.output_names:
@@ -84,7 +93,7 @@ def why_not(graph: Graph, m: BiasMatch, consumers: dict[str, list[Node]], rank_o
     if layer.op_type == "MatMul":
         if graph.initializers[layer.input(1)].ndim != 2:
             return "the MatMul weight is not a matrix"
-        if rank_of(layer.input(0)) != 2:
+        if m.add.op_type == "Add" and rank_of(layer.input(0)) != 2:  # it becomes a Gemm
             return "the MatMul input is not known to be a matrix"
     if _per_channel(c, n, *_layout(graph, layer)) is None:
         return "the constant is not one value per output channel"
@@ -106,16 +115,36 @@ def rewrite(graph: Graph, m: BiasMatch) -> None:
     graph.nodes.remove(add)
 
 
+def rewrite_scale(graph: Graph, m: BiasMatch) -> None:
+    """The layer's weight (and bias) take the Mul's per-channel factor, and the layer writes the Mul's output.
+    The scaled arrays are new initializers: the originals may be read elsewhere."""
+    layer, mul = m.layer, m.add
+    w = graph.initializers[layer.input(1)]
+    s = _per_channel(graph.initializers[m.constant], _channels(graph, m), *_layout(graph, layer)).astype(w.dtype)
+    scaled = w * (s.reshape(-1, *[1] * (w.ndim - 1)) if layer.op_type == "Conv" else s.reshape(1, -1))
+    base = layer.name or layer.outputs[0]
+    inputs = [layer.input(0), graph.unique_name(f"{base}_scaled_w")]
+    graph.initializers[inputs[1]] = np.ascontiguousarray(scaled, dtype=w.dtype)
+    if layer.op_type == "Conv" and layer.input(2):
+        inputs.append(graph.unique_name(f"{base}_scaled_b"))
+        graph.initializers[inputs[2]] = np.ascontiguousarray(graph.initializers[layer.input(2)] * s, dtype=w.dtype)
+    layer.inputs = inputs
+    layer.outputs = [mul.outputs[0]]
+    graph.nodes.remove(mul)
+
+
 def fold_bias_adds(graph: Graph, rank_of) -> list[str]:
-    """Fold every Add of a per-channel constant into the Conv/MatMul before it; returns the Adds folded.
-    `rank_of(tensor)`: the tensor's rank when known (from shape inference), else None."""
+    """Fold every Mul, then every Add, of a per-channel constant into the Conv/MatMul before it (so
+    Conv -> Mul -> Add becomes one Conv); returns the Muls and Adds folded. `rank_of(tensor)`: the tensor's
+    rank when known (from shape inference), else None."""
     folded = []
-    for add in [n for n in graph.nodes if n.op_type == "Add"]:
-        producers, consumers = graph.producers(), graph.consumers()
-        m = match(graph, add, producers)
-        if m is None or why_not(graph, m, consumers, rank_of) is not None:
-            continue
-        rewrite(graph, m)
-        folded.append(add.name)
+    for op, fold in (("Mul", rewrite_scale), ("Add", rewrite)):
+        for node in [n for n in graph.nodes if n.op_type == op]:
+            producers, consumers = graph.producers(), graph.consumers()
+            m = match(graph, node, producers, op)
+            if m is None or why_not(graph, m, consumers, rank_of) is not None:
+                continue
+            fold(graph, m)
+            folded.append(node.name)
     graph.cleanup()
     return folded

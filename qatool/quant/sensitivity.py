@@ -62,19 +62,34 @@ def single_layer_config(graph, layer: Layer, base: QuantConfig) -> QuantConfig:
 
 
 def _logits(model, output: str, data, indices: np.ndarray) -> np.ndarray:
+    """The model's `output` on the items `indices`, flattened per item and joined: [items, values] (items of
+    several input shapes, a recogniser's widths, give outputs of several sizes: then one row of all values), in
+    the order of `_order`."""
     from ..runtime.backends import engine_batch_size
 
     name = model.input_names[0]
     outs = []
     batch = min(BATCH_SIZE, engine_batch_size(model, data, [output]))
-    for start in range(0, len(indices), batch):
-        x, _ = data.batch(indices[start:start + batch])
-        outs.append(model.forward({name: x}, training=False, outputs=[output])[0])
-    return np.concatenate(outs)
+    for chosen in _groups(data, indices):
+        for start in range(0, len(chosen), batch):
+            x, _ = data.batch(chosen[start:start + batch])
+            outs.append(model.forward({name: x}, training=False, outputs=[output])[0])
+    if len({o.shape[1:] for o in outs}) == 1:
+        return np.concatenate(outs).reshape(sum(len(o) for o in outs), -1)
+    return np.concatenate([o.ravel() for o in outs])[None]
+
+
+def _groups(data, indices: np.ndarray) -> list[np.ndarray]:
+    """`indices` split by the data's groups of one input shape (a batch never mixes two)."""
+    return [g[np.isin(g, indices)] for g in data.groups if np.isin(g, indices).any()]
+
+
+def _order(data, indices: np.ndarray) -> np.ndarray:
+    return np.concatenate(_groups(data, indices))
 
 
 def _top1(logits: np.ndarray, labels: np.ndarray | None) -> float | None:
-    if labels is None or logits.ndim != 2:  # not a classifier's (N, classes) output
+    if labels is None or logits.ndim != 2 or len(logits) != len(labels):  # not a classifier's output
         return None
     return float(np.mean(logits.argmax(axis=1) == labels))
 
@@ -99,7 +114,7 @@ def layer_sensitivity(float_graph, data, quant: QuantConfig | None = None, image
                          "are initializers)")
     output = logits_tensor(float_graph)
     eval_idx = calibration_indices(len(data), images, seed)
-    labels = np.asarray(data.labels)[eval_idx] if labelled else None
+    labels = np.asarray(data.labels)[_order(data, eval_idx)] if labelled and data.labels is not None else None
     float_model = Model(copy.deepcopy(float_graph))
     ref = _logits(float_model, output, data, eval_idx)
     del float_model
@@ -168,16 +183,21 @@ def sensitivity(model_path, data, quant: QuantConfig | None = None, images: int 
     from ..ir.io import atomic_write_bytes, load_proto
     from ..data.images import ImageDataset
     from ..data.preprocess import resolve_preprocess
+    from ..train.anymodel import is_labelled_classifier, load_unlabelled, unlabelled_preprocess
 
     if json_path is not None and Path(json_path).resolve() == Path(model_path).resolve():
         raise UsageError(f"--json {json_path} is the model; choose another file for the report")
-    float_graph = normalize_proto(load_proto(model_path), for_training=True).graph
-    pre = resolve_preprocess(float_graph, preprocess)
-    dataset = ImageDataset.open(data)
-    loaded = dataset.load(pre)
-    labelled = dataset.labels_fit(float_graph.output_classes())
+    float_graph = normalize_proto(load_proto(model_path), for_training=True, free_batch=True).graph
+    if is_labelled_classifier(float_graph, data):
+        dataset = ImageDataset.open(data)
+        loaded = dataset.load(resolve_preprocess(float_graph, preprocess))
+        labelled = dataset.labels_fit(float_graph.output_classes())
+    else:
+        loaded, _ = load_unlabelled(float_graph, data, None, unlabelled_preprocess(float_graph, data, None,
+                                                                                   preprocess))
+        labelled = False
     if not labelled and echo:
-        echo(f"the classes of {data} are not the model's outputs: no top-1, SQNR only")
+        echo(f"{data} has no labels of the model's classes: SQNR only")
     body = layer_sensitivity(float_graph, loaded, quant, images, calibration_images, labelled, seed, echo)
     report = {"qatool_version": __version__, "model": str(model_path), "data": str(data), **body}
     if json_path is not None:

@@ -73,7 +73,10 @@ class Classes(OutputTask):
 # ---- Sequence (CTC) --------------------------------------------------------------------------------------------
 class SequenceMeter(Meter):
     """Greedy CTC decoding of int8 and float: seq_agreement (same sequence), char_agreement (mean of
-    1 - edit distance / max(len, 1)); with label strings (needs `characters`) the same against the labels."""
+    1 - edit distance / max(len, 1)); with label strings (needs `characters`) the same against the labels.
+    With `characters` the sequences compared are the decoded texts without leading and trailing whitespace
+    (a line's text: a recogniser emits a space for a wide margin, and whether it does is not what it read),
+    else the class indices."""
 
     primary = "seq_agreement"
 
@@ -85,15 +88,19 @@ class SequenceMeter(Meter):
         self.labelled = 0
 
     def _update(self, q, f, labels):
-        dq = ctc_greedy_decode(np.moveaxis(q, self.batch_axis, 0))
-        df = ctc_greedy_decode(np.moveaxis(f, self.batch_axis, 0))
+        dq = self._decode(q)
+        df = self._decode(f)
         self._add("agreement", dq, df)
         if labels is not None:
             if self.characters is None:
                 raise UsageError("text labels need the model's characters to compare with (metadata 'character')")
             self.labelled += len(labels)
-            for who, seqs in (("int8", dq), ("float", df)):
-                self._add(f"acc_{who}", [ctc_text(s, self.characters) for s in seqs], list(labels))
+            for who, texts in (("int8", dq), ("float", df)):
+                self._add(f"acc_{who}", texts, [str(t).strip() for t in labels])
+
+    def _decode(self, scores):
+        seqs = ctc_greedy_decode(np.moveaxis(scores, self.batch_axis, 0))
+        return seqs if self.characters is None else [ctc_text(s, self.characters).strip() for s in seqs]
 
     def _add(self, suffix, a, b):
         self.sums[f"seq_{suffix}"] += sum(x == y for x, y in zip(a, b, strict=True))
