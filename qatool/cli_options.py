@@ -79,8 +79,11 @@ def quantization_options(f):
 def training_options(f):
     """The optimiser, schedule and length of a training run (train-quant and finetune)."""
     for opt in reversed([
-        click.option("--optimizer", type=click.Choice(["sgd", "adam"]), help="Default sgd (momentum 0.9)."),
-        click.option("--lr", type=click.FloatRange(0, min_open=True), help="Learning rate (default 1e-3)."),
+        click.option("--optimizer", type=click.Choice(["sgd", "adam"]),
+                     help="Default: sgd (momentum 0.9) for a classifier with labels; adam without labels."),
+        click.option("--lr", type=click.FloatRange(0, min_open=True),
+                     help="Learning rate (default: 1e-3 for a classifier with labels; 1e-5 without labels, with "
+                          "adam)."),
         click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), help="SGD momentum (default 0.9)."),
         click.option("--weight-decay", type=click.FloatRange(0), help="L2 weight decay (default 0)."),
         click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]),

@@ -91,8 +91,11 @@ def train(session: QatSession, data, cfg: TrainConfig, phases: Phases, start: in
     every `validate_every` steps before the last one (the last step is measured by the export that follows)."""
     from .objective import LabelledClasses
 
+    from .config import CLASSIFIER_RECIPE
+
     model = session.model
     objective = objective or LabelledClasses(session.logits)
+    cfg = cfg.with_recipe(CLASSIFIER_RECIPE)  # what is left unset (the pipelines set their recipe's first)
     # --scale-lr: the LSQ step sizes get their own learning rate, scheduled as lr is
     multipliers = {k: cfg.scale_lr / cfg.lr for k in session.learned_scales} if cfg.scale_lr is not None else None
     opt = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.momentum, cfg.weight_decay, multipliers)
