@@ -298,6 +298,8 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
          f"{scale_lr}; BN freezes at step {phases.freeze_bn_after}, observers at {phases.freeze_observers_after}")
     if teacher is not None:
         echo(objective.describe())
+    if ckpt is None:  # a fresh run in a used folder starts a fresh log
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     try:
         result = run_train(session, train_images, train_cfg, phases, start, total, ckpt.arrays if ckpt else None,
                            save, out / "metrics.jsonl", quiet, objective, validator,
@@ -454,6 +456,8 @@ def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_
     echo(f"QAT: steps {start}..{total}, batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr}; "
          f"{objective.describe()}; BN {'frozen from the start' if phases.freeze_bn_after == 0 else 'freezes at step ' + str(phases.freeze_bn_after)}, "
          f"observers freeze at {phases.freeze_observers_after}")
+    if ckpt is None:  # a fresh run in a used folder starts a fresh log
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     result = run_train(session, train_set, train_cfg, phases, start, total, ckpt.arrays if ckpt else None, save,
                        out / "metrics.jsonl", quiet, objective, validator, train_cfg.validation_interval(total))
 
@@ -662,35 +666,46 @@ def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, pre
                 int4: bool = True) -> dict:
     """The int8 model of a QAT checkpoint; verified on onnxruntime unless `verify` is False (see
     `qatool.export.deploy`). The verification batch comes from `calib_data`, else the validation data the
-    checkpoint recorded, else random inputs. `int4=False` keeps weights of 4 bits or fewer one per byte (an
+    checkpoint recorded, else random inputs; data without labels (or a model that is not a classifier) is
+    judged against the float model by what each output is for. `int4=False` keeps weights of 4 bits or fewer one per byte (an
     opset-13 file for onnxruntime older than 1.20)."""
-    from .runtime.backends import top1
-    from .export.deploy import export_session, time_export
-    from .train.checkpoint import load_checkpoint
     from .data.images import ImageDataset
-    from .train.heads import folder_class_names
     from .data.preprocess import resolve_preprocess
+    from .export.deploy import export_session, time_export
+    from .runtime.backends import eval_batch_size, top1
+    from .tasks.judge import Judge
+    from .train.anymodel import (FloatModel, choose_output_tasks, is_labelled_classifier, load_unlabelled,
+                                 unlabelled_preprocess)
+    from .train.checkpoint import load_checkpoint
+    from .train.heads import folder_class_names
     from .train.session import QatSession
 
     _refuse_overwrite(qat_path, output_path)
     ckpt = load_checkpoint(qat_path)
     session = QatSession.from_checkpoint(ckpt)
-    data, source = None, ""
+    data, source, judge, shape = None, "", None, None
     if verify:
         source = calib_data or ckpt.info.get("val_data")
         if source and not Path(source).exists() and not calib_data:
             source = None  # the recorded folder is gone: fall back to random inputs
-        if source:
+        if source and is_labelled_classifier(ckpt.float_graph, source):
             pre = resolve_preprocess(ckpt.float_graph, preprocess)
             dataset = ImageDataset.open(source, folder_class_names(ckpt.float_graph, source))
             data = dataset.load(pre)
+        elif source:  # any model, data without labels: judged against the float model, output by output
+            data, _ = load_unlabelled(ckpt.float_graph, source, None,
+                                      unlabelled_preprocess(ckpt.float_graph, source, None, preprocess))
+            float_model = FloatModel(ckpt.float_graph)
+            judge = Judge(choose_output_tasks(ckpt.float_graph, float_model, data, echo=lambda s: None),
+                          float_model, data, eval_batch_size(data))
+            shape = [1, *data.item_shape(int(data.groups[0][0]))]
     result = export_session(session, output_path, data, verify=verify, strict=True, data_source=str(source or ""),
-                            int4=int4)
+                            int4=int4, judge=judge)
     if verify:
-        time_export(session, result)
+        time_export(session, result, shape)
     report = result.to_dict()
     report["float_nodes"] = session.plan.report()["float_nodes"]
-    if data is not None:
+    if data is not None and data.labels is not None:
         report["top1_qat"] = top1(result.simulated, data.labels)
         report["top1_int8"] = top1(result.deployed, data.labels)
     return report

@@ -78,6 +78,9 @@ def test_probability_map_model_trains_without_labels(map_model, blob_images, tmp
     # keep best: the int8 model is never worse than the start on the validation images
     assert v["score_int8"] >= v["start_score"] - 1e-9
     on_disk = json.loads((tmp_path / "report.json").read_text(), parse_constant=pytest.fail)  # standard JSON
+    again = api.train_quant(map_model, train, tmp_path, val_data=val, train=TrainConfig(steps=3, batch_size=8),
+                            **QUIET)  # a fresh run in the same folder: a fresh metrics log
+    assert again["steps"] == 3 and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
     assert on_disk["val"]["measure"] == v["measure"]
     int8 = onnx.load(tmp_path / "model_int8.onnx")
     assert [i.name for i in int8.graph.input] == ["x"] and [o.name for o in int8.graph.output] == ["map"]
@@ -281,3 +284,18 @@ def test_sensitivity_without_labels_on_tensors_of_two_shapes(capsys, ctc_model, 
     assert "no labels of the model's classes: SQNR only" in out
     ranked = [ln.split()[1:3] for ln in out.splitlines() if ln.strip()[:1].isdigit()]
     assert sorted(op for _, op in ranked) == ["Conv", "MatMul"]
+
+
+def test_export_int8_of_a_label_free_checkpoint(capsys, ctc_model, npy_inputs, tmp_path):
+    """export-int8 redoes the export of a run without labels, verified on the .npy folder the run recorded."""
+    from test_errors import run_cli
+
+    train, val = npy_inputs
+    api.train_quant(ctc_model, train, tmp_path / "run", val_data=val,
+                    train=TrainConfig(steps=2, batch_size=4, keep="last"), **QUIET)
+    code, out, err = run_cli(capsys, "export-int8", tmp_path / "run" / "qat.onnx", "-o", tmp_path / "again.onnx")
+    assert code == 0, err
+    assert "int8 (onnxruntime) against float on" in out and "probs: seq_agreement" in out
+    a = ort_run(onnx.load(tmp_path / "again.onnx"), {"x": np.load(next(val.glob("*.npy")))[None]})[0]
+    b = ort_run(onnx.load(tmp_path / "run" / "model_int8.onnx"), {"x": np.load(next(val.glob("*.npy")))[None]})[0]
+    np.testing.assert_array_equal(a, b)  # the last step's export, again
