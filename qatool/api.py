@@ -199,7 +199,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
             raise UsageError("--teacher, --labels and --logits belong to a classifier trained with labels; without "
                              "labels the float model itself is the teacher")
         return _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg.with_recipe(DISTILL_RECIPE),
-                                train_data, out, val_data, preprocess, resume, quiet, echo, distill_outputs, metric)
+                                train_data, out, val_data, preprocess, quiet, echo, distill_outputs, metric)
     train_cfg = train_cfg.with_recipe(CLASSIFIER_RECIPE)
     pre = resolve_preprocess(float_graph, preprocess)
     float_graph.metadata[METADATA_KEY] = pre.to_json()
@@ -382,7 +382,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
 
 
 def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_data, out, val_data, preprocess,
-                     resume, quiet, echo, distill_outputs, metric=None) -> dict:
+                     quiet, echo, distill_outputs, metric=None) -> dict:
     """Label-free QAT of any model: the float model (onnxruntime) is the teacher of every chosen output's task
     (qatool.tasks), and the judge of the int8 model at the start, at checkpoints and at the end (by the user's
     `metric` when given)."""
@@ -453,9 +453,9 @@ def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_
             first = validator.history[0]
             echo(f"start (post-training quantization, same placement), int8 against float: "
                  f"{describe({'outputs': first['measures']})}")
+    bn = "frozen from the start" if phases.freeze_bn_after == 0 else f"freezes at step {phases.freeze_bn_after}"
     echo(f"QAT: steps {start}..{total}, batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr}; "
-         f"{objective.describe()}; BN {'frozen from the start' if phases.freeze_bn_after == 0 else 'freezes at step ' + str(phases.freeze_bn_after)}, "
-         f"observers freeze at {phases.freeze_observers_after}")
+         f"{objective.describe()}; BN {bn}, observers freeze at {phases.freeze_observers_after}")
     if ckpt is None:  # a fresh run in a used folder starts a fresh log
         (out / "metrics.jsonl").unlink(missing_ok=True)
     result = run_train(session, train_set, train_cfg, phases, start, total, ckpt.arrays if ckpt else None, save,
@@ -667,8 +667,8 @@ def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, pre
     """The int8 model of a QAT checkpoint; verified on onnxruntime unless `verify` is False (see
     `qatool.export.deploy`). The verification batch comes from `calib_data`, else the validation data the
     checkpoint recorded, else random inputs; data without labels (or a model that is not a classifier) is
-    judged against the float model by what each output is for. `int4=False` keeps weights of 4 bits or fewer one per byte (an
-    opset-13 file for onnxruntime older than 1.20)."""
+    judged against the float model by what each output is for. `int4=False` keeps weights of 4 bits or fewer
+    one per byte (an opset-13 file for onnxruntime older than 1.20)."""
     from .data.images import ImageDataset
     from .data.preprocess import resolve_preprocess
     from .export.deploy import export_session, time_export

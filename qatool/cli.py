@@ -208,8 +208,8 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
               help="Continue a finetune run from its OUTPUT (same --steps); its head and frozen parameters are kept.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def finetune(model, train_data, val_data, output, new_head, features, freeze_backbone, trainable, labels, size,
-             color, mean, std, resize, pad_value, augment, optimizer, lr, momentum, weight_decay, schedule, warmup_steps, steps, epochs,
-             batch_size, seed, save_every, resume, quiet):
+             color, mean, std, resize, pad_value, augment, optimizer, lr, momentum, weight_decay, schedule,
+             warmup_steps, steps, epochs, batch_size, seed, save_every, resume, quiet):
     """Float training of MODEL on an image folder: transfer learning to your own classes.
 
     \b

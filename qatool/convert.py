@@ -12,9 +12,10 @@ Steps, in order:
    separate Mul and Add after a Conv or MatMul become the layer's weight scale and bias (`ir/bias_add.py`; a
    MatMul with a bias becomes a Gemm), as onnxruntime's integer kernels take them and as quantizing the layer's
    output needs (one scale per tensor before a per-channel Mul amplifies the rounding of some channels);
-4c. (commands only) a model exported with a fixed batch of 1 gets a free batch (`ir/batch.py`), checked on onnxruntime at
-   batch 2 and 3 against the model run one image at a time; the declared shapes are kept in the metadata
-   (BATCH_KEY) so the int8 model declares them again, and a user's pipeline calls it as it called the float one;
+4c. (commands only) a model exported with a fixed batch of 1 gets a free batch (`ir/batch.py`), checked on
+   onnxruntime at batch 2 and 3 against the model run one image at a time; the declared shapes are kept in the
+   metadata (BATCH_KEY) so the int8 model declares them again, and a user's pipeline calls it as it called the
+   float one;
 5. for inference: BatchNormalization folded into the preceding Conv/ConvTranspose/Gemm, Dropout removed;
    for training: BN and Dropout kept; HardSwish, HardSigmoid and Div by a constant rewritten into elementwise
    forms whose pieces run as integer kernels once quantized (`ir/integer_forms.py`); and the roles of the

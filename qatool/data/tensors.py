@@ -95,7 +95,8 @@ class TensorSet(_Batches):
         for p, s in zip(self.paths, self.shapes):
             if any(isinstance(d, int) and d > 0 and d != v for d, v in zip(shape[1:], s)):
                 dims = "x".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in shape[1:])
-                raise DataError(f"{p} holds a tensor of shape {list(s)} but {what} takes [N, {dims.replace('x', ', ')}]")
+                raise DataError(f"{p} holds a tensor of shape {list(s)} but {what} takes "
+                                f"[N, {dims.replace('x', ', ')}]")
 
     def _read(self, index: np.ndarray) -> np.ndarray:
         arrays = []
