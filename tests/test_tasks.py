@@ -297,3 +297,30 @@ def test_sequences_decoded_with_characters_compare_the_lines_text():
     plain = SequenceMeter(0, None)  # without characters the class indices are compared as they are
     plain.update(scores([3, 1, 0, 2]), scores([1, 0, 2, 3]))
     assert plain.result()["seq_agreement"] == 0.0
+
+
+def test_judge_measures_each_pair_in_one_pass():
+    """measure_pairs calls every run once per batch and measures each (model, reference) pair: a model 10x
+    noisier than another against float is 20 dB worse, and the two compared with each other agree."""
+    from qatool.tasks.judge import Judge
+
+    class Data:  # two batches of a [N, 1, 4, 4] input
+        def batches(self, n):
+            yield np.ones((2, 1, 4, 4)), None
+            yield np.full((3, 1, 4, 4), 2.0), None
+
+    calls = []
+
+    def run(name, noise):
+        def f(x):
+            calls.append(name)
+            return {"y": x + noise}
+        return f
+
+    task = Tensor("y")
+    judge = Judge([task], run("float", 0.0), Data(), 8)
+    m = judge.measure_pairs({"a": run("a", 0.1), "b": run("b", 0.01)}, [("a", "float"), ("b", "float"), ("a", "b")])
+    assert calls.count("float") == calls.count("a") == calls.count("b") == 2
+    sqnr = {p: r["outputs"]["y"]["sqnr_db"] for p, r in m.items()}
+    assert sqnr[("b", "float")] - sqnr[("a", "float")] == pytest.approx(20.0, abs=1e-9)
+    assert m[("a", "float")]["score_name"] == "mean SQNR (dB)" and m[("a", "b")]["outputs"]["y"]["images"] == 5

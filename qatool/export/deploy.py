@@ -152,9 +152,7 @@ def declared_form(model: onnx.ModelProto, float_graph) -> onnx.ModelProto:
 
 def judged(session, sess, judge) -> dict:
     """The int8 model (onnxruntime) and the simulation (engine, eval mode) measured against the float model, and
-    the int8 model against the simulation: three passes over the judge's data."""
-    from ..tasks.judge import Judge
-
+    the int8 model against the simulation: one pass over the judge's data."""
     names = [o.name for o in sess.get_outputs()]
     model = session.model
 
@@ -164,9 +162,10 @@ def judged(session, sess, judge) -> dict:
     def simulation(x):
         return dict(zip(model.output_names, model.forward({session.input_name: x}, training=False)))
 
-    between = Judge(judge.tasks, simulation, judge.data, judge.batch_size)
-    return {"int8": judge.measure(int8), "simulation": judge.measure(simulation),
-            "int8_vs_simulation": between.measure(int8)}
+    m = judge.measure_pairs({"int8": int8, "simulation": simulation},
+                            [("int8", "float"), ("simulation", "float"), ("int8", "simulation")])
+    return {"int8": m[("int8", "float")], "simulation": m[("simulation", "float")],
+            "int8_vs_simulation": m[("int8", "simulation")]}
 
 
 def time_export(session, result: ExportResult, input_shape: list[int] | None = None) -> ExportResult:

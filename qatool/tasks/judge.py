@@ -34,19 +34,31 @@ class Judge:
         self.metric = metric
 
     def measure(self, run: Run) -> dict:
-        meters = [t.meter() for t in self.tasks]
-        user = self.metric.start() if self.metric is not None else None
+        """`run` against the float model: {"score", "score_name", "outputs": {output: measures}}."""
+        return self.measure_pairs({"model": run}, [("model", "float")])[("model", "float")]
+
+    def measure_pairs(self, runs: dict[str, Run], pairs: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+        """Each (model, reference) pair of `runs` (plus "float", the float model) measured as `measure` does, in
+        one pass: every run is called once per batch. The user's metric scores the models measured against
+        float."""
+        runs = {"float": self.float_run, **runs}
+        meters = {p: [t.meter() for t in self.tasks] for p in pairs}
+        users = {p: self.metric.start() for p in pairs if self.metric is not None and p[1] == "float"}
         for x, labels in self.data.batches(self.batch_size):
-            ref, got = self.float_run(x), run(x)
-            for t, m in zip(self.tasks, meters):
-                m.update(got[t.output], ref[t.output], labels)
-            if user is not None:
-                user.update(got, x, labels)
-        results = {t.output: m.result() for t, m in zip(self.tasks, meters)}
-        name, value = score_of(self.tasks, results)
-        if user is not None:
-            name, value = self.metric.name, user.result()
-        return {"score": value, "score_name": name, "outputs": results}
+            outs = {name: run(x) for name, run in runs.items()}
+            for (a, b), ms in meters.items():
+                for t, m in zip(self.tasks, ms):
+                    m.update(outs[a][t.output], outs[b][t.output], labels)
+            for (a, _), user in users.items():
+                user.update(outs[a], x, labels)
+        measured = {}
+        for p, ms in meters.items():
+            results = {t.output: m.result() for t, m in zip(self.tasks, ms)}
+            name, value = score_of(self.tasks, results)
+            if p in users:
+                name, value = self.metric.name, users[p].result()
+            measured[p] = {"score": value, "score_name": name, "outputs": results}
+        return measured
 
 
 def describe(results: dict) -> str:
