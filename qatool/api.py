@@ -192,15 +192,20 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         train_cfg = train_cfg.with_recipe((ckpt.train.get("optimizer"), ckpt.train.get("lr")))
     if train_cfg.scale_lr is not None and quant_cfg.scale_learning != "lsq":
         raise UsageError("--scale-lr sets the learning rate of learned step sizes: it needs --scale-learning lsq")
-    from .train.anymodel import is_labelled_classifier
+    from .train.anymodel import recipe_reason
 
-    if not is_labelled_classifier(float_graph, train_data) or distill_outputs or metric:
+    labelled, why = recipe_reason(float_graph, train_data)
+    if not labelled or distill_outputs or metric:
+        option = "--metric" if metric else "--distill-outputs"
+        echo(f"label-free QAT: the model learns to reproduce its float model, because "
+             f"{why if not labelled else option + ' is given'}")
         if train_cfg.teacher or labels or train_cfg.logits:
             raise UsageError("--teacher, --labels and --logits belong to a classifier trained with labels; without "
                              "labels the float model itself is the teacher")
         return _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg.with_recipe(DISTILL_RECIPE),
                                 train_data, out, val_data, preprocess, quiet, echo, distill_outputs, metric)
     train_cfg = train_cfg.with_recipe(CLASSIFIER_RECIPE)
+    echo(f"classifier QAT with labels (cross-entropy, top-1), because {why}")
     pre = resolve_preprocess(float_graph, preprocess)
     float_graph.metadata[METADATA_KEY] = pre.to_json()
     if train_cfg.logits:

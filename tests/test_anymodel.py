@@ -127,6 +127,8 @@ def test_ctc_model_trains_on_tensor_folders_of_two_shapes(ctc_model, npy_inputs,
     [task] = report["tasks"]
     assert task["kind"] == "sequence" and task["loss_tensor"] == "logits" and task["loss"] == "kl"
     assert any("a CTC sequence of 5 classes" in ln and "4 characters" in ln for ln in lines)
+    assert lines[0].startswith("label-free QAT: the model learns to reproduce its float model, because the model's "
+                               "first output 'probs'")
     assert report["config"]["preprocess"] is None  # the tensors are used as they are
     out = report["val"]["measures"]["int8"]["outputs"]["probs"]
     assert out["primary"] == "seq_agreement" and 0 <= out["seq_agreement"] <= 1 and out["images"] == 10
@@ -299,3 +301,23 @@ def test_export_int8_of_a_label_free_checkpoint(capsys, ctc_model, npy_inputs, t
     a = ort_run(onnx.load(tmp_path / "again.onnx"), {"x": np.load(next(val.glob("*.npy")))[None]})[0]
     b = ort_run(onnx.load(tmp_path / "run" / "model_int8.onnx"), {"x": np.load(next(val.glob("*.npy")))[None]})[0]
     np.testing.assert_array_equal(a, b)  # the last step's export, again
+
+
+def test_the_run_says_which_path_it_took_and_why(lenet, digits, tmp_path):
+    """A classifier with class folders keeps the classifier recipe; the same model on a flat folder of the same
+    images trains without labels; each run says so first."""
+    import shutil
+
+    train, _ = digits
+    said = []
+    api.train_quant(lenet, train, tmp_path / "a", train=TrainConfig(steps=1), echo=said.append, quiet=True)
+    assert said[0].startswith("classifier QAT with labels (cross-entropy, top-1), because") and "class sub-folders" \
+        in said[0]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, f in enumerate(sorted(train.rglob("*.png"))[:40]):
+        shutil.copy(f, flat / f"{i}.png")
+    said.clear()
+    api.train_quant(lenet, flat, tmp_path / "b", train=TrainConfig(steps=1), echo=said.append, quiet=True)
+    assert said[0] == f"label-free QAT: the model learns to reproduce its float model, because {flat} has no class " \
+                      "sub-folders (no labels)"

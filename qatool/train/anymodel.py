@@ -29,10 +29,22 @@ PROBE_IMAGES = 3  # the batch of the probe that chooses the tasks (a size no oth
 def is_labelled_classifier(graph: Graph, data) -> bool:
     """The classifier recipe applies: the model's first output is [N, classes] and `data` has labels (class
     sub-folders or a list file)."""
-    if graph.output_classes() is None or is_tensor_folder(data):
-        return False
+    return recipe_reason(graph, data)[0]
+
+
+def recipe_reason(graph: Graph, data) -> tuple[bool, str]:
+    """(the classifier recipe applies, why): see `is_labelled_classifier`."""
+    if graph.output_classes() is None:
+        shape = graph.outputs[0].shape
+        return False, f"the model's first output {graph.outputs[0].name!r} {shape} is not one score per class"
+    if is_tensor_folder(data):
+        return False, f"{data} holds .npy input tensors, without labels"
     p = Path(data)
-    return p.is_file() or (p.is_dir() and has_class_folders(p))
+    if p.is_file():
+        return True, f"{data} is a list file of labelled images and the model outputs {graph.output_classes()} classes"
+    if p.is_dir() and has_class_folders(p):
+        return True, f"{data} has class sub-folders and the model outputs {graph.output_classes()} classes"
+    return False, f"{data} has no class sub-folders (no labels)"
 
 
 class FloatModel:
