@@ -249,6 +249,14 @@ class _Analysis:
     def refuse(self, node: Node, why: str):
         raise _Refuse(f"node {node.name!r} ({node.op_type}): {why}")
 
+    def followed_shape(self, node: Node, why: str, can: bool = True) -> _S:
+        """The shape value `node` computes from shape values (`shape_op`); refused with `why` when the pass cannot
+        follow it (or `can` is False)."""
+        r = self.shape_op(node) if can else None
+        if r is None:
+            self.refuse(node, why)
+        return r
+
     def only_first_batched(self, node: Node, ins) -> _B:
         s = ins[0] if ins else None
         if not isinstance(s, _B):
@@ -420,10 +428,7 @@ class _Analysis:
             if any(_dependent(x) for x in ins[1:]):
                 self.refuse(node, "the batch reaches a parameter input")
             if isinstance(s, _S):
-                r = self.shape_op(node) if op in ("Identity", "Cast") else None
-                if r is None:
-                    self.refuse(node, "computes with the batch size")
-                return r
+                return self.followed_shape(node, "computes with the batch size", op in ("Identity", "Cast"))
             return [s] * len(node.outputs)
         if op in _BROADCAST:
             return self.broadcast(node, ins)
@@ -446,11 +451,8 @@ class _Analysis:
     # -- elementwise --
     def broadcast(self, node: Node, ins: list):
         if any(isinstance(s, _S) and s.dependent for s in ins):
-            r = self.shape_op(node) if _is_arith(node.op_type) and not any(isinstance(s, _B) for s in ins) \
-                else None
-            if r is None:
-                self.refuse(node, "computes with the batch size")
-            return r
+            return self.followed_shape(node, "computes with the batch size",
+                                       _is_arith(node.op_type) and not any(isinstance(s, _B) for s in ins))
         present = [(i, s) for i, s in zip(node.inputs, ins) if i]
         ranks = {i: self.rank(node, i) for i, _ in present}
         out_rank = max(ranks.values())
@@ -580,10 +582,7 @@ class _Analysis:
 
     def op_Unsqueeze(self, node: Node, ins: list):
         if isinstance(ins[0], _S):
-            r = self.shape_op(node)
-            if r is None:
-                self.refuse(node, "computes with the batch size")
-            return r
+            return self.followed_shape(node, "computes with the batch size")
         x = self.only_first_batched(node, ins)
         axes = self.axes_of(node, 1)
         if axes is None:
@@ -595,10 +594,7 @@ class _Analysis:
 
     def op_Squeeze(self, node: Node, ins: list):
         if isinstance(ins[0], _S):
-            r = self.shape_op(node)
-            if r is None:
-                self.refuse(node, "computes with the batch size")
-            return r
+            return self.followed_shape(node, "computes with the batch size")
         x = self.only_first_batched(node, ins)
         r = self.rank(node, node.input(0))
         axes = self.axes_of(node, 1)
@@ -614,10 +610,7 @@ class _Analysis:
 
     def op_Concat(self, node: Node, ins: list):
         if any(isinstance(s, _S) for s in ins) and not any(isinstance(s, _B) for s in ins):
-            r = self.shape_op(node)
-            if r is None:
-                self.refuse(node, "builds a shape from the batch size it cannot follow")
-            return r
+            return self.followed_shape(node, "builds a shape from the batch size it cannot follow")
         present = [(k, i, s) for k, (i, s) in enumerate(zip(node.inputs, ins)) if i]
         r = self.rank(node, present[0][1])
         axis = _norm(int(node.attrs["axis"]), r)
@@ -650,10 +643,7 @@ class _Analysis:
 
     def op_Slice(self, node: Node, ins: list):
         if isinstance(ins[0], _S):
-            r = self.shape_op(node)
-            if r is None:
-                self.refuse(node, "slices a shape holding the batch size in a way it cannot follow")
-            return r
+            return self.followed_shape(node, "slices a shape holding the batch size in a way it cannot follow")
         x = self.only_first_batched(node, ins)
         r = self.rank(node, node.input(0))
         if node.input(3):
@@ -685,10 +675,8 @@ class _Analysis:
     def op_Gather(self, node: Node, ins: list):
         data, idx = ins[0], ins[1]
         if isinstance(data, _S):
-            r = self.shape_op(node) if not _dependent(idx) else None
-            if r is None:
-                self.refuse(node, "picks from a shape holding the batch size in a way it cannot follow")
-            return r
+            return self.followed_shape(node, "picks from a shape holding the batch size in a way it cannot follow",
+                                       not _dependent(idx))
         r = self.rank(node, node.input(0))
         axis = _norm(int(node.attrs.get("axis", 0)), r)
         if isinstance(data, _B) and not _dependent(idx):
