@@ -243,8 +243,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         check_class_order(top1_float, float_out, val_images.labels, classes, f"the validation images {val_data}")
 
     plan = session.plan.report()
-    echo(f"quantized {len(plan['quantized_layers'])} layers ({len(plan['folded_batchnorm'])} with BN folded), "
-         f"{plan['quantized_activations']} activation quantizers; {len(plan['float_nodes'])} nodes stay float")
+    echo(f"quantized {session.plan.summary()}")
     total = train_cfg.total_steps(len(train_images))
     start = ckpt.step if ckpt else 0
     if start > total:
@@ -427,8 +426,7 @@ def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_
     judge = Judge(tasks, float_model, val_set, eval_batch_size(val_set), user_metric) if val_set is not None \
         else None
     plan = session.plan.report()
-    echo(f"quantized {len(plan['quantized_layers'])} layers ({len(plan['folded_batchnorm'])} with BN folded), "
-         f"{plan['quantized_activations']} activation quantizers; {len(plan['float_nodes'])} nodes stay float")
+    echo(f"quantized {session.plan.summary()}")
     total = train_cfg.total_steps(len(train_set))
     start = ckpt.step if ckpt else 0
     if start > total:

@@ -424,8 +424,7 @@ def calibrate(model_path, data, output, method: str = "minmax", quant: QuantConf
         say(f"skipped {skipped} unreadable images")
     n_calib = min(len(calib_images), images) if images else len(calib_images)
     plan = session.plan.report()
-    say(f"quantizing {len(plan['quantized_layers'])} layers ({len(plan['folded_batchnorm'])} with BN folded), "
-        f"{len(session.quant)} activation quantizers; {len(plan['float_nodes'])} nodes stay float")
+    say(f"quantizing {session.plan.summary()}")
     say(f"calibrating ({method}) on {n_calib} images of {data}")
     ranges = calibrate_session(session, calib_images, method, images, percentile, bins, seed=seed)
     clipped = sum(r.clipped for r in ranges.values())
@@ -499,8 +498,7 @@ def _calibrate_any(model_path, float_graph, data, output, method, quant, images,
         judge = Judge(tasks, float_model, evaluated, eval_batch_size(evaluated))
     n_calib = min(len(calib), images) if images else len(calib)
     plan = session.plan.report()
-    say(f"quantizing {len(plan['quantized_layers'])} layers ({len(plan['folded_batchnorm'])} with BN folded), "
-        f"{len(session.quant)} activation quantizers; {len(plan['float_nodes'])} nodes stay float")
+    say(f"quantizing {session.plan.summary()}")
     say(f"calibrating ({method}) on {n_calib} {data_kind(calib)} of {data} (no labels)")
     ranges = calibrate_session(session, calib, method, images, percentile, bins, seed=seed)
     exported = export_session(session, output, evaluated if verify else None, verify=verify, strict=False,

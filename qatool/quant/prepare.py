@@ -67,6 +67,12 @@ class Plan:
     rescaled: dict[str, str] = field(default_factory=dict)  # Mul-by-constant output -> its quantized input
     addends: dict[str, float] = field(default_factory=dict)  # quantized output of an Add of a constant -> it
 
+    def summary(self) -> str:
+        """One line: what is quantized, what stays float."""
+        folded = sum(layer.bn is not None for layer in self.layers)
+        return (f"{len(self.layers)} layers ({folded} with BN folded), {len(self.quantized)} activation "
+                f"quantizers; {len(self.float_nodes)} nodes stay float")
+
     def report(self) -> dict:
         return {
             "quantized_layers": [layer.node.name for layer in self.layers],
