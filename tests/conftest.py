@@ -2,6 +2,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -33,3 +34,16 @@ def lenet() -> Path:
 @pytest.fixture(scope="session")
 def mobilenet() -> Path:
     return SAMPLE_DIR / "mobilenetv2_small.onnx"
+
+
+def _seed(nodeid: str) -> int:
+    """A stable seed per test: the same data whatever else runs, in whatever order (crc32 of the test's id)."""
+    import zlib
+
+    return zlib.crc32(nodeid.encode())
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A generator seeded for this test alone."""
+    return np.random.default_rng(_seed(request.node.nodeid))

@@ -6,14 +6,14 @@ import subprocess
 import sys
 
 import jsonschema
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import qatool.cli  # noqa: F401  (before qatool.eval.cli, which takes the shared options from it)
-from helpers import SAMPLE_DIR
+from helpers import SAMPLE_DIR, ort_run
 from qatool import api
 from qatool.errors import DataError, ModelError, UsageError
-from qatool.runtime.backends import engine_logits, top1
 from qatool.eval.cli import eval_command
 from qatool.eval.evaluate import evaluate, format_table
 from qatool.ir.io import load_graph, save_graph
@@ -64,7 +64,13 @@ def test_engine_on_checkpoint_is_the_qat_simulation_and_agrees_with_int8(digits,
     # what train-quant's report calls top1_qat: the session's model, eval mode, on the logits tensor
     session = QatSession.from_checkpoint(load_checkpoint(qat))
     images = ImageDataset.open(digits[1]).load(Preprocess.from_json(session.float_graph.metadata[METADATA_KEY]))
-    assert sim["top1"] == top1(engine_logits(session.model, images, session.logits), images.labels)
+    x, labels = images.batch(np.arange(len(images)))
+    logits = session.model.forward({session.input_name: x}, outputs=[session.logits])[0]
+    assert sim["top1"] == np.mean(logits.argmax(1) == labels)
+    # the int8 model's accuracy and agreement, from onnxruntime run here on the same inputs
+    (deployed_logits,) = ort_run(int8, {session.input_name: x})
+    assert deployed["top1"] == np.mean(deployed_logits.argmax(1) == labels)
+    assert deployed["agreement_top1"] == np.mean(deployed_logits.argmax(1) == logits.argmax(1))
     assert deployed["agreement_top1"] >= 0.99
     assert sim["latency_ms_batch1"] is None and report["latency"] is None
 

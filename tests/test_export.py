@@ -6,6 +6,7 @@ import pytest
 from onnx import numpy_helper
 
 from helpers import SAMPLE_DIR
+from ortref import quantize_linear
 from qatool import api
 from qatool.convert import normalize_proto
 from qatool.runtime.backends import ort_session
@@ -143,11 +144,17 @@ def test_int8_weights_are_the_simulated_ones(trained):
     source = report["outputs"].get("best_checkpoint", d / "qat.onnx")  # the checkpoint model_int8.onnx is of
     session = QatSession.from_checkpoint(load_checkpoint(source))
     graph = session.model.graph
-    sim = {}
+    sim, folded = {}, {}
     for node in graph.nodes:
         if node.op_type == "WeightQuant":
             inputs = [graph.initializers[i] for i in node.inputs]
             sim[node.inputs[0]] = make_op(node).forward(Context(), *inputs)[0]
+            w, axis = inputs[0], int(node.attrs.get("axis", 0))
+            if len(inputs) >= 3:  # BatchNorm folded as written in the papers: w * gamma / sqrt(var + eps)
+                gamma, var = inputs[1], inputs[2]
+                k = gamma / np.sqrt(var + np.float32(node.attrs.get("epsilon", 1e-5)))
+                w = w * k.reshape([-1 if i == axis else 1 for i in range(w.ndim)])
+            folded[node.inputs[0]] = np.moveaxis(w, axis, 0)
     model = onnx.load(d / "model_int8.onnx")
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     checked = 0
@@ -158,6 +165,13 @@ def test_int8_weights_are_the_simulated_ones(trained):
             assert np.abs(q).max() <= weight_grid(8).qmax  # narrow range
             deq = q.astype(np.float32) * s.reshape((-1,) + (1,) * (q.ndim - 1))
             np.testing.assert_array_equal(deq, sim[base], err_msg=base)
+            # independently of qatool: scale max|w| / 127 of the folded weight, integers onnxruntime's QuantizeLinear
+            w = folded[base]
+            want_s = np.abs(w).reshape(len(w), -1).max(1) / np.float32(127)
+            np.testing.assert_array_equal(s.reshape(-1), want_s, err_msg=base)
+            dq_axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            np.testing.assert_array_equal(np.moveaxis(q, dq_axis, 0),
+                                          quantize_linear(w, want_s, np.zeros(len(w), np.int8), axis=0), err_msg=base)
             checked += 1
     assert checked == len(sim) > 0
 
