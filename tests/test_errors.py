@@ -23,7 +23,7 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     return e.value.code, out.out, out.err
 
 
-def assert_clean_error(code, err, expected_code=1, match=""):
+def assert_clean_error(code, err, expected_code, match):
     assert code == expected_code, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qatool: error:"), err
@@ -53,7 +53,7 @@ def test_bad_model_files(capsys, tmp_path, lenet_bytes, content, match):
                  ["export-int8", src, "-o", tmp_path / "o.onnx"],
                  ["eval", src, "--data", tmp_path]):
         code, _, err = run_cli(capsys, *args)
-        assert_clean_error(code, err, 1)
+        assert_clean_error(code, err, 1, match)
         assert not (tmp_path / "o.onnx").exists()
 
 

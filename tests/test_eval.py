@@ -34,7 +34,19 @@ def qat_out(lenet, digits, tmp_path_factory):
     return out
 
 
-def test_report_is_schema_valid_with_accuracy_agreement_size_latency(lenet, digits, qat_out, tmp_path):
+def test_report_is_schema_valid_with_accuracy_agreement_size_latency(lenet, digits, qat_out, tmp_path,
+                                                                      monkeypatch):
+    from qatool.eval import evaluate as evaluate_module
+
+    timed = []
+
+    def fake_latency_ms(run, x, runs, budget_s):  # a deterministic stand-in for the clock: ms from the batch
+        out = run(x)
+        assert len(out) == len(x)  # the model really runs on this batch
+        timed.append((len(x), runs, budget_s))
+        return 0.125 * len(x) + 1.0 / 3, runs
+
+    monkeypatch.setattr(evaluate_module, "latency_ms", fake_latency_ms)
     int8 = qat_out / "model_int8.onnx"
     report = evaluate([lenet, int8], digits[1], json_path=tmp_path / "eval.json")
     on_disk = json.loads((tmp_path / "eval.json").read_text())
@@ -52,7 +64,35 @@ def test_report_is_schema_valid_with_accuracy_agreement_size_latency(lenet, digi
     assert second["size_bytes"] < 0.3 * first["size_bytes"]
     for r in report["results"]:
         assert r["images"] == 200
-        assert r["latency_ms_batch1"] > 0 and r["latency_ms_batch"] > 0 and r["latency_batch_size"] == 64
+        assert (r["latency_ms_batch1"], r["latency_ms_batch"], r["latency_batch_size"]) == (0.4583, 8.3333, 64)
+    runs = (evaluate_module.LATENCY_RUNS_BATCH1, evaluate_module.LATENCY_RUNS_BATCH)
+    assert timed == [(1, runs[0], evaluate_module.LATENCY_BUDGET_S), (64, runs[1], evaluate_module.LATENCY_BUDGET_S)] * 2
+    assert report["latency"] == {"runs_batch1": runs[0], "runs_batch": runs[1],
+                                 "budget_s": evaluate_module.LATENCY_BUDGET_S}
+
+
+def test_latency_is_the_median_of_warm_timed_runs_within_a_budget(monkeypatch):
+    """One untimed warm-up run, then up to `runs` timed ones (at least one), fewer once the budget is spent;
+    the median in ms. A fake clock that only the runs advance: no wall-clock time in the test."""
+    import time
+
+    from qatool.runtime.backends import latency_ms
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    durations: list[float] = []
+
+    def run(x):
+        clock[0] += durations.pop(0)
+
+    durations[:] = [9.0, 0.005, 0.001, 0.003, 0.002, 0.009]  # the 9 s warm-up is not timed; the median, not the mean
+    ms, n = latency_ms(run, None, 5, budget_s=2.0)
+    assert n == 5 and ms == pytest.approx(3.0, abs=1e-9) and durations == []
+    durations[:] = [0.0, 1.5, 1.0, 7.0]  # 2.5 s spent after two runs: the budget of 2 s stops the third
+    ms, n = latency_ms(run, None, 5, budget_s=2.0)
+    assert n == 2 and ms == pytest.approx(1250.0, abs=1e-6) and durations == [7.0]
+    durations[:] = [0.0, 3.0]  # one run even when it alone exceeds the budget
+    assert latency_ms(run, None, 5, budget_s=2.0) == (pytest.approx(3000.0), 1)
 
 
 def test_engine_on_checkpoint_is_the_qat_simulation_and_agrees_with_int8(digits, qat_out):

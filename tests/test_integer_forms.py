@@ -4,8 +4,6 @@ Add outputs kept off rounding ties): each keeps the float model's outputs, and t
 patterns runs every Add and Mul as an integer kernel with no float op left between a DequantizeLinear and a
 QuantizeLinear, agreeing with the simulation."""
 
-import time
-
 import numpy as np
 import onnx
 import pytest
@@ -233,56 +231,71 @@ def test_learned_step_sizes_leave_constant_operands_to_their_values():
 
 
 def test_latency_is_measured_against_the_float_model_and_a_slower_int8_is_explained(zoo_int8, monkeypatch):
+    """The timing logic on a fake clock that only the sessions' runs advance (float 2 ms a run, int8 1 ms, then
+    20 ms): no wall-clock time in the test. The real sessions still run (and the profiler profiles them)."""
+    import types
+
     from qatool.export import latency
-    from qatool.export.deploy import time_export
+    from qatool.export.deploy import _float_model, time_export
 
     session, result, _ = zoo_int8
-    time_export(session, result)
-    d = result.latency.to_dict()
-    assert set(d["batches"]) == {"1", "32"}  # 5 x 5 images: the larger batch is the cap
-    assert all(v["float_ms"] > 0 and v["int8_ms"] > 0 for v in d["batches"].values())
-    lines = latency.latency_lines(d)
-    assert lines[0].startswith("latency on onnxruntime (median of 6 interleaved rounds): batch 1: float")
-    # when int8 is slower, the profile names where its time goes: an int8 session that waits 20 ms a run
-    from qatool.export.deploy import _float_model
-
+    clock = [0.0]
+    monkeypatch.setattr(latency, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    cost_ms = {"float": 2.0, "int8": 1.0}
+    loads, runs = [], []
     real_session = latency._session
 
-    class Slow:
-        def __init__(self, s):
-            self.s = s
+    class Timed:
+        def __init__(self, s, kind):
+            self.s, self.kind = s, kind
 
         def __getattr__(self, name):
             return getattr(self.s, name)
 
         def run(self, *args):
-            runs.append(1)
-            time.sleep(0.02)
-            return self.s.run(*args)
-
-    loads, runs = [], []
+            runs.append(self.kind)
+            out = self.s.run(*args)
+            clock[0] += cost_ms[self.kind] / 1e3
+            return out
 
     def session_of(model, profile_prefix=None, threads=None):
         s = real_session(model, profile_prefix, threads)
         if profile_prefix is not None:  # the profiler's own session
             return s
-        int8 = model == str(result.path)
-        loads.append("int8" if int8 else "float")
-        return Slow(s) if int8 else s
+        proto = model if isinstance(model, onnx.ModelProto) else onnx.load(model)
+        kind = "int8" if any(n.op_type == "QuantizeLinear" for n in proto.graph.node) else "float"
+        loads.append(kind)
+        return Timed(s, kind)
 
     monkeypatch.setattr(latency, "_session", session_of)
+    time_export(session, result)
+    d = result.latency.to_dict()
+    assert set(d["batches"]) == {"1", "32"}  # 5 x 5 images: the larger batch is the cap
+    for v in d["batches"].values():
+        assert v["float_ms"] == pytest.approx(2.0, rel=1e-6) and v["int8_ms"] == pytest.approx(1.0, rel=1e-6)
+        assert v["ratio"] == pytest.approx(0.5, rel=1e-6)
+    assert d["int8_costliest_ops"] == []  # int8 is the faster: no profile
+    lines = latency.latency_lines(d)
+    assert lines == ["latency on onnxruntime (median of 6 interleaved rounds): batch 1: float 2.0 ms, int8 1.0 ms "
+                     "(0.50x); batch 32: float 2.0 ms, int8 1.0 ms (0.50x)"]
+    # when int8 is slower, the profile names where its time goes
+    cost_ms["int8"] = 20.0
+    loads.clear()
+    runs.clear()
     slow = latency.measure(_float_model(session), str(result.path), [1, 3, 5, 5])
-    assert all(q > f + 15 for f, q in slow.batches.values())
+    for f, q in slow.batches.values():
+        assert f == pytest.approx(2.0, rel=1e-6) and q == pytest.approx(20.0, rel=1e-6)
     assert loads == ["float", "int8", "int8", "float"]  # loaded in both orders: neither is always loaded last
     assert slow.costliest and abs(sum(share for _, share in slow.costliest) - 1.0) < 0.5
     assert "SLOWER" in latency.latency_lines(slow.to_dict())[-1] and "costliest nodes: " in latency.latency_lines(
         slow.to_dict())[-1]
     assert len(slow.costliest_nodes) >= 1 and "(" in slow.costliest_nodes[0][0]
-    assert len(runs) == 2 * (6 + 2)  # two batch sizes: 6 timed rounds and a warm-up in each loading order
-    # an odd number of rounds runs one more (half in each order), and the summary says how many ran
+    assert runs.count("int8") == runs.count("float") == 2 * (6 + 2)  # two batch sizes: 6 timed rounds and a
+    # warm-up in each loading order; an odd number of rounds runs one more (half in each order), and the summary
+    # says how many ran
     runs.clear()
     odd = latency.measure(_float_model(session), str(result.path), [1, 3, 5, 5], rounds=3)
-    assert len(runs) == 2 * (4 + 2) and odd.to_dict()["rounds"] == 4
+    assert runs.count("int8") == 2 * (4 + 2) and odd.to_dict()["rounds"] == 4
     assert "median of 4 interleaved rounds" in latency.latency_lines(odd.to_dict())[0]
 
 

@@ -182,8 +182,30 @@ def test_rounding(op):
     assert not g.any()
 
 
-def test_rounding_not_on_grad_path():
-    assert not make("Round", [arr((2,))]).differentiable
+@pytest.mark.parametrize("op", ["Floor", "Ceil", "Round"])
+def test_rounding_is_a_constant_for_the_engine(op):
+    """y = w * op(w): the gradient is G * op(w) (the rounding's derivative is 0 almost everywhere), and the
+    engine keeps the rounding step off the gradient path (nothing saved for a backward)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qatool.engine.model import Model
+    from qatool.ir.graph import from_onnx
+    from qatool.ir.roles import write_roles
+
+    w = np.array([[0.3, -1.7, 2.5], [1.2, -0.4, 4.9]], np.float32)
+    graph = helper.make_graph([helper.make_node(op, ["w"], ["r"]), helper.make_node("Mul", ["w", "r"], ["y"])], "g",
+                              [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                              [numpy_helper.from_array(w, "w")])
+    g = from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    write_roles(g, ["w"], [])
+    model = Model(g, dtype=np.float64)
+    on_path = {st.op.node.op_type: st.on_grad_path for st in model._steps}
+    assert on_path == {op: False, "Mul": True}
+    (y,) = model.forward({}, training=True)
+    rounded = {"Floor": np.floor, "Ceil": np.ceil, "Round": np.round}[op](w.astype(np.float64))
+    np.testing.assert_array_equal(y, w * rounded)
+    G = np.arange(6, dtype=np.float64).reshape(2, 3) + 1
+    np.testing.assert_array_equal(model.backward([G])["w"], G * rounded)
 
 
 def test_sum_single_input_is_not_aliased():

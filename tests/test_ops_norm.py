@@ -200,8 +200,14 @@ def test_dropout_training_mode_input_and_old_opset():
     (y,) = run_engine("Dropout", [x], opset=13, training=True)  # default ratio 0.5
     assert 20 < (y == 0).sum() < 80
     (y,) = run_engine("Dropout", [x], {"ratio": 0.2}, opset=10, training=True)
-    assert 5 <= (y == 0).sum() < 40
-    assert np.isclose(np.abs(y).max(), np.abs(x).max() / 0.8, rtol=1e-6) or (y == 0).any()
+    kept = y != 0
+    assert (x != 0).all() and 5 <= (~kept).sum() < 40
+    np.testing.assert_allclose(y[kept], x[kept] / np.float32(0.8), rtol=1e-6)  # kept values scaled by 1 / (1 - ratio)
+    y, mask = run_engine("Dropout", [x, np.array(0.25, np.float32), np.array(True)], n_outputs=2, opset=13,
+                         training=True)
+    assert mask.dtype == bool and 0 < mask.sum() < mask.size
+    np.testing.assert_array_equal(y[~mask], 0)
+    np.testing.assert_allclose(y[mask], x[mask] / np.float32(0.75), rtol=1e-6)
 
 
 def test_dropout_grad():

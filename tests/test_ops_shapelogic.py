@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from helpers import ort_run
 from opcheck import check_forward, make, run_engine
 from qatool.errors import ModelError
-from qatool.ops import REGISTRY
 
 rng = np.random.default_rng(0)
 
@@ -20,10 +20,63 @@ def engine_out(op_type, inputs, attrs=None, opset=13):
     return out
 
 
-@pytest.mark.parametrize("op", ["Shape", "Size", "Constant", "ConstantOfShape", "Range", "Equal", "Less",
-                                "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor", "NonZero"])
-def test_not_differentiable(op):
-    assert REGISTRY[op].differentiable is False
+def _reaches(op: str) -> tuple[list, str]:
+    """Nodes that feed `op` from the parameters w (2, 3) and v (2,) through differentiable ops (Cast, ReduceSum),
+    and the op's output name."""
+    B = TensorProto.BOOL
+    if op in ("Shape", "Size", "NonZero"):
+        return [helper.make_node(op, ["w"], ["o"])], "o"
+    if op == "ConstantOfShape":  # a shape computed from a parameter: Cast(v) = [2, 3]
+        return [helper.make_node("Cast", ["v"], ["vi"], to=TensorProto.INT64),
+                helper.make_node(op, ["vi"], ["o"], value=numpy_helper.from_array(np.array([1.5], np.float32)))], "o"
+    if op == "Range":  # start = sum(v) - 5 = 0, limit 3, delta 1
+        return [helper.make_node("ReduceSum", ["v"], ["vs"], keepdims=0),
+                helper.make_node("Sub", ["vs", "five"], ["start"]),
+                helper.make_node(op, ["start", "three", "one"], ["o"])], "o"
+    if op in ("Not", "And", "Or", "Xor"):
+        nodes = [helper.make_node("Cast", ["w"], ["wb"], to=B)]
+        return nodes + [helper.make_node(op, ["wb"] if op == "Not" else ["wb", "mask"], ["o"])], "o"
+    assert op in CMP + ["Equal"], op
+    return [helper.make_node(op, ["w", "quarter"], ["o"])], "o"
+
+
+@pytest.mark.parametrize("op", ["Shape", "Size", "ConstantOfShape", "Range", "Equal", "Less", "LessOrEqual",
+                                "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor", "NonZero"])
+def test_no_gradient_flows_through_shape_logic(op):
+    """In a model where a parameter reaches the op through differentiable ops and the op's output (cast to float,
+    summed to a scalar r) scales the parameter again, y = w * r: the engine differentiates only the direct
+    path, dy/dw = G * r, and never asks the op for a gradient (it has none). Constant has no inputs, so no
+    gradient can reach it."""
+    from qatool.engine.model import Model
+    from qatool.ir.graph import from_onnx
+    from qatool.ir.roles import write_roles
+
+    F = TensorProto.FLOAT
+    nodes, out = _reaches(op)
+    nodes += [helper.make_node("Cast", [out], ["of"], to=F),
+              helper.make_node("ReduceSum", ["of"], ["r"], keepdims=0),
+              helper.make_node("Mul", ["w", "r"], ["y"])]
+    w = np.array([[0.25, -1.0, 2.0], [0.0, 1.5, -0.5]], np.float32)
+    consts = {"w": w, "v": np.array([2.0, 3.0], np.float32), "quarter": np.array(0.25, np.float32),
+              "mask": np.array([True, False, True]),
+              "five": np.array(5.0, np.float32), "three": np.array(3.0, np.float32), "one": np.array(1.0, np.float32)}
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("y", F, [2, 3])],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    g = from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    write_roles(g, ["w", "v"], [])
+    model = Model(g, dtype=np.float64)
+    # the engine treats the op as a constant: its step is off the gradient path (keeps nothing for a backward)
+    step = next(st for st in model._steps if st.op.node.op_type == op)
+    assert not step.on_grad_path and any(st.on_grad_path for st in model._steps if st.op.node.input(0) in ("w", "v"))
+    (y,) = model.forward({}, training=True)
+    (want,) = ort_run(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), {})
+    np.testing.assert_allclose(y, want, rtol=1e-6)
+    r = float(y[0, 0] / w[0, 0])
+    assert r != 0
+    G = np.arange(6, dtype=np.float64).reshape(2, 3) - 2
+    grads = model.backward([G])
+    np.testing.assert_array_equal(grads["w"], G * r)
+    np.testing.assert_array_equal(grads["v"], 0)
 
 
 # ---- Shape / Size ----------------------------------------------------------------------------------------------
