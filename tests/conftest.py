@@ -1,3 +1,4 @@
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -47,3 +48,28 @@ def _seed(nodeid: str) -> int:
 def rng(request) -> np.random.Generator:
     """A generator seeded for this test alone."""
     return np.random.default_rng(_seed(request.node.nodeid))
+
+
+@pytest.fixture(autouse=True)
+def _module_rng_is_the_tests(request, rng, monkeypatch):
+    """A test module's `rng` (the generator its data helpers draw from) is the test's own `rng`: the data a test
+    sees never depend on which tests ran before it or in which order."""
+    module = getattr(request, "module", None)
+    if module is not None and hasattr(module, "rng"):
+        monkeypatch.setattr(module, "rng", rng)
+
+
+# Hypothesis: derandomised (the examples follow from the test, so a failure reproduces) and no example database
+# (nothing written into the repository). HYPOTHESIS_PROFILE=explore draws new random examples instead.
+try:
+    from hypothesis import settings
+    from hypothesis.configuration import set_hypothesis_home_dir
+except ImportError:  # only tests/test_fuzz.py needs it
+    pass
+else:
+    import tempfile
+
+    set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "qatool-hypothesis"))  # its caches: not in the repo
+    settings.register_profile("ci", derandomize=True, database=None)
+    settings.register_profile("explore", derandomize=False, database=None)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

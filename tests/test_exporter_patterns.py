@@ -15,18 +15,20 @@ import qatool.engine
 from helpers import assert_close_rel, ort_run
 
 F = onnx.TensorProto.FLOAT
-rng = np.random.default_rng(0)
+rng = None  # the test's own seeded generator, set for each test by conftest.py
 
 
-def _init(name, shape, scale=0.3):
-    return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+def _init(gen, name, shape, scale=0.3):
+    return numpy_helper.from_array((gen.standard_normal(shape) * scale).astype(np.float32), name)
 
 
 def _const(name, value, dtype=np.float32):
     return numpy_helper.from_array(np.asarray(value, dtype), name)
 
 
-def exporter_zoo() -> onnx.ModelProto:
+def exporter_zoo(seed: int = 0) -> onnx.ModelProto:
+    """The same weights on every call (its own generator): tests that build it compare like with like."""
+    gen = np.random.default_rng(seed)
     c = 6
     nodes = [
         helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1], name="stem"),
@@ -53,18 +55,19 @@ def exporter_zoo() -> onnx.ModelProto:
         helper.make_node("Gemm", ["flat", "w_fc", "b_fc"], ["logits"], transB=1, name="fc"),
         helper.make_node("Softmax", ["logits"], ["prob"], axis=-1, name="softmax"),
     ]
-    inits = [_init("w0", (c, 3, 3, 3)), _init("b0", (c,), 0.1), _const("zero", 0.0), _const("six", 6.0),
-             _const("three", 3.0), _init("w_se1", (2, c, 1, 1)), _init("b_se1", (2,), 0.1),
-             _init("w_se2", (c, 2, 1, 1)), _init("b_se2", (c,), 0.1), _const("s0", [0], np.int64),
-             _const("s1", [1], np.int64), _const("minus1", [-1], np.int64), _init("w_fc", (4, c * 5 * 5), 0.1),
-             _init("b_fc", (4,), 0.1)]
+    inits = [_init(gen, "w0", (c, 3, 3, 3)), _init(gen, "b0", (c,), 0.1), _const("zero", 0.0), _const("six", 6.0),
+             _const("three", 3.0), _init(gen, "w_se1", (2, c, 1, 1)), _init(gen, "b_se1", (2,), 0.1),
+             _init(gen, "w_se2", (c, 2, 1, 1)), _init(gen, "b_se2", (c,), 0.1), _const("s0", [0], np.int64),
+             _const("s1", [1], np.int64), _const("minus1", [-1], np.int64), _init(gen, "w_fc", (4, c * 5 * 5), 0.1),
+             _init(gen, "b_fc", (4,), 0.1)]
     graph = helper.make_graph(nodes, "zoo", [helper.make_tensor_value_info("x", F, ["N", 3, 5, 5])],
                               [helper.make_tensor_value_info("prob", F, ["N", 4])], initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8)
 
 
-def old_opset_model() -> onnx.ModelProto:
+def old_opset_model(seed: int = 1) -> onnx.ModelProto:
     """Opset 7: BatchNormalization with spatial, Dropout with a ratio attribute, Upsample with scales."""
+    gen = np.random.default_rng(seed)
     nodes = [
         helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
         helper.make_node("BatchNormalization", ["c", "g", "beta", "m", "v"], ["bn"], spatial=1, epsilon=1e-5),
@@ -73,9 +76,9 @@ def old_opset_model() -> onnx.ModelProto:
         helper.make_node("Upsample", ["d"], ["u"], scales=[1.0, 1.0, 2.0, 2.0], mode="nearest"),
         helper.make_node("Conv", ["u", "w2"], ["y"]),
     ]
-    inits = [_init("w", (4, 2, 3, 3)), _init("b", (4,), 0.1), _const("g", rng.uniform(0.5, 1.5, 4)),
-             _init("beta", (4,), 0.1), _init("m", (4,), 0.1), _const("v", rng.uniform(0.5, 1.5, 4)),
-             _init("w2", (3, 4, 1, 1))]
+    inits = [_init(gen, "w", (4, 2, 3, 3)), _init(gen, "b", (4,), 0.1), _const("g", gen.uniform(0.5, 1.5, 4)),
+             _init(gen, "beta", (4,), 0.1), _init(gen, "m", (4,), 0.1), _const("v", gen.uniform(0.5, 1.5, 4)),
+             _init(gen, "w2", (3, 4, 1, 1))]
     graph = helper.make_graph(nodes, "old", [helper.make_tensor_value_info("x", F, [2, 2, 4, 4])],
                               [helper.make_tensor_value_info("y", F, [2, 3, 8, 8])], initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)], ir_version=3)

@@ -24,17 +24,17 @@ from qatool.train.session import QatSession
 from test_exporter_patterns import exporter_zoo
 
 F = onnx.TensorProto.FLOAT
-rng = np.random.default_rng(0)
 
 
-def _w(name, shape, scale=0.3):
-    return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+def _w(gen, name, shape, scale=0.3):
+    return numpy_helper.from_array((gen.standard_normal(shape) * scale).astype(np.float32), name)
 
 
-def residual_block() -> onnx.ModelProto:
+def residual_block(seed: int = 0) -> onnx.ModelProto:
     """Conv+BN+Relu, a depthwise Conv+Relu, a 1x1 Conv, a residual Add, an Add and a Mul whose first operand
     is broadcast from (N, C, 1, 1), GlobalAveragePool, a MatMul and a Gemm head: each kernel of the rewrite,
     at 24x24."""
+    gen = np.random.default_rng(seed)
     c = 8
     nodes = [
         helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1], name="stem"),
@@ -54,26 +54,28 @@ def residual_block() -> onnx.ModelProto:
         helper.make_node("Relu", ["hidden"], ["hr"], name="hidden_relu"),
         helper.make_node("Gemm", ["hr", "wf", "bf"], ["logits"], transB=1, name="fc"),
     ]
-    inits = [_w("w0", (c, 3, 3, 3)), numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), "g"),
-             _w("beta", (c,), 0.1), _w("m", (c,), 0.1),
-             numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), "v"),
-             _w("wd", (c, 1, 3, 3)), _w("bd", (c,), 0.1), _w("wp", (c, c, 1, 1)), _w("bp", (c,), 0.1),
-             _w("wm", (c, 16)), _w("wf", (4, 16)), _w("bf", (4,), 0.1)]
+    inits = [_w(gen, "w0", (c, 3, 3, 3)), numpy_helper.from_array(gen.uniform(0.5, 1.5, c).astype(np.float32), "g"),
+             _w(gen, "beta", (c,), 0.1), _w(gen, "m", (c,), 0.1),
+             numpy_helper.from_array(gen.uniform(0.5, 1.5, c).astype(np.float32), "v"),
+             _w(gen, "wd", (c, 1, 3, 3)), _w(gen, "bd", (c,), 0.1), _w(gen, "wp", (c, c, 1, 1)), _w(gen, "bp", (c,), 0.1),
+             _w(gen, "wm", (c, 16)), _w(gen, "wf", (4, 16)), _w(gen, "bf", (4,), 0.1)]
     graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", F, ["N", 3, 24, 24])],
                               [helper.make_tensor_value_info("logits", F, ["N", 4])], initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8)
 
 
-def _images(n, size):
-    return LoadedImages(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), np.zeros(n, np.int64),
+def _images(n, size, seed):
+    """Random images, the same for the same seed (calibration 1, export checks 2, inputs 3)."""
+    gen = np.random.default_rng(seed)
+    return LoadedImages(gen.integers(0, 256, (n, size, size, 3), dtype=np.uint8), np.zeros(n, np.int64),
                         Preprocess((size, size), "rgb", (0.5,), (0.25,)))
 
 
 def _calibrated(proto, size, tmp_path, config=None):
     session = QatSession.create(normalize_proto(proto, for_training=True).graph, config or QuantConfig())
-    calibrate_session(session, _images(64, size), max_images=64)
+    calibrate_session(session, _images(64, size, 1), max_images=64)
     out = tmp_path / "int8.onnx"
-    export_session(session, out, _images(16, size), strict=False)
+    export_session(session, out, _images(16, size, 2), strict=False)
     return session, onnx.load(out)
 
 
@@ -115,7 +117,7 @@ def test_every_quantized_tensor_holds_onnxruntimes_integers(which, tmp_path):
     session, model = _calibrated(proto, size, tmp_path)
     steps = {s.op.node.op_type for s in session.model._eval_steps}
     assert {"IntegerLayer", "IntegerAdd", "IntegerMul", "IntegerGlobalAveragePool"} <= steps
-    x = _images(n, size).batches(n).__next__()[0]
+    x = _images(n, size, 3).batches(n).__next__()[0]
     off_int, off_float, total = _compare(session, model, x)
     assert total > 10**6
     assert off_int == 0
@@ -124,7 +126,7 @@ def test_every_quantized_tensor_holds_onnxruntimes_integers(which, tmp_path):
 
 def test_a_tensor_inside_a_chain_can_still_be_asked_for(tmp_path):
     session, _ = _calibrated(residual_block(), 24, tmp_path)
-    x = _images(4, 24).batches(4).__next__()[0]
+    x = _images(4, 24, 3).batches(4).__next__()[0]
     acc = next(n.outputs[0] for n in session.model.graph.nodes if n.op_type == "Conv")
     got = session.model.forward({session.input_name: x}, outputs=[acc])[0]  # runs the training ops' steps
     want = session.model.forward({session.input_name: x}, outputs=[acc], grad=True)[0]
@@ -137,7 +139,7 @@ def test_a_relu_the_export_keeps_runs_as_the_float_ops(tmp_path):
     session, _ = _calibrated(residual_block(), 24, tmp_path)
     fq = next(n for n in session.model.graph.nodes if n.op_type == "FakeQuant" and n.outputs[0] == "r0")
     session.model.state[fq.input(2)][...] = 10.0
-    x = _images(8, 24).batches(8).__next__()[0]
+    x = _images(8, 24, 3).batches(8).__next__()[0]
     got = session.model.forward({session.input_name: x}, outputs=["r0"])[0]
     want = session.model.forward({session.input_name: x}, outputs=["r0"], grad=True)[0]
     assert np.array_equal(got, want)

@@ -23,7 +23,7 @@ from qatool.train.session import QatSession
 from test_exporter_patterns import exporter_zoo
 
 F = onnx.TensorProto.FLOAT
-rng = np.random.default_rng(0)
+rng = None  # the test's own seeded generator, set for each test by conftest.py
 
 
 def _model(nodes, inits, x_shape, y_shape, y="y"):
@@ -148,7 +148,8 @@ def _ptq(proto, out):
     """Calibrated on random images, exported and verified (strict: every node meant to be int8 must fuse)."""
     graph = normalize_proto(proto, for_training=True).graph
     session = QatSession.create(graph, QuantConfig())
-    images = LoadedImages(rng.integers(0, 256, (64, 5, 5, 3), dtype=np.uint8), np.zeros(64, np.int64),
+    gen = np.random.default_rng(0)  # the same calibration images for every model, whichever test builds it
+    images = LoadedImages(gen.integers(0, 256, (64, 5, 5, 3), dtype=np.uint8), np.zeros(64, np.int64),
                           Preprocess((5, 5), "rgb", (0.5,), (0.25,)))
     calibrate_session(session, images, max_images=64)
     return session, export_session(session, out, images)
