@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -192,27 +191,35 @@ def test_resume_with_other_settings_is_refused(capsys, lenet, digits, tmp_path):
     assert_clean_error(code, err, 2, "differ from the checkpoint")
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(lenet, digits, tmp_path):
+def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(capsys, lenet, digits, tmp_path, monkeypatch):
+    """A real SIGINT, sent to this process right after step 3 (from the progress hook, so at a known step rather
+    than after polling the clock): the loop finishes the step, saves a checkpoint at step 3 and the CLI exits
+    130 with one line; resuming from it completes the run."""
+    import qatool.train.loop as loop
+
+    class CtrlCAfterStep3(loop.Progress):
+        def update(self, step, **fields):
+            super().update(step, **fields)
+            if step + 1 == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            if step + 1 == 6:  # a Ctrl-C the loop ignored fails the test here rather than running 100000 steps
+                raise AssertionError("still training 3 steps after Ctrl-C")
+
     out = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, "-m", "qatool", "train-quant", str(lenet), "--train-data",
-                             str(digits[0]), "-o", str(out), "--steps", "100000", "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "interrupted at step" in err and "Traceback" not in err
+    with monkeypatch.context() as m:
+        m.setattr(loop, "Progress", CtrlCAfterStep3)
+        code, _, err = run_cli(capsys, "train-quant", lenet, "--train-data", digits[0], "-o", out, "--steps",
+                               "100000", "-q")
+    assert_clean_error(code, err, 130, "interrupted at step 3; resume with --resume")
+    assert (out / "metrics.jsonl").read_text().count("\n") == 3
     ckpt = onnx.load(out / "qat.onnx")
     step = int(__import__("json").loads({p.key: p.value for p in ckpt.metadata_props}["qatool.checkpoint"])["step"])
-    assert step >= 3
-    r = subprocess.run([sys.executable, "-m", "qatool", "train-quant", str(lenet), "--train-data", str(digits[0]),
-                        "-o", str(out), "--steps", str(step + 2), "--resume", str(out / "qat.onnx"), "-q"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert step == 3
+    code, _, err = run_cli(capsys, "train-quant", lenet, "--train-data", digits[0], "-o", out, "--steps", "5",
+                           "--resume", out / "qat.onnx", "-q")
+    assert code == 0, err
     assert (out / "model_int8.onnx").exists()
+    assert (out / "metrics.jsonl").read_text().count("\n") == 5
 
 
 def test_debug_shows_the_traceback(tmp_path):
