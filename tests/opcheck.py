@@ -173,5 +173,6 @@ def check_grad_float32(op_type, inputs, attrs=None, wrt: Sequence[int] | None = 
         assert a32.shape == a64.shape == base32[i].shape
         scale = max(float(np.abs(a64).max()), 1e-30)
         err = float(np.abs(a32.astype(np.float64) - a64).max())
-        assert err <= rtol * scale, f"{op_type} {attrs}: float32 gradient of input {i} off by {err / scale:.1e} of its scale"
+        assert err <= rtol * scale, (
+            f"{op_type} {attrs}: float32 gradient of input {i} off by {err / scale:.1e} of its scale")
     return g32

@@ -279,9 +279,9 @@ class _FakeLibc:
         self.mallopt = mallopt
 
 
-@pytest.mark.parametrize("glibc, accepts, platform, active", [(True, True, "linux", True), (True, False, "linux", False),
-                                                              (False, True, "linux", False),
-                                                              (True, True, "darwin", False)])
+@pytest.mark.parametrize("glibc, accepts, platform, active", [
+    (True, True, "linux", True), (True, False, "linux", False), (False, True, "linux", False),
+    (True, True, "darwin", False)])
 def test_keep_freed_memory_turns_off_mmap_and_trimming_once(monkeypatch, glibc, accepts, platform, active):
     """On glibc: mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, -1), once; nothing elsewhere. (Whether the
     pages are then reused without faults is a property of the machine's allocator: bench/engine_speed.py's

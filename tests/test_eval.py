@@ -66,7 +66,8 @@ def test_report_is_schema_valid_with_accuracy_agreement_size_latency(lenet, digi
         assert r["images"] == 200
         assert (r["latency_ms_batch1"], r["latency_ms_batch"], r["latency_batch_size"]) == (0.4583, 8.3333, 64)
     runs = (evaluate_module.LATENCY_RUNS_BATCH1, evaluate_module.LATENCY_RUNS_BATCH)
-    assert timed == [(1, runs[0], evaluate_module.LATENCY_BUDGET_S), (64, runs[1], evaluate_module.LATENCY_BUDGET_S)] * 2
+    budget = evaluate_module.LATENCY_BUDGET_S
+    assert timed == [(1, runs[0], budget), (64, runs[1], budget)] * 2  # batch 1, then batch 64, for both models
     assert report["latency"] == {"runs_batch1": runs[0], "runs_batch": runs[1],
                                  "budget_s": evaluate_module.LATENCY_BUDGET_S}
 

@@ -57,7 +57,8 @@ def residual_block(seed: int = 0) -> onnx.ModelProto:
     inits = [_w(gen, "w0", (c, 3, 3, 3)), numpy_helper.from_array(gen.uniform(0.5, 1.5, c).astype(np.float32), "g"),
              _w(gen, "beta", (c,), 0.1), _w(gen, "m", (c,), 0.1),
              numpy_helper.from_array(gen.uniform(0.5, 1.5, c).astype(np.float32), "v"),
-             _w(gen, "wd", (c, 1, 3, 3)), _w(gen, "bd", (c,), 0.1), _w(gen, "wp", (c, c, 1, 1)), _w(gen, "bp", (c,), 0.1),
+             _w(gen, "wd", (c, 1, 3, 3)), _w(gen, "bd", (c,), 0.1), _w(gen, "wp", (c, c, 1, 1)),
+             _w(gen, "bp", (c,), 0.1),
              _w(gen, "wm", (c, 16)), _w(gen, "wf", (4, 16)), _w(gen, "bf", (4,), 0.1)]
     graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", F, ["N", 3, 24, 24])],
                               [helper.make_tensor_value_info("logits", F, ["N", 4])], initializer=inits)

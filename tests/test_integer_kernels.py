@@ -126,7 +126,7 @@ def test_integer_layer_is_onnxruntimes_kernel(kind, case, relu, rng):
     else:
         x_shape, w_shape = [6, c_in * 9], (c_in * 9, c_out)
         layer = helper.make_node("MatMul", ["x", "w"], ["c"])
-    nodes = [layer] + ([helper.make_node("Relu", ["c"], ["y"])] if relu else [helper.make_node("Identity", ["c"], ["y"])])
+    nodes = [layer, helper.make_node("Relu" if relu else "Identity", ["c"], ["y"])]
     inits = {"w": rng.standard_normal(w_shape)} | ({"b": np.zeros(c_out)} if kind != "MatMul" else {})
     y_shape = [x_shape[0], c_out] + x_shape[2:]
     session = _session(nodes, inits, [("x", x_shape)], "y", y_shape)

@@ -374,7 +374,7 @@ def test_lsq_ops_return_scaled_step_size_gradients(rng):
     scale, zero, span = f32(0.2), f32(8), np.array([-1.6, 1.4], f32)
     state = [np.asarray(scale), np.asarray(zero), span]
     y = op.forward(Context(training=True), x, *state)
-    np.testing.assert_array_equal(span, np.array([-1.6, 1.4], f32))  # a learned scale is not overwritten by the observer
+    np.testing.assert_array_equal(span, np.array([-1.6, 1.4], f32))  # a learned scale: the observer leaves it
     g = rng.standard_normal(x.shape).astype(f32)
     dx, dscale, _, _ = op.backward(g)
     q, y_ref = quantize_dequantize(x, scale, 8, 0, 15)
