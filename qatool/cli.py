@@ -134,7 +134,8 @@ def convert(model: str, output: str, for_training: bool) -> None:
 def train_quant(model, train_data, val_data, output_dir, labels, config_file, size, color, mean, std, resize,
                 pad_value, augment,
                 bits, weight_bits, activation_bits, per_tensor, symmetric_activations, scale_update,
-                observer_momentum, freeze_bn_after, freeze_observers_after, exclude, reduce_range, scale_learning,
+                observer_momentum, freeze_bn_after, freeze_observers_after, exclude, reduce_range, quantize_tail,
+                scale_learning,
                 optimizer, lr, scale_lr, momentum, weight_decay, schedule, warmup_steps, steps, epochs, batch_size,
                 seed, init, init_method, init_images, mixed_precision, mixed_low_bits, save_every, keep,
                 validate_every, logits, teacher, distill_temperature, distill_alpha, new_head, features, float_steps,
@@ -159,7 +160,8 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                "per_channel": False if per_tensor else None, "symmetric_activations": symmetric_activations,
                "scale_update": scale_update, "observer_momentum": observer_momentum,
                "freeze_bn_after": freeze_bn_after, "freeze_observers_after": freeze_observers_after,
-               "exclude": list(exclude) or None, "reduce_range": reduce_range, "scale_learning": scale_learning}
+               "exclude": list(exclude) or None, "reduce_range": reduce_range, "quantize_tail": quantize_tail,
+               "scale_learning": scale_learning}
     t_flags = {"optimizer": optimizer, "lr": lr, "scale_lr": scale_lr, "momentum": momentum,
                "weight_decay": weight_decay, "schedule": schedule, "warmup_steps": warmup_steps, "steps": steps,
                "epochs": epochs, "batch_size": batch_size, "seed": seed, "save_every": save_every, "augment": augment,

@@ -60,7 +60,8 @@ BITS = click.IntRange(2, 8)
 
 
 def quantization_options(f):
-    """--bits/--weight-bits/--activation-bits/--per-tensor/--symmetric-activations/--exclude/--reduce-range."""
+    """--bits/--weight-bits/--activation-bits/--per-tensor/--symmetric-activations/--exclude/--reduce-range/
+    --quantize-tail."""
     for opt in reversed([
         click.option("--bits", type=BITS, help="Bits of weights and activations (2..8; default 8)."),
         click.option("--weight-bits", type=BITS, help="Bits of the weights (overrides --bits)."),
@@ -71,6 +72,10 @@ def quantization_options(f):
                      help="Signed activations with zero point 0 instead of asymmetric unsigned."),
         click.option("--exclude", multiple=True, help="Node name or op type to keep in float (repeatable)."),
         click.option("--reduce-range", is_flag=True, default=None, help="7-bit weights, for x86 CPUs without VNNI."),
+        click.option("--quantize-tail", is_flag=True, default=None,
+                     help="Also quantize the output tail: the outputs of the last weighted layers (logits, head maps) "
+                          "and what follows them (softmax, decoding). By default they stay float: one 8-bit scale "
+                          "over a whole output rounds class logits to the step of their joint range."),
     ]):
         f = opt(f)
     return f

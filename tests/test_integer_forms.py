@@ -165,9 +165,10 @@ def zoo_int8(tmp_path_factory):
 def test_fusion_report_names_float_ops_between_dequantize_and_quantize(tmp_path):
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
              helper.make_node("Tanh", ["c1"], ["t"], name="tanh"),
-             helper.make_node("Conv", ["t", "w2", "b2"], ["y"], name="conv2")]
+             helper.make_node("Conv", ["t", "w2", "b2"], ["c2"], name="conv2"),
+             helper.make_node("Conv", ["c2", "w3", "b3"], ["y"], name="head")]  # the float-output tail
     inits = {"w1": rng.standard_normal((4, 3, 1, 1)), "b1": np.zeros(4), "w2": rng.standard_normal((2, 4, 1, 1)),
-             "b2": np.zeros(2)}
+             "b2": np.zeros(2), "w3": rng.standard_normal((2, 2, 1, 1)), "b3": np.zeros(2)}
     _, result = _ptq(_model(nodes, inits, ["N", 3, 5, 5], ["N", 2, 5, 5]), tmp_path / "m.onnx")
     assert result.fusion.float_between == [("tanh", "Tanh", "onnxruntime has no integer kernel for Tanh")]
     from qatool.export.verify import fusion_lines

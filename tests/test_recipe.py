@@ -100,7 +100,7 @@ def test_start_and_checkpoints_are_measured_and_the_best_is_kept(lenet, digits, 
     train, val = digits
     said = []
     report = api.train_quant(lenet, train, tmp_path, val_data=val,
-                             train=TrainConfig(steps=8, lr=3.0, schedule="constant", validate_every=2),
+                             train=TrainConfig(steps=8, lr=1.0, schedule="constant", validate_every=2),
                              echo=said.append, quiet=True)
     v = report["val"]
     steps = [c["step"] for c in v["checkpoints"]]
@@ -147,7 +147,7 @@ def test_an_int8_model_far_below_float_is_warned_about(lenet, digits, tmp_path):
     train, val = digits
     said = []
     report = api.train_quant(lenet, train, tmp_path, val_data=val,
-                             train=TrainConfig(steps=8, lr=3.0, schedule="constant", validate_every=4, keep="last"),
+                             train=TrainConfig(steps=8, lr=1.0, schedule="constant", validate_every=4, keep="last"),
                              echo=said.append, quiet=True)
     v = report["val"]
     assert v["top1_int8"] < v["top1_float"] - 0.05 and v["far_below_float"]

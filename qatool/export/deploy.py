@@ -78,7 +78,10 @@ class ExportResult:
 
 
 def meant_int8(session) -> list[tuple[str, str]]:
-    return [(layer.node.name, layer.node.op_type) for layer in session.plan.layers] + \
+    """The nodes that should run as integer kernels: a Conv with a float output (the output tail) has none in
+    onnxruntime (QLinearConv writes integers), it runs in float on its dequantized input and weights."""
+    return [(layer.node.name, layer.node.op_type) for layer in session.plan.layers
+            if not (layer.float_output and layer.node.op_type == "Conv")] + \
         [(n.name, n.op_type) for n in session.plan.activation_ops]
 
 

@@ -24,6 +24,7 @@ class QuantConfig:
     reduce_range: bool = False  # 7-bit weights, for x86 CPUs without VNNI
     layer_weight_bits: dict[str, int] = field(default_factory=dict)  # node name -> weight bits (mixed precision)
     scale_learning: str = "none"  # "lsq": step sizes trained by gradient, initialised from the observers
+    quantize_tail: bool = False  # also quantize the output tail (after the last weighted layer); default float
 
     def __post_init__(self):
         self.validate()

@@ -14,6 +14,13 @@ here is what runs after export:
 - a Mul of a quantized tensor by a positive scalar constant that only quantized Adds and Muls read is a
   rescaling: no quantizer, and in the int8 model its input's DequantizeLinear with the scale multiplied
   (HardSigmoid = Clip(x * alpha + beta, 0, 1) then runs as one QLinearAdd);
+- the output tail stays float unless `QuantConfig.quantize_tail`: a weighted layer after which no other
+  weighted layer lies on the way to a graph output keeps its output float (its input and weights are
+  quantized: onnxruntime runs a MatMul as MatMulIntegerToFloat, a Gemm as QGemm with a float output, a Conv
+  in float on the dequantized weights), and so does everything after it. One 8-bit scale over a whole output
+  rounds every logit of a recogniser's 6,625 classes to a step of their joint range, and a detector head's
+  class logits to the step of its box logits; the ops after the last weighted layer (softmax, decoding) are
+  cheap beside the network;
 - anything else stays float; the plan says which nodes and why. The graph input is quantized by the first
   quantized op that reads it, like every other float tensor a quantized op reads.
 """
@@ -30,6 +37,8 @@ from .config import QuantConfig
 from .qparams import activation_grid, activation_qparams
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
+WEIGHT_LAYERS = WEIGHTED + ("ConvTranspose",)  # what ends the output tail: a layer with a constant weight
+TAIL_REASON = "the output tail (after the last weighted layer) stays float; --quantize-tail quantizes it"
 ACTIVATION_QUANT = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu")
 CONSTANT_OPERAND_QUANT = ("Add", "Mul")  # a constant operand is quantized like an activation (per tensor)
 PASS_THROUGH = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Identity",
@@ -55,6 +64,7 @@ class Layer:
     bn: Node | None
     activation: Node | None
     input_source: str  # the quantized tensor whose scale the layer's input carries
+    float_output: bool = False  # in the output tail: input and weights quantized, output float
 
 
 @dataclass
@@ -70,13 +80,15 @@ class Plan:
     def summary(self) -> str:
         """One line: what is quantized, what stays float."""
         folded = sum(layer.bn is not None for layer in self.layers)
-        return (f"{len(self.layers)} layers ({folded} with BN folded), {len(self.quantized)} activation "
-                f"quantizers; {len(self.float_nodes)} nodes stay float")
+        tail = sum(layer.float_output for layer in self.layers)
+        return (f"{len(self.layers)} layers ({folded} with BN folded{f', {tail} with a float output' if tail else ''})"
+                f", {len(self.quantized)} activation quantizers; {len(self.float_nodes)} nodes stay float")
 
     def report(self) -> dict:
         return {
             "quantized_layers": [layer.node.name for layer in self.layers],
             "folded_batchnorm": [layer.bn.name for layer in self.layers if layer.bn is not None],
+            "float_output_layers": [layer.node.name for layer in self.layers if layer.float_output],
             "quantized_activations": len(self.quantized),
             "rescaled": len(self.rescaled),
             "float_nodes": [{"node": n, "op_type": t, "reason": why} for n, t, why in self.float_nodes],
@@ -154,12 +166,27 @@ def _rescaled_input(graph: Graph, node: Node, plan: Plan, consumers: dict[str, l
     return None
 
 
+def output_tail(graph: Graph) -> set[str]:
+    """The tensors from which no layer with a constant weight (Conv, ConvTranspose, Gemm, MatMul) can be reached:
+    what the last weighted layers compute and everything after them on the way to the graph outputs."""
+    consumers = graph.consumers()
+    feeds_layer: set[str] = set()
+    for node in reversed(graph.nodes):
+        weighted = node.op_type in WEIGHT_LAYERS and node.input(1) in graph.initializers
+        if weighted or any(o in feeds_layer for o in node.outputs):
+            feeds_layer.update(i for i in node.inputs if i)
+    tensors = {t for n in graph.nodes for t in (*n.inputs, *n.outputs) if t} | set(graph.input_names)
+    return {t for t in tensors if t not in feeds_layer and t not in graph.initializers
+            and (consumers.get(t) or t in graph.output_names)}
+
+
 def mark(graph: Graph, config: QuantConfig) -> Plan:
     """Decide where fake quantization goes; the graph is not changed."""
     plan = Plan()
     consumers = graph.consumers()
     trainable = set(read_roles(graph)[0])
     absorbed: set[int] = set()
+    tail = set() if config.quantize_tail else output_tail(graph)
 
     def ensure_quantized(tensor: str) -> str:
         if tensor in plan.rescaled:  # read through its rescaled DequantizeLinear
@@ -187,6 +214,7 @@ def mark(graph: Graph, config: QuantConfig) -> Plan:
         if _is_excluded(node, config):
             plan.float_nodes.append((node.name, node.op_type, "excluded by --exclude"))
             continue
+        in_tail = all(o in tail for o in node.outputs if o)
         if node.op_type in WEIGHTED:
             why = _weighted_why_not(graph, node, trainable)
             if why:
@@ -199,8 +227,10 @@ def mark(graph: Graph, config: QuantConfig) -> Plan:
                 bn = bn if _foldable_bn(graph, bn) else None
             if bn is not None:
                 absorbed.add(id(bn))
-            act = quantize_output(bn if bn is not None else node)
-            plan.layers.append(Layer(node, bn, act, source))
+            act = None if in_tail else quantize_output(bn if bn is not None else node)
+            plan.layers.append(Layer(node, bn, act, source, float_output=in_tail))
+        elif in_tail:
+            plan.float_nodes.append((node.name, node.op_type, TAIL_REASON))
         elif (x := _rescaled_input(graph, node, plan, consumers, config)) is not None:
             plan.rescaled[node.outputs[0]] = x
         elif node.op_type in ACTIVATION_QUANT:
