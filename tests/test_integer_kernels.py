@@ -274,17 +274,24 @@ def test_integer_add_and_mul_are_onnxruntimes_kernels(op_type, case, shapes, rng
         assert (exact - np.floor(exact) == 0.5).sum() > 10
 
 
-@pytest.mark.parametrize("op_type", ["Add", "Mul"])
-def test_integer_add_and_mul_on_every_pair_of_integers(op_type):
+# scales and zero points (float32 values) where float32 rounding changes some outputs (found by search): against
+# exact arithmetic, against the other order of QLinearAdd's multiply-adds, against its inner multiply-add split
+# into two roundings
+EVERY_PAIR = {"Add": ("Add", (0.047402896, 115, 0.04263414, 180, 0.030136924, 137)),
+              "Add, one rounding in the inner multiply-add": ("Add", (0.039186217, 64, 0.017026225, 63, 0.07315895,
+                                                                      135)),
+              "Mul": ("Mul", (0.031818263, 158, 0.027603963, 171, 0.4625769, 61))}
+
+
+@pytest.mark.parametrize("case", list(EVERY_PAIR))
+def test_integer_add_and_mul_on_every_pair_of_integers(case):
     """All 256 x 256 pairs of uint8 operands, a broadcast against b (onnxruntime hands the operand constant along
     the inner axis to the kernel as its scalar: the order of the fused multiply-adds then changes), scales whose
     ratios are not dyadic, so float32 rounding of the intermediate values decides some of the outputs."""
+    op_type, (sa, za, sb, zb, sc, zc) = EVERY_PAIR[case]
     nodes = [helper.make_node(op_type, ["a", "b"], ["y"])]
     session = _session(nodes, {}, [("a", ["N", 1, 256, 1]), ("b", ["N", 1, 1, 256])], "y", [None, 1, 256, 256])
     op = _kernel(session, "Integer" + op_type)
-    # scales and zero points (float32 values) where rounding in float32 changes some outputs (found by search)
-    sa, za, sb, zb, sc, zc = (0.047402896, 115, 0.04263414, 180, 0.030136924, 137) if op_type == "Add" else \
-        (0.031818263, 158, 0.027603963, 171, 0.4625769, 61)
     a_q = np.arange(256, dtype=u8).reshape(1, 1, 256, 1)
     b_q = np.arange(256, dtype=u8).reshape(1, 1, 1, 256)
     env = {}
@@ -298,11 +305,18 @@ def test_integer_add_and_mul_on_every_pair_of_integers(op_type):
             np.asarray(sc, f32), np.asarray(zc, u8)]
     (want,) = run_node("QLinear" + op_type, args, [u8], domain="com.microsoft")
     np.testing.assert_array_equal(got, want)
-    a, b = a_q.astype(np.float64) - za, b_q.astype(np.float64) - zb
-    f = np.float64
-    exact = (a * f(f32(sa)) + b * f(f32(sb))) / f(f32(sc)) if op_type == "Add" else \
-        a * b * f(f32(sa)) * f(f32(sb)) / f(f32(sc))
-    assert (np.clip(np.rint(exact) + zc, 0, 255) != want).any()  # the control: float32 rounding decides some
+    # the control: the data reach outputs that other arithmetic rounds otherwise
+    if case.startswith("Add, one rounding"):  # b (here the broadcast a) * R_b + F rounded, then a * R_a added
+        ra, rb = f32(f32(sa) / f32(sc)), f32(f32(sb) / f32(sc))
+        fixed = f32(np.float64(zc) - f32(np.float64(zb) * np.float64(rb) + np.float64(f32(ra * f32(za)))))
+        inner = (a_q.astype(f32) * ra) + fixed  # two float32 roundings: a product, then a sum
+        other = (b_q.astype(np.float64) * np.float64(rb) + inner.astype(np.float64)).astype(f32)
+    else:  # exact arithmetic
+        a, b = a_q.astype(np.float64) - za, b_q.astype(np.float64) - zb
+        f = np.float64
+        other = (a * f(f32(sa)) + b * f(f32(sb))) / f(f32(sc)) + zc if op_type == "Add" else \
+            a * b * f(f32(sa)) * f(f32(sb)) / f(f32(sc)) + zc
+    assert (np.clip(np.rint(other), 0, 255) != want).any()
 
 
 # ---- IntegerGlobalAveragePool: QLinearGlobalAveragePool --------------------------------------------------------
