@@ -87,7 +87,7 @@ def training_options(f):
         click.option("--optimizer", type=click.Choice(["sgd", "adam"]),
                      help="Default: sgd (momentum 0.9) for a classifier with labels; adam without labels."),
         click.option("--lr", type=click.FloatRange(0, min_open=True),
-                     help="Learning rate (default: 1e-3 for a classifier with labels; 1e-5 without labels, with "
+                     help="Learning rate (default: 1e-3 for a classifier with labels; 3e-5 without labels, with "
                           "adam)."),
         click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), help="SGD momentum (default 0.9)."),
         click.option("--weight-decay", type=click.FloatRange(0), help="L2 weight decay (default 0)."),
@@ -95,7 +95,9 @@ def training_options(f):
                      help="LR schedule (default cosine: lr falls to 0 by the last step, so the final weights settle; "
                           "with constant, low-bit accuracy can swing by points from one step to the next)."),
         click.option("--warmup-steps", type=click.IntRange(0), help="Linear LR warm-up steps (default 0)."),
-        click.option("--steps", type=click.IntRange(0), help="Training steps (default 200)."),
+        click.option("--steps", type=click.IntRange(0),
+                     help="Training steps (default 200 for a classifier with labels; without labels 800, or as many "
+                          "as take ~40 min at the step time two probe steps measure, at least 200)."),
         click.option("--epochs", type=click.FloatRange(0, min_open=True),
                      help="Training length in epochs instead of steps."),
         click.option("--batch-size", type=click.IntRange(1),

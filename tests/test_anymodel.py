@@ -321,3 +321,29 @@ def test_the_run_says_which_path_it_took_and_why(lenet, digits, tmp_path):
     api.train_quant(lenet, flat, tmp_path / "b", train=TrainConfig(steps=1), echo=said.append, quiet=True)
     assert said[0] == f"label-free QAT: the model learns to reproduce its float model, because {flat} has no class " \
                       "sub-folders (no labels)"
+
+
+@pytest.mark.parametrize("seconds_per_image, steps, said", [
+    (0.001, 800, "800 steps (a step at batch 10: ~0.0 s by the probe)"),
+    (0.5, 480, "480 steps: a step at batch 10 takes ~5.0 s by the probe, and the default 800 would take ~67 min"),
+    (10.0, 200, "200 steps: a step at batch 10 takes ~100.0 s"),  # never fewer than MIN_DISTILL_STEPS
+])
+def test_a_label_free_runs_default_length_fits_its_time_budget(seconds_per_image, steps, said):
+    from qatool.train.footprint import RUN_BUDGET_SECONDS, BatchChoice, distill_steps
+
+    assert RUN_BUDGET_SECONDS == 40 * 60
+    got, why = distill_steps(BatchChoice(10, 1, 1, seconds_per_image), 10)
+    assert got == steps and why.startswith(said)
+
+
+def test_a_label_free_run_without_steps_takes_the_default_length(map_model, blob_images, tmp_path, monkeypatch):
+    from qatool.train import footprint
+
+    monkeypatch.setattr(footprint, "DISTILL_STEPS", 3)
+    train, _ = blob_images
+    lines = []
+    report = api.train_quant(map_model, train, tmp_path, train=TrainConfig(batch_size=4), echo=lines.append,
+                             quiet=True)
+    assert report["steps"] == 3 and report["config"]["train"]["steps"] == 3
+    assert any(ln.startswith("3 steps (a step at batch 4:") for ln in lines)
+    assert report["config"]["train"]["lr"] == 3e-5 and report["config"]["train"]["optimizer"] == "adam"

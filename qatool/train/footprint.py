@@ -9,6 +9,7 @@ tracemalloc), and the default batch is the largest that fits the budget, at most
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 from dataclasses import dataclass
 
@@ -16,6 +17,13 @@ import numpy as np
 
 DEFAULT_BATCH = 64
 TRAIN_BUDGET = 6 * 1024**3  # the working set of one training step (the process also holds data, teacher, ...)
+# A label-free run's default length: DISTILL_STEPS, or fewer where a step is slow, so that the steps take about
+# RUN_BUDGET_SECONDS at the probe's step time (never fewer than MIN_DISTILL_STEPS). PP-OCRv4's recogniser (batch 13,
+# ~0.4 s a step) reads 88 % of the test lines as float does after 200 steps of Adam 1e-5 and 92 % after 800 of
+# 3e-5 (docs/benchmarks.md section 8); a 640x640 detector at ~6 s a step gets ~400.
+DISTILL_STEPS = 800
+MIN_DISTILL_STEPS = 200
+RUN_BUDGET_SECONDS = 40 * 60
 
 
 @dataclass
@@ -23,6 +31,11 @@ class BatchChoice:
     batch_size: int
     bytes_per_image: int
     budget: int
+    seconds_per_image: float = 0.0  # the probe's batch-2 step time per image (an estimate for a run's length)
+
+    def step_seconds(self, batch: int) -> float:
+        """A training step's estimated time at `batch` (the probe's time per image, linear in the batch)."""
+        return self.seconds_per_image * batch
 
     def summary(self) -> str:
         per = self.bytes_per_image / 1024**2
@@ -33,18 +46,32 @@ class BatchChoice:
                 "--batch-size overrides)")
 
     def to_dict(self) -> dict:
-        return {"batch_size": self.batch_size, "bytes_per_image": self.bytes_per_image, "budget": self.budget}
+        return {"batch_size": self.batch_size, "bytes_per_image": self.bytes_per_image, "budget": self.budget,
+                "seconds_per_image": round(self.seconds_per_image, 4)}
 
 
-def _step_peak(model, input_name: str, x: np.ndarray, tensors: list[str]) -> int:
-    """Peak bytes numpy allocated during one training-mode forward and backward of `x`."""
+def distill_steps(choice: BatchChoice, batch: int) -> tuple[int, str]:
+    """(the default steps of a label-free run at `batch`, the sentence that says why)."""
+    step = choice.step_seconds(batch)
+    fit = int(RUN_BUDGET_SECONDS / step) if step > 0 else DISTILL_STEPS
+    if fit >= DISTILL_STEPS:
+        return DISTILL_STEPS, f"{DISTILL_STEPS} steps (a step at batch {batch}: ~{step:.1f} s by the probe)"
+    steps = max(MIN_DISTILL_STEPS, fit)
+    return steps, (f"{steps} steps: a step at batch {batch} takes ~{step:.1f} s by the probe, and the default "
+                   f"{DISTILL_STEPS} would take ~{DISTILL_STEPS * step / 60:.0f} min (the budget is "
+                   f"{RUN_BUDGET_SECONDS // 60} min; --steps overrides)")
+
+
+def _step_peak(model, input_name: str, x: np.ndarray, tensors: list[str]) -> tuple[int, float]:
+    """(peak bytes numpy allocated, seconds) of one training-mode forward and backward of `x`."""
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
         base = tracemalloc.get_traced_memory()[0]
+        t0 = time.perf_counter()
         outs = model.forward({input_name: x}, training=True, outputs=tensors)
         model.backward([np.ones_like(o) for o in outs])
-        return tracemalloc.get_traced_memory()[1] - base
+        return tracemalloc.get_traced_memory()[1] - base, time.perf_counter() - t0
     finally:
         tracemalloc.stop()
 
@@ -59,9 +86,9 @@ def choose_batch(session, data, tensors: list[str], budget: int = TRAIN_BUDGET) 
     with np.errstate(all="ignore"), _probing(model) as restore:
         _step_peak(model, session.input_name, x2[:1], tensors)  # first-use allocations (caches) out of the way
         restore()
-        one = _step_peak(model, session.input_name, x2[:1], tensors)
+        one, _ = _step_peak(model, session.input_name, x2[:1], tensors)
         restore()
-        two = _step_peak(model, session.input_name, x2, tensors)
+        two, seconds = _step_peak(model, session.input_name, x2, tensors)
         restore()
     per_image = max(two - one, 1)
-    return BatchChoice(int(max(1, min(DEFAULT_BATCH, budget // per_image))), per_image, budget)
+    return BatchChoice(int(max(1, min(DEFAULT_BATCH, budget // per_image))), per_image, budget, seconds / 2)
