@@ -3,8 +3,10 @@
 A classifier at 224x224 trains at batch 64 in a few GB; a text detector at 640x640 holds ~0.6 GB per image
 (forward values kept for backward, gradients), so batch 64 would need ~40 GB. The step's working set grows
 linearly with the batch, so two probe steps (forward and backward, at batch 1 and 2, after a first one that
-makes the first-use allocations, observers held and the state put back) give the bytes per image as the difference of their peaks (numpy reports its allocations to
-tracemalloc), and the default batch is the largest that fits the budget, at most DEFAULT_BATCH.
+makes the first-use allocations, observers held and the state put back) give the bytes per image as the
+difference of their peaks (numpy reports its allocations to tracemalloc), and the default batch is the largest
+that fits the budget, at most DEFAULT_BATCH. A last probe step at batch 2, untraced (tracing slows a step several
+times over), times a step: a label-free run's default length is what fits its time budget (`distill_steps`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class BatchChoice:
     batch_size: int
     bytes_per_image: int
     budget: int
-    seconds_per_image: float = 0.0  # the probe's batch-2 step time per image (an estimate for a run's length)
+    seconds_per_image: float = 0.0  # the probe's untraced batch-2 step time per image, on the largest inputs
 
     def step_seconds(self, batch: int) -> float:
         """A training step's estimated time at `batch` (the probe's time per image, linear in the batch)."""
@@ -62,16 +64,23 @@ def distill_steps(choice: BatchChoice, batch: int) -> tuple[int, str]:
                    f"{RUN_BUDGET_SECONDS // 60} min; --steps overrides)")
 
 
-def _step_peak(model, input_name: str, x: np.ndarray, tensors: list[str]) -> tuple[int, float]:
-    """(peak bytes numpy allocated, seconds) of one training-mode forward and backward of `x`."""
+def _step(model, input_name: str, x: np.ndarray, tensors: list[str]) -> float:
+    """Seconds of one training-mode forward and backward of `x`."""
+    t0 = time.perf_counter()
+    outs = model.forward({input_name: x}, training=True, outputs=tensors)
+    model.backward([np.ones_like(o) for o in outs])
+    return time.perf_counter() - t0
+
+
+def _step_peak(model, input_name: str, x: np.ndarray, tensors: list[str]) -> int:
+    """Peak bytes numpy allocated during one training-mode forward and backward of `x` (tracing slows the step
+    several times over: `_step` times it)."""
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
         base = tracemalloc.get_traced_memory()[0]
-        t0 = time.perf_counter()
-        outs = model.forward({input_name: x}, training=True, outputs=tensors)
-        model.backward([np.ones_like(o) for o in outs])
-        return tracemalloc.get_traced_memory()[1] - base, time.perf_counter() - t0
+        _step(model, input_name, x, tensors)
+        return tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
 
@@ -86,9 +95,11 @@ def choose_batch(session, data, tensors: list[str], budget: int = TRAIN_BUDGET) 
     with np.errstate(all="ignore"), _probing(model) as restore:
         _step_peak(model, session.input_name, x2[:1], tensors)  # first-use allocations (caches) out of the way
         restore()
-        one, _ = _step_peak(model, session.input_name, x2[:1], tensors)
+        one = _step_peak(model, session.input_name, x2[:1], tensors)
         restore()
-        two, seconds = _step_peak(model, session.input_name, x2, tensors)
+        two = _step_peak(model, session.input_name, x2, tensors)
+        restore()
+        seconds = _step(model, session.input_name, x2, tensors)  # untraced, on the largest inputs
         restore()
     per_image = max(two - one, 1)
     return BatchChoice(int(max(1, min(DEFAULT_BATCH, budget // per_image))), per_image, budget, seconds / 2)
