@@ -226,6 +226,7 @@ def test_the_default_batch_fits_the_step_memory_budget(map_model, blob_images, t
     tight = choose_batch(session, data, ["map"], budget=int(5.5 * free.bytes_per_image))
     assert tight.batch_size == 5 and "5 fit the" in tight.summary()
     assert all(np.array_equal(v, state[k]) for k, v in session.model.state.items())  # the probes left no trace
+    assert free.seconds_per_image >= 0 and free.seconds_fixed >= 0 and free.step_seconds(4) > 0
     lines = []
     report = api.train_quant(map_model, train, tmp_path, train=TrainConfig(steps=1), echo=lines.append, quiet=True)
     assert report["batch_size"] == DEFAULT_BATCH and report["config"]["batch"]["bytes_per_image"] > 0
@@ -323,16 +324,18 @@ def test_the_run_says_which_path_it_took_and_why(lenet, digits, tmp_path):
                       "sub-folders (no labels)"
 
 
-@pytest.mark.parametrize("seconds_per_image, steps, said", [
-    (0.001, 800, "800 steps (a step at batch 10: ~0.0 s by the probe)"),
-    (0.5, 480, "480 steps: a step at batch 10 takes ~5.0 s by the probe, and the default 800 would take ~67 min"),
-    (10.0, 200, "200 steps: a step at batch 10 takes ~100.0 s"),  # never fewer than MIN_DISTILL_STEPS
+@pytest.mark.parametrize("fixed, seconds_per_image, steps, said", [
+    (0.0, 0.001, 800, "800 steps (a step at batch 10: ~0.0 s by the probe)"),
+    (2.0, 0.1, 800, "800 steps (a step at batch 10: ~3.0 s by the probe)"),  # 800 x 3 s = the whole budget
+    (0.0, 0.5, 480, "480 steps: a step at batch 10 takes ~5.0 s by the probe, and the default 800 would take ~67 min"),
+    (1.0, 0.4, 480, "480 steps: a step at batch 10 takes ~5.0 s"),
+    (0.0, 10.0, 200, "200 steps: a step at batch 10 takes ~100.0 s"),  # never fewer than MIN_DISTILL_STEPS
 ])
-def test_a_label_free_runs_default_length_fits_its_time_budget(seconds_per_image, steps, said):
+def test_a_label_free_runs_default_length_fits_its_time_budget(fixed, seconds_per_image, steps, said):
     from qatool.train.footprint import RUN_BUDGET_SECONDS, BatchChoice, distill_steps
 
     assert RUN_BUDGET_SECONDS == 40 * 60
-    got, why = distill_steps(BatchChoice(10, 1, 1, seconds_per_image), 10)
+    got, why = distill_steps(BatchChoice(10, 1, 1, seconds_per_image, fixed), 10)
     assert got == steps and why.startswith(said)
 
 
