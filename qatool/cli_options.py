@@ -97,7 +97,7 @@ def training_options(f):
         click.option("--warmup-steps", type=click.IntRange(0), help="Linear LR warm-up steps (default 0)."),
         click.option("--steps", type=click.IntRange(0),
                      help="Training steps (default 200 for a classifier with labels; without labels 800, or as many "
-                          "as take ~40 min at the step time two probe steps measure, at least 200)."),
+                          "as take ~40 min at the step time the probe steps measure, at least 200)."),
         click.option("--epochs", type=click.FloatRange(0, min_open=True),
                      help="Training length in epochs instead of steps."),
         click.option("--batch-size", type=click.IntRange(1),
