@@ -241,6 +241,24 @@ BINARY_CASES = {  # (a scale, a zero point, b scale, b zero point, output scale,
 }
 
 
+def _binary_against_onnxruntime(op, op_type: str, a_q, b_q, qparams) -> np.ndarray:
+    """The IntegerAdd / IntegerMul `op` on uint8 operands a_q, b_q with `qparams` (sa, za, sb, zb, sc, zc),
+    asserted equal to onnxruntime's QLinearAdd / QLinearMul on the same integers; returns onnxruntime's output."""
+    sa, za, sb, zb, sc, zc = qparams
+    env = {}
+    p = op.parts[0][1]
+    _quantizer(env, _names(op.operands[0]), sa, za)
+    _quantizer(env, _names(op.operands[1]), sb, zb)
+    _quantizer(env, op.out, sc, zc)
+    env[p.input(0)], env[p.input(1)] = _deq(a_q, sa, za), _deq(b_q, sb, zb)
+    got = _run(op, env)
+    args = [a_q, np.asarray(sa, f32), np.asarray(za, u8), b_q, np.asarray(sb, f32), np.asarray(zb, u8),
+            np.asarray(sc, f32), np.asarray(zc, u8)]
+    (want,) = run_node("QLinear" + op_type, args, [u8], domain="com.microsoft")
+    np.testing.assert_array_equal(got, want)
+    return want
+
+
 @pytest.mark.parametrize("shapes", [((2, 3, 4, 5), (2, 3, 4, 5)), ((2, 3, 1, 1), (2, 3, 4, 5)),
                                     ((2, 3, 4, 5), (2, 3, 1, 1)), ((2, 3, 4, 5), (1, 3, 1, 5))])
 @pytest.mark.parametrize("case", ["random", "ties", "saturation"])
@@ -255,17 +273,7 @@ def test_integer_add_and_mul_are_onnxruntimes_kernels(op_type, case, shapes, rng
     sa, za, sb, zb, sc, zc = BINARY_CASES[op_type][case]
     a_q = rng.integers(0, 256, a_shape).astype(u8)
     b_q = rng.integers(0, 256, b_shape).astype(u8)
-    env = {}
-    p = op.parts[0][1]
-    _quantizer(env, _names(op.operands[0]), sa, za)
-    _quantizer(env, _names(op.operands[1]), sb, zb)
-    _quantizer(env, op.out, sc, zc)
-    env[p.input(0)], env[p.input(1)] = _deq(a_q, sa, za), _deq(b_q, sb, zb)
-    got = _run(op, env)
-    args = [a_q, np.asarray(sa, f32), np.asarray(za, u8), b_q, np.asarray(sb, f32), np.asarray(zb, u8),
-            np.asarray(sc, f32), np.asarray(zc, u8)]
-    (want,) = run_node("QLinear" + op_type, args, [u8], domain="com.microsoft")
-    np.testing.assert_array_equal(got, want)
+    want = _binary_against_onnxruntime(op, op_type, a_q, b_q, (sa, za, sb, zb, sc, zc))
     if case == "saturation":
         assert (want == 255).any() and (want == 0).any()
     if case == "ties":  # the exact value lies half-way between two levels for many elements
@@ -294,17 +302,7 @@ def test_integer_add_and_mul_on_every_pair_of_integers(case):
     op = _kernel(session, "Integer" + op_type)
     a_q = np.arange(256, dtype=u8).reshape(1, 1, 256, 1)
     b_q = np.arange(256, dtype=u8).reshape(1, 1, 1, 256)
-    env = {}
-    p = op.parts[0][1]
-    _quantizer(env, _names(op.operands[0]), sa, za)
-    _quantizer(env, _names(op.operands[1]), sb, zb)
-    _quantizer(env, op.out, sc, zc)
-    env[p.input(0)], env[p.input(1)] = _deq(a_q, sa, za), _deq(b_q, sb, zb)
-    got = _run(op, env)
-    args = [a_q, np.asarray(sa, f32), np.asarray(za, u8), b_q, np.asarray(sb, f32), np.asarray(zb, u8),
-            np.asarray(sc, f32), np.asarray(zc, u8)]
-    (want,) = run_node("QLinear" + op_type, args, [u8], domain="com.microsoft")
-    np.testing.assert_array_equal(got, want)
+    want = _binary_against_onnxruntime(op, op_type, a_q, b_q, (sa, za, sb, zb, sc, zc))
     # the control: the data reach outputs that other arithmetic rounds otherwise
     if case.startswith("Add, one rounding"):  # b (here the broadcast a) * R_b + F rounded, then a * R_a added
         ra, rb = f32(f32(sa) / f32(sc)), f32(f32(sb) / f32(sc))
