@@ -149,16 +149,21 @@ class Pipe:
         raise NotImplementedError
 
 
+def rapidocr_config(section: str, model) -> dict:
+    """rapidocr's own config.yaml section ("Det" / "Rec") with its model_path set to `model`."""
+    import rapidocr_onnxruntime
+    from rapidocr_onnxruntime.utils import read_yaml
+    cfg = read_yaml(Path(rapidocr_onnxruntime.__file__).parent / "config.yaml")[section]
+    cfg["model_path"] = str(model)
+    return cfg
+
+
 class DetPipe(Pipe):
     name = "det"
 
     def _build(self):
         from rapidocr_onnxruntime.ch_ppocr_det import TextDetector
-        from rapidocr_onnxruntime.utils import read_yaml
-        import rapidocr_onnxruntime
-        cfg = read_yaml(Path(rapidocr_onnxruntime.__file__).parent / "config.yaml")["Det"]
-        cfg["model_path"] = str(self.float_path)
-        self.cfg = cfg
+        self.cfg = cfg = rapidocr_config("Det", self.float_path)
         self.det = TextDetector(cfg)
         self.wrapper = self.det.infer          # rapidocr OrtInferSession; .session is the InferenceSession
 
@@ -181,11 +186,7 @@ class RecPipe(Pipe):
 
     def _build(self):
         from rapidocr_onnxruntime.ch_ppocr_rec import TextRecognizer
-        from rapidocr_onnxruntime.utils import read_yaml
-        import rapidocr_onnxruntime
-        cfg = read_yaml(Path(rapidocr_onnxruntime.__file__).parent / "config.yaml")["Rec"]
-        cfg["model_path"] = str(self.float_path)
-        self.cfg = cfg
+        self.cfg = cfg = rapidocr_config("Rec", self.float_path)
         self.rec = TextRecognizer(cfg)
         self.wrapper = self.rec.session
         self.character = self.rec.postprocess_op.character      # blank + 6623 + space
