@@ -92,7 +92,7 @@ def _load_data(train_set, val_set, pre, echo):
 
 def _resolve_batch(train_cfg, session, data, tensors, ckpt, echo):
     """The training config with its batch: --batch-size, else a resumed run's, else the largest that fits the
-    step's memory budget (qatool.train.footprint), at most 64. Returns (config, the probe's BatchChoice or None)."""
+    step's memory budget (qatool.train.footprint), at most 64. Returns (config, the choice's record or None)."""
     from dataclasses import replace
 
     from .train.footprint import choose_batch
@@ -103,21 +103,21 @@ def _resolve_batch(train_cfg, session, data, tensors, ckpt, echo):
         return replace(train_cfg, batch_size=int(ckpt.train["batch_size"])), None
     choice = choose_batch(session, data, tensors)
     echo(choice.summary())
-    return replace(train_cfg, batch_size=choice.batch_size), choice
+    return replace(train_cfg, batch_size=choice.batch_size), choice.to_dict()
 
 
-def _resolve_length(train_cfg, session, data, tensors, choice, ckpt, echo):
+def _resolve_length(train_cfg, session, data, tensors, ckpt, echo):
     """A label-free run's steps: --steps / --epochs, else a resumed run's, else DISTILL_STEPS or as many as fit the
     run's time budget at the probe's step time (qatool.train.footprint.distill_steps)."""
     from dataclasses import replace
 
-    from .train.footprint import choose_batch, distill_steps
+    from .train.footprint import distill_steps, step_time
 
     if train_cfg.steps is not None or train_cfg.epochs is not None:
         return train_cfg
     if ckpt is not None and ckpt.train.get("steps"):
         return replace(train_cfg, steps=int(ckpt.train["steps"]))
-    steps, why = distill_steps(choice or choose_batch(session, data, tensors), train_cfg.batch_size)
+    steps, why = distill_steps(step_time(session, data, tensors), train_cfg.batch_size)
     echo(why)
     return replace(train_cfg, steps=steps)
 
@@ -242,7 +242,6 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
                                   outputs=[session.logits])[0]
     check_logits(probe, float_graph, session.logits)
     train_cfg, batch_choice = _resolve_batch(train_cfg, session, train_images, [session.logits], ckpt, echo)
-    batch_choice = batch_choice.to_dict() if batch_choice else None
     if ckpt is None and train_cfg.mixed_precision:  # (a resumed run's settings already hold the per-layer bits)
         quant_cfg = _mixed_precision(float_graph, train_images, quant_cfg, train_cfg, echo)
         session = QatSession.create(float_graph, quant_cfg, train_cfg.seed)
@@ -440,8 +439,7 @@ def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_
                                 map_threshold=train_cfg.map_threshold)
     objective = Distillation(tasks, Teacher(float_graph, [t.loss_tensor for t in tasks]))
     train_cfg, batch_choice = _resolve_batch(train_cfg, session, train_set, objective.tensors, ckpt, echo)
-    train_cfg = _resolve_length(train_cfg, session, train_set, objective.tensors, batch_choice, ckpt, echo)
-    batch_choice = batch_choice.to_dict() if batch_choice else None
+    train_cfg = _resolve_length(train_cfg, session, train_set, objective.tensors, ckpt, echo)
     judge = Judge(tasks, float_model, val_set, eval_batch_size(val_set), user_metric) if val_set is not None \
         else None
     plan = session.plan.report()

@@ -212,7 +212,7 @@ def test_the_default_batch_fits_the_step_memory_budget(map_model, blob_images, t
     from qatool.data.preprocess import resolve_preprocess
     from qatool.ir.io import load_proto
     from qatool.quant.config import QuantConfig
-    from qatool.train.footprint import DEFAULT_BATCH, choose_batch
+    from qatool.train.footprint import DEFAULT_BATCH, choose_batch, step_time
     from qatool.train.session import QatSession
 
     graph = normalize_proto(load_proto(map_model), for_training=True).graph
@@ -226,7 +226,9 @@ def test_the_default_batch_fits_the_step_memory_budget(map_model, blob_images, t
     tight = choose_batch(session, data, ["map"], budget=int(5.5 * free.bytes_per_image))
     assert tight.batch_size == 5 and "5 fit the" in tight.summary()
     assert all(np.array_equal(v, state[k]) for k, v in session.model.state.items())  # the probes left no trace
-    assert free.seconds_per_image >= 0 and free.seconds_fixed >= 0 and free.step_seconds(4) > 0
+    timed = step_time(session, data, ["map"])
+    assert timed.per_image >= 0 and timed.fixed >= 0 and timed.seconds(4) > 0
+    assert all(np.array_equal(v, state[k]) for k, v in session.model.state.items())
     lines = []
     report = api.train_quant(map_model, train, tmp_path, train=TrainConfig(steps=1), echo=lines.append, quiet=True)
     assert report["batch_size"] == DEFAULT_BATCH and report["config"]["batch"]["bytes_per_image"] > 0
@@ -332,10 +334,10 @@ def test_the_run_says_which_path_it_took_and_why(lenet, digits, tmp_path):
     (0.0, 10.0, 200, "200 steps: a step at batch 10 takes ~100.0 s"),  # never fewer than MIN_DISTILL_STEPS
 ])
 def test_a_label_free_runs_default_length_fits_its_time_budget(fixed, seconds_per_image, steps, said):
-    from qatool.train.footprint import RUN_BUDGET_SECONDS, BatchChoice, distill_steps
+    from qatool.train.footprint import RUN_BUDGET_SECONDS, StepTime, distill_steps
 
     assert RUN_BUDGET_SECONDS == 40 * 60
-    got, why = distill_steps(BatchChoice(10, 1, 1, seconds_per_image, fixed), 10)
+    got, why = distill_steps(StepTime(fixed, seconds_per_image), 10)
     assert got == steps and why.startswith(said)
 
 

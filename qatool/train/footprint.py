@@ -5,9 +5,9 @@ A classifier at 224x224 trains at batch 64 in a few GB; a text detector at 640x6
 linearly with the batch, so two probe steps (forward and backward, at batch 1 and 2, after a first one that
 makes the first-use allocations, observers held and the state put back) give the bytes per image as the
 difference of their peaks (numpy reports its allocations to tracemalloc), and the default batch is the largest
-that fits the budget, at most DEFAULT_BATCH. Untraced steps at batch 1 and 2 on inputs of the median size (tracing
-slows a step several times over) time a step: a label-free run's default length is what fits its time budget
-(`distill_steps`).
+that fits the budget, at most DEFAULT_BATCH. `step_time` times untraced steps at batch 1 and 2 on inputs of the
+median size (tracing slows a step several times over): a label-free run's default length is what fits its time
+budget (`distill_steps`).
 """
 
 from __future__ import annotations
@@ -34,12 +34,6 @@ class BatchChoice:
     batch_size: int
     bytes_per_image: int
     budget: int
-    seconds_per_image: float = 0.0  # a step's time: seconds_fixed + seconds_per_image * batch (typical inputs)
-    seconds_fixed: float = 0.0
-
-    def step_seconds(self, batch: int) -> float:
-        """A training step's estimated time at `batch`."""
-        return self.seconds_fixed + self.seconds_per_image * batch
 
     def summary(self) -> str:
         per = self.bytes_per_image / 1024**2
@@ -50,13 +44,23 @@ class BatchChoice:
                 "--batch-size overrides)")
 
     def to_dict(self) -> dict:
-        return {"batch_size": self.batch_size, "bytes_per_image": self.bytes_per_image, "budget": self.budget,
-                "seconds_per_image": round(self.seconds_per_image, 4), "seconds_fixed": round(self.seconds_fixed, 4)}
+        return {"batch_size": self.batch_size, "bytes_per_image": self.bytes_per_image, "budget": self.budget}
 
 
-def distill_steps(choice: BatchChoice, batch: int) -> tuple[int, str]:
+@dataclass
+class StepTime:
+    """A training step's time, linear in the batch: fixed + per_image * batch (measured on median-sized inputs)."""
+
+    fixed: float
+    per_image: float
+
+    def seconds(self, batch: int) -> float:
+        return self.fixed + self.per_image * batch
+
+
+def distill_steps(step_time: StepTime, batch: int) -> tuple[int, str]:
     """(the default steps of a label-free run at `batch`, the sentence that says why)."""
-    step = choice.step_seconds(batch)
+    step = step_time.seconds(batch)
     fit = int(RUN_BUDGET_SECONDS / step) if step > 0 else DISTILL_STEPS
     if fit >= DISTILL_STEPS:
         return DISTILL_STEPS, f"{DISTILL_STEPS} steps (a step at batch {batch}: ~{step:.1f} s by the probe)"
@@ -101,22 +105,23 @@ def choose_batch(session, data, tensors: list[str], budget: int = TRAIN_BUDGET) 
         restore()
         two = _step_peak(model, session.input_name, x2, tensors)
         restore()
-        fixed, per_step_image = _step_time(model, session.input_name, data, tensors, restore)
     per_image = max(two - one, 1)
-    return BatchChoice(int(max(1, min(DEFAULT_BATCH, budget // per_image))), per_image, budget, per_step_image,
-                       fixed)
+    return BatchChoice(int(max(1, min(DEFAULT_BATCH, budget // per_image))), per_image, budget)
 
 
-def _step_time(model, input_name: str, data, tensors: list[str], restore) -> tuple[float, float]:
-    """(fixed seconds, seconds per image) of an untraced training step on inputs of the median size, from steps
-    at batch 1 and 2 (a step's per-op overhead does not grow with the batch)."""
+def step_time(session, data, tensors: list[str]) -> StepTime:
+    """An untraced training step's time on inputs of the median size, from steps at batch 1 and 2 (a step's
+    per-op overhead does not grow with the batch); observers held and the state put back, like choose_batch."""
+    from .recipe import _probing
+
     groups = sorted(data.groups, key=lambda g: int(np.prod(data.item_shape(int(g[0])))))
     group = groups[len(groups) // 2]
     x2, _ = data.batch(group[:2] if len(group) > 1 else np.repeat(group[:1], 2))
     times = []
-    for x in (x2[:1], x2[:1], x2, x2):  # the first step at each input shape pays its first-use costs: not timed
-        times.append(_step(model, input_name, x, tensors))
-        restore()
+    with np.errstate(all="ignore"), _probing(session.model) as restore:
+        for x in (x2[:1], x2[:1], x2, x2):  # the first step at each input shape pays its first-use costs: not timed
+            times.append(_step(session.model, session.input_name, x, tensors))
+            restore()
     one, two = times[1], times[3]
     per_image = max(two - one, 0.0)
-    return max(one - per_image, 0.0), per_image
+    return StepTime(max(one - per_image, 0.0), per_image)
