@@ -416,6 +416,7 @@ def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_
     from .runtime.backends import eval_batch_size
     from .tasks.judge import Judge, describe
     from .tasks.metric import UserMetric
+    from .data import TensorSet
     from .train.anymodel import FloatModel, choose_output_tasks, data_kind, load_unlabelled, unlabelled_preprocess
     from .train.checkpoint import load_checkpoint
     from .train.loop import Phases, train as run_train
@@ -431,8 +432,10 @@ def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_
     # the QAT graph first: a model the engine cannot run fails before any image is read
     session = QatSession.from_checkpoint(ckpt, train_cfg.seed) if ckpt else \
         QatSession.create(float_graph, quant_cfg, train_cfg.seed)
-    train_set, val_set = load_unlabelled(float_graph, train_data, val_data, pre)
-    echo(f"{len(train_set)} training {data_kind(train_set)} from {train_data} (no labels: the float model is the "
+    train_set, val_set = load_unlabelled(float_graph, train_data, val_data, pre, train_cfg.pad_multiple,
+                                         (preprocess or {}).get("pad_value") or 0.0)
+    kind = train_set.describe() if isinstance(train_set, TensorSet) else data_kind(train_set)
+    echo(f"{len(train_set)} training {kind} from {train_data} (no labels: the float model is the "
          f"teacher)" + (f"; {len(val_set)} validation from {val_data}" if val_set is not None else ""))
     float_model = FloatModel(float_graph)
     tasks = choose_output_tasks(float_graph, float_model, train_set, distill_outputs, echo,

@@ -226,6 +226,32 @@ def test_tensor_folder_is_batched_by_shape(tmp_path):
         ts.check_fits(["N", 1, 8, "W"], "the model")
 
 
+def test_tensor_folder_pads_free_sizes_up_to_a_multiple(tmp_path):
+    from qatool.data import open_dataset
+
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal((3, 8, w)).astype(np.float32) for w in (30, 17, 33, 64, 5)]
+    for i, a in enumerate(arrays):
+        np.save(tmp_path / f"{i:02d}.npy", a)
+    ts = open_dataset(tmp_path).pad_free_dims([1, 3, 8, "W"], 32, pad_value=-1.5)
+    assert [list(g) for g in ts.groups] == [[0, 1, 4], [2, 3]]  # widths 32 and 64
+    assert ts.item_shape(4) == (3, 8, 32) and ts.item_shape(2) == (3, 8, 64)
+    x, _ = ts.batch(np.array([0, 1, 4]))
+    assert x.shape == (3, 3, 8, 32)
+    for row, i in zip(x, (0, 1, 4)):
+        w = arrays[i].shape[2]
+        np.testing.assert_array_equal(row[:, :, :w], arrays[i])  # the tensor itself, unchanged, at the left
+        assert np.all(row[:, :, w:] == np.float32(-1.5))  # the pad value on the right
+    for step in range(4):  # training batches never mix padded sizes
+        assert len({ts.item_shape(int(i)) for i in batch_indices(ts.groups, 2, step, seed=3)}) == 1
+    # a size the model fixes is never padded; 1 keeps every size apart
+    fixed = open_dataset(tmp_path).pad_free_dims([1, 3, 8, 64], 32)
+    assert [fixed.item_shape(i) for i in range(5)] == [a.shape for a in arrays]
+    assert len(open_dataset(tmp_path).pad_free_dims([1, 3, "H", "W"], 1).groups) == 5
+    with pytest.raises(DataError, match="the pad multiple must be at least 1"):
+        ts.pad_free_dims([1, 3, 8, "W"], 0)
+
+
 def test_tensor_folder_refuses_other_ranks(tmp_path):
     from qatool.data import open_dataset
 

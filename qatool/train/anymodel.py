@@ -95,9 +95,11 @@ def unlabelled_preprocess(float_graph: Graph, data, val_data=None, preprocess: d
     return pre
 
 
-def load_unlabelled(float_graph: Graph, data, val_data=None, pre=None):
+def load_unlabelled(float_graph: Graph, data, val_data=None, pre=None, pad_multiple: int = 1,
+                    pad_value: float = 0.0):
     """(data set, validation set or None) read without labels: image folders (with `pre`) or `.npy` folders
-    (each tensor must fit the model's input)."""
+    (each tensor must fit the model's input; the sizes the model leaves free rounded up to `pad_multiple`,
+    padded with `pad_value`: TensorSet.pad_free_dims)."""
     from ..data import open_dataset
 
     loaded = []
@@ -105,6 +107,7 @@ def load_unlabelled(float_graph: Graph, data, val_data=None, pre=None):
         s = open_dataset(d, labelled=False) if d is not None else None
         if isinstance(s, TensorSet):
             s.check_fits(float_graph.inputs[0].shape, f"the model's input {float_graph.inputs[0].name!r}")
+            s.pad_free_dims(float_graph.inputs[0].shape, pad_multiple, pad_value)
         loaded.append(s.load(pre) if s is not None else None)
     return loaded[0], loaded[1]
 

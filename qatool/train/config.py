@@ -52,6 +52,7 @@ class TrainConfig:
     validate_every: int | None = None  # steps between int8 validations; None: a quarter of the run
     logits: str | None = None  # the logits tensor, when the output is probabilities no Softmax produces
     map_threshold: float = 0.3  # without labels: a probability map's IoU with float's, both thresholded here
+    pad_multiple: int = 32  # .npy folders: a free height / width padded up to a multiple of this (1: as it is)
 
     def __post_init__(self):
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
@@ -76,6 +77,8 @@ class TrainConfig:
             raise ConfigError(f"validate_every must be >= 1, got {self.validate_every}")
         if not 0.0 < self.map_threshold < 1.0:
             raise ConfigError(f"map_threshold must be in (0, 1), got {self.map_threshold}")
+        if self.pad_multiple < 1:
+            raise ConfigError(f"pad_multiple must be >= 1, got {self.pad_multiple}")
         if self.distill_temperature <= 0:
             raise ConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if not 0.0 <= self.distill_alpha <= 1.0:
