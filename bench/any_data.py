@@ -56,7 +56,9 @@ CACHE = ROOT / "bench" / ".cache" / "any"
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 DATA_VERSION = 3
 MODELS = ("det", "rec", "layout")
-SIZES = {"rec": {"train": 600, "val": 100, "test": 300},
+# rec's val split was 100 lines until session 13: too few and too easy to choose a checkpoint by (one int8 model
+# read 95 % of them as float does, 90 % of the train lines and 86 % of the test lines); 300 since.
+SIZES = {"rec": {"train": 600, "val": 300, "test": 300},
          "det": {"train": 300, "val": 100, "test": 100},
          "layout": {"train": 300, "val": 100, "test": 100}}
 SEEDS = {(m, s): 1000 * (i + 1) + j for i, m in enumerate(MODELS) for j, s in enumerate(("train", "val", "test"))}

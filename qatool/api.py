@@ -420,7 +420,7 @@ def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_
     from .train.anymodel import FloatModel, choose_output_tasks, data_kind, load_unlabelled, unlabelled_preprocess
     from .train.checkpoint import load_checkpoint
     from .train.loop import Phases, train as run_train
-    from .train.objective import Distillation
+    from .train.objective import Distillation, feature_tasks
     from .train.session import QatSession
     from .train.teacher import Teacher
     from .train.validation import Validator, best_path
@@ -440,7 +440,10 @@ def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_
     float_model = FloatModel(float_graph)
     tasks = choose_output_tasks(float_graph, float_model, train_set, distill_outputs, echo,
                                 map_threshold=train_cfg.map_threshold)
-    objective = Distillation(tasks, Teacher(float_graph, [t.loss_tensor for t in tasks]))
+    features = feature_tasks(session.plan, float_graph, train_cfg.distill_features)
+    for t in features:
+        echo(f"feature {t.output}: {t.why}; loss: {t.loss_name}")
+    objective = Distillation(tasks, Teacher(float_graph, [t.loss_tensor for t in tasks + features]), features)
     train_cfg, batch_choice = _resolve_batch(train_cfg, session, train_set, objective.tensors, ckpt, echo)
     train_cfg = _resolve_length(train_cfg, session, train_set, objective.tensors, ckpt, echo)
     judge = Judge(tasks, float_model, val_set, eval_batch_size(val_set), user_metric) if val_set is not None \

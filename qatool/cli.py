@@ -127,6 +127,9 @@ def convert(model: str, output: str, for_training: bool) -> None:
               help="Without labels: your own measure, a function (outputs, batch) -> score (higher is better; "
                    "outputs: {output name: array} of one batch, batch: its input), averaged over the validation "
                    "images; it chooses the checkpoint (--keep best) instead of the task measure.")
+@click.option("--distill-features", type=click.Choice(["none", "tail-inputs"]),
+              help="Without labels: also distil intermediate tensors: tail-inputs, the input of each last weighted "
+                   "layer (the head convolutions' inputs, PaddleSlim ACT's rule), by normalised MSE (default none).")
 @click.option("--pad-multiple", type=click.IntRange(min=1),
               help="Without labels, .npy folders: a height / width the model leaves free is padded (right / bottom, "
                    "with --pad-value, default 0) up to a multiple of this, so inputs of nearby sizes train in one "
@@ -143,7 +146,7 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                 optimizer, lr, scale_lr, momentum, weight_decay, schedule, warmup_steps, steps, epochs, batch_size,
                 seed, init, init_method, init_images, mixed_precision, mixed_low_bits, save_every, keep,
                 validate_every, logits, teacher, distill_temperature, distill_alpha, new_head, features, float_steps,
-                freeze_backbone, map_threshold, pad_multiple, metric, distill_outputs, resume, quiet):
+                freeze_backbone, map_threshold, distill_features, pad_multiple, metric, distill_outputs, resume, quiet):
     """Quantization-aware training of MODEL on an image folder.
 
     MODEL is a float ONNX model (converted --for-training on the fly) or the output of
@@ -173,7 +176,7 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                "init": init, "init_method": init_method, "init_images": init_images,
                "mixed_precision": mixed_precision, "mixed_low_bits": mixed_low_bits, "keep": keep,
                "validate_every": validate_every, "logits": logits, "map_threshold": map_threshold,
-               "pad_multiple": pad_multiple}
+               "distill_features": distill_features, "pad_multiple": pad_multiple}
     quant = {**q_file, **{k: v for k, v in q_flags.items() if v is not None}}
     train = {**t_file, **{k: v for k, v in t_flags.items() if v is not None}}
     pre = {k: tuple(v) if isinstance(v, list) else v for k, v in p_file.items()}

@@ -144,6 +144,34 @@ def test_free_widths_are_padded_into_one_batch_by_default(ctc_model, npy_inputs,
     assert any("24 training input tensors (1 size, free sizes padded to a multiple of 32)" in ln for ln in lines)
 
 
+def test_tail_inputs_are_distilled_as_features(ctc_model, npy_inputs, tmp_path):
+    from qatool.convert import normalize_proto
+    from qatool.ir.io import load_proto
+    from qatool.quant.config import QuantConfig
+    from qatool.train.objective import feature_tasks
+    from qatool.train.session import QatSession
+
+    graph = normalize_proto(load_proto(ctc_model), for_training=True, free_batch=True).graph
+    plan = QatSession.create(graph, QuantConfig(), 0).plan
+    [feature] = feature_tasks(plan, graph, "tail-inputs")
+    assert feature.loss_tensor == "t" and feature.kind == "tensor"  # the final MatMul's input
+    assert feature_tasks(plan, graph, "none") == []
+    train, val = npy_inputs
+    lines = []
+    report = api.train_quant(ctc_model, train, tmp_path, val_data=val,
+                             train=TrainConfig(steps=3, batch_size=4, distill_features="tail-inputs"),
+                             echo=lines.append, quiet=True)
+    assert "nmse on 1 input of the last weighted layers" in report["objective"]
+    assert any(ln.startswith("feature t: the input of") for ln in lines)
+    assert [t["output"] for t in report["tasks"]] == ["probs"]  # judged on the outputs only
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    plain = tmp_path / "plain"
+    api.train_quant(ctc_model, train, plain, val_data=val, train=TrainConfig(steps=3, batch_size=4),
+                    echo=lambda m: None, quiet=True)
+    # the same first batch, teacher and start: the features add their loss to the outputs'
+    assert first["loss"] > json.loads((plain / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+
 def test_bad_inputs_get_one_line_and_no_output(capsys, ctc_model, map_model, npy_inputs, tmp_path):
     from test_errors import assert_clean_error, run_cli
 

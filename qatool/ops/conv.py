@@ -400,7 +400,9 @@ class Conv(Op):
         self.x_shape, self.w, self.has_bias = x.shape, w, b is not None
         cg, mg, p = c // g, m // g, prod(out)
         self.pointwise = all(k == 1 for k in kernel) and all(s == 1 for s in strides) and not any(pb) and not any(pe)
-        self.x = x  # a reference: free, and lets backward rebuild the im2col matrix if it was not kept
+        # dW's input (dX needs only w and dY): a reference, dropped below where the im2col matrix or the banded
+        # path's padded copy is kept instead (holding both would keep the input twice)
+        self.x = x if self.needs_grad[1] else None
         if self.pointwise:  # 1x1: a plain (batched) matmul, no im2col
             y = np.matmul(w.reshape(g, mg, cg), x.reshape(n, g, cg, p)).reshape((n, m) + tuple(out))
             if b is not None:
@@ -410,12 +412,17 @@ class Conv(Op):
         self.banded = None
         if _Banded.applies(kernel, cg, mg):
             self.banded = _Banded(x.shape, kernel, strides, dilations, pb, out)
-            return self.banded.forward(x, w, b, keep)
+            y = self.banded.forward(x, w, b, keep)
+            if keep:  # the padded input buffer is kept: backward reads it, not x
+                self.x = None
+            return y
         y, col, self.per_image = _dense_conv(x, w, b, g, kernel, strides, dilations, pb, out)
         # dW needs the im2col matrix; keeping it costs prod(kernel) / prod(strides) times the input (9x for a
         # 3x3 conv, 12x for ResNet's 7x7 stride-2 stem: half of ResNet18's training memory), rebuilding it is one
         # strided copy in backward. Kept only when it is at most KEEP_COL_FACTOR times the input.
         self.col = col if keep and col.nbytes <= KEEP_COL_FACTOR * x.nbytes else None
+        if self.col is not None:
+            self.x = None
         return y
 
     def backward(self, gy):

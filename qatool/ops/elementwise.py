@@ -46,13 +46,18 @@ class Sub(Op):
 
 @register("Mul")
 class Mul(Op):
+    """Keeps each operand only for the other's gradient: b where a needs one, a where b does. A Mul by a
+    constant (hard-swish's x * (1/6), a scale) then keeps nothing of its tensor input."""
+
     def forward(self, ctx, a, b):
-        self.a, self.b = a, b
+        self.shapes = a.shape, b.shape
+        self.a = a if _needs(self, 1) else None
+        self.b = b if _needs(self, 0) else None
         return a * b
 
     def backward(self, g):
-        ga = unbroadcast(g * self.b, self.a.shape) if _needs(self, 0) else None
-        gb = unbroadcast(g * self.a, self.b.shape) if _needs(self, 1) else None
+        ga = unbroadcast(g * self.b, self.shapes[0]) if _needs(self, 0) else None
+        gb = unbroadcast(g * self.a, self.shapes[1]) if _needs(self, 1) else None
         return ga, gb
 
 

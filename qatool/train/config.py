@@ -52,6 +52,7 @@ class TrainConfig:
     validate_every: int | None = None  # steps between int8 validations; None: a quarter of the run
     logits: str | None = None  # the logits tensor, when the output is probabilities no Softmax produces
     map_threshold: float = 0.3  # without labels: a probability map's IoU with float's, both thresholded here
+    distill_features: str = "none"  # without labels: also distil intermediate tensors ("tail-inputs")
     pad_multiple: int = 32  # .npy folders: a free height / width padded up to a multiple of this (1: as it is)
 
     def __post_init__(self):
@@ -77,6 +78,8 @@ class TrainConfig:
             raise ConfigError(f"validate_every must be >= 1, got {self.validate_every}")
         if not 0.0 < self.map_threshold < 1.0:
             raise ConfigError(f"map_threshold must be in (0, 1), got {self.map_threshold}")
+        if self.distill_features not in ("none", "tail-inputs"):
+            raise ConfigError(f"distill_features must be none or tail-inputs, got {self.distill_features!r}")
         if self.pad_multiple < 1:
             raise ConfigError(f"pad_multiple must be >= 1, got {self.pad_multiple}")
         if self.distill_temperature <= 0:

@@ -41,10 +41,13 @@ class LabelledClasses:
 
 
 class Distillation:
-    """Label-free: the sum of each task's loss between the student's tensor and the float teacher's."""
+    """Label-free: the sum of each task's loss between the student's tensor and the float teacher's. `features`:
+    more tasks on intermediate tensors (`feature_tasks`), in the loss only (the judge measures the outputs); the
+    teacher gives the outputs' loss tensors, then the features'."""
 
-    def __init__(self, tasks, teacher):
-        self.tasks = list(tasks)
+    def __init__(self, tasks, teacher, features=()):
+        self.tasks = list(tasks) + list(features)
+        self.features = list(features)
         self.tensors = [t.loss_tensor for t in self.tasks]
         self.teacher = teacher
 
@@ -58,5 +61,32 @@ class Distillation:
         return total, grads, None
 
     def describe(self) -> str:
-        parts = [f"{t.loss_name} on {t.loss_tensor}" for t in self.tasks]
+        parts = [f"{t.loss_name} on {t.loss_tensor}" for t in self.tasks if t not in self.features]
+        if self.features:
+            parts.append(f"nmse on {len(self.features)} input{'s' if len(self.features) > 1 else ''} of the last "
+                         "weighted layers")
         return f"distillation from the float model, no labels: {'; '.join(parts)}"
+
+
+FEATURE_CHOICES = ("none", "tail-inputs")
+
+
+def feature_tasks(plan, float_graph, choice: str = "none") -> list:
+    """Intermediate tensors to distil besides the outputs. "tail-inputs": the input of every layer that keeps a
+    float output (the last weighted layers: PaddleSlim ACT's rule, the head convolutions' inputs), each a Tensor
+    task (normalised MSE); "none": no feature. A tensor the float model's inference form does not hold (folded
+    away) is left out."""
+    from ..convert import normalize_proto
+    from ..ir.graph import to_onnx
+    from ..tasks.kinds import Tensor
+
+    if choice == "none":
+        return []
+    infer = normalize_proto(to_onnx(float_graph), for_training=False).graph
+    known = set(infer.input_names) | {o for n in infer.nodes for o in n.outputs if o}
+    tasks = {}
+    for layer in plan.layers:
+        name = layer.node.inputs[0]
+        if layer.float_output and name in known and name not in infer.input_names and name not in tasks:
+            tasks[name] = Tensor(name, why=f"the input of {layer.node.name}, a last weighted layer")
+    return list(tasks.values())
