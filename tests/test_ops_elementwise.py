@@ -46,6 +46,17 @@ def test_float32_constant_second_input_stays_float32(op, sb):
     assert all(g.dtype == np.float32 for g in grads)
 
 
+@pytest.mark.parametrize("wrt", [[0], [1]])
+def test_mul_keeps_only_the_operand_the_other_gradient_needs(wrt):
+    """A Mul by a constant keeps the constant, not its tensor input (dL/da = g * b needs only b)."""
+    a, b = arr((2, 3, 4)), arr((4,))
+    check_grad("Mul", [a, b], wrt=wrt)
+    op = make("Mul", [a, b])
+    op.needs_grad = [i in wrt for i in range(2)]
+    op.forward(Context(training=True), a, b)
+    assert [k for k, v in vars(op).items() if isinstance(v, np.ndarray)] == (["b"] if wrt == [0] else ["a"])
+
+
 @pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div"])
 @pytest.mark.parametrize("dtype", [np.int64, np.int32])
 def test_binary_int(op, dtype):
