@@ -135,6 +135,30 @@ def test_conv_training_mode_same_grads(name):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("name,kept", [("stride2_odd_nopad", "col"), ("depthwise", "xb"),
+                                       ("depthwise_stride2", "xb")])
+def test_conv_training_keeps_its_input_once(name, kept):
+    """What dW needs is kept once: the im2col matrix (dense, where it is small) or the banded path's padded
+    input, and then not the input as well; a conv whose weight needs no gradient keeps neither."""
+    xs, ws, bias, attrs = CONV_CASES[name]
+    inputs = _conv_inputs(xs, ws, bias)
+    full = make("Conv", inputs, attrs)
+    y = full.forward(Context(training=True), *inputs)
+    assert (full.col if kept == "col" else full.banded.xb) is not None
+    assert full.x is None
+    gy = _r(*y.shape)
+    grads = full.backward(gy)
+    frozen = make("Conv", inputs, attrs)
+    frozen.needs_grad = [True, False, True]
+    frozen.forward(Context(training=True), *inputs)
+    assert frozen.x is None and getattr(frozen, "col", None) is None
+    assert frozen.banded is None or frozen.banded.xb is None
+    dx, dw, db = frozen.backward(gy)
+    assert dw is None
+    np.testing.assert_array_equal(dx, grads[0])
+    np.testing.assert_array_equal(db, grads[2])
+
+
 @pytest.mark.parametrize("name", ["basic_pads_stride", "depthwise", "depthwise_wide", "pointwise", "per_image",
                                   "conv3d_depthwise"])
 def test_conv_dtype_float32(name):
