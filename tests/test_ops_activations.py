@@ -89,6 +89,26 @@ def test_clip_backward_zero_at_bounds():
     assert g.dtype == np.float32
 
 
+@pytest.mark.parametrize("op_type,bounds", [("Relu", []), ("Clip", [0.0, 6.0]), ("Clip", [None, 1.0])])
+def test_relu_clip_keep_a_bit_per_value(op_type, bounds):
+    """The gradient mask is all Relu/Clip keep for backward, packed a bit per value (a byte-per-value bool or the
+    float output would be 8 or 32 times as much)."""
+    x = (rng.standard_normal((2, 3, 37)) * 4).astype(np.float32)  # 222 values: the last byte is partly padding
+    ins = [x] + [None if b is None else F32(b) for b in bounds]
+    op = make(op_type, ins, opset=13)
+    y = op.forward(Context(training=True), *ins)
+    assert [k for k, v in vars(op).items() if isinstance(v, np.ndarray)] == []
+    assert op.mask.bits.nbytes == -(-x.size // 8)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    lo, hi = (bounds + [None, None])[:2] if bounds else (0.0, None)
+    inside = np.ones(x.shape, bool)
+    if lo is not None:
+        inside &= y > lo
+    if hi is not None:
+        inside &= y < hi
+    np.testing.assert_array_equal(op.backward(g)[0], g * inside)
+
+
 # ---- smooth activations ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("op", ["Sigmoid", "Tanh", "Softplus", "Erf"])
 def test_smooth(op):

@@ -232,6 +232,26 @@ def test_fake_quant_op_straight_through_gradient():
     np.testing.assert_array_equal(dx, [[0, 2, 3, 0, 0]])  # zero where clipped (beyond 1.5 + half a step)
 
 
+def test_fake_quant_keeps_its_straight_through_mask_at_a_bit_per_value(rng):
+    """Training keeps only the clip mask, packed a bit per value (not a byte-per-value bool, not the input), and
+    backward passes the gradient exactly where the value was inside the grid."""
+    op = _fq_node(bits=8)
+    state = _fresh_state()
+    _run_fq(op, rng.standard_normal((3, 7, 11)).astype(f32), state)  # observe a range
+    x = (rng.standard_normal((3, 7, 11)) * 2).astype(f32)  # wider: some values clipped; 231 values, not 8k
+    op.needs_grad = [True, False, False, False]
+    y = _run_fq(op, x, state, frozen=True)
+    saved = [k for k, v in vars(op).items() if isinstance(v, np.ndarray)]
+    assert saved == [] and op.mask.bits.nbytes == -(-x.size // 8)
+    g = rng.standard_normal(x.shape).astype(f32)
+    dx = op.backward(g)[0]
+    s, z = state[0], state[1]
+    inside = (np.rint(x / s) + z >= 0) & (np.rint(x / s) + z <= 255)
+    assert 0 < inside.sum() < x.size
+    np.testing.assert_array_equal(dx, g * inside)
+    assert dx.dtype == f32 and y.dtype == f32
+
+
 def _fold(w, gamma, var, eps=1e-5, axis=0):
     """BatchNorm folded into the weight, as written in the papers: w * gamma / sqrt(var + eps), per channel."""
     k = gamma / np.sqrt(var + f32(eps))

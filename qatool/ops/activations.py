@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .base import Op, normalize_axis, register, unbroadcast
+from .base import BitMask, Op, normalize_axis, register, unbroadcast
 
 _FLT_MAX = 3.4028234663852886e38
 
@@ -34,15 +34,15 @@ def _min_value(dtype: np.dtype):
 # ---- Relu family ----------------------------------------------------------------------------------------------
 @register("Relu")
 class Relu(Op):
-    """Keeps a one-byte mask (y > 0) for its backward, not its float output."""
+    """Keeps a one-bit mask (y > 0) for its backward, not its float output."""
 
     def forward(self, ctx, x):
         y = np.clip(x, x.dtype.type(0), _max_value(x.dtype))
-        self.mask = y > 0 if self.needs_grad[0] else None
+        self.mask = BitMask(y > 0) if self.needs_grad[0] else None
         return y
 
     def backward(self, g):
-        return (_mul_mask(g, self.mask),)
+        return (self.mask.apply(g),)
 
 
 @register("LeakyRelu")
@@ -92,7 +92,7 @@ class Clip(Op):
     """clip(x, min, max): min/max are attributes before opset 11 and optional scalar inputs from 11.
 
     An omitted bound does not clip. Backward passes the gradient where min < y < max (PyTorch's hardtanh/ReLU6
-    rule: zero at the bounds): forward keeps that mask (one byte per value), not the output.
+    rule: zero at the bounds): forward keeps that mask (one bit per value), not the output.
     """
 
     attrs = {"min": -_FLT_MAX, "max": _FLT_MAX}
@@ -112,18 +112,19 @@ class Clip(Op):
         y = np.clip(x, _min_value(x.dtype) if lo is None else lo, _max_value(x.dtype) if hi is None else hi)
         if self.needs_grad[0]:
             if hi is None:
-                self.mask = y > lo
+                mask = y > lo
             elif lo is None:
-                self.mask = y < hi
+                mask = y < hi
             else:
-                self.mask = y > lo
-                self.mask &= y < hi
+                mask = y > lo
+                mask &= y < hi
+            self.mask = BitMask(mask)
         return y
 
     def backward(self, g):
         if self.mask is None:  # nothing clipped
             return g, None, None
-        return _mul_mask(g, self.mask), None, None
+        return self.mask.apply(g), None, None
 
 
 # ---- smooth activations -----------------------------------------------------------------------------------------

@@ -132,5 +132,24 @@ def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return g.reshape(shape)
 
 
+class BitMask:
+    """A bool array kept for backward at one bit per value (np.packbits), where numpy's bool takes a byte.
+
+    The straight-through masks of fake-quant, Clip and Relu are a gradient's only saved state at every
+    activation; packed they cost an eighth. Packing is one fast pass (~10x quicker than the multiply that
+    applies the mask), unpacking in backward another; `apply(g)` is g * mask in g's dtype."""
+
+    def __init__(self, mask: np.ndarray):
+        self.shape = mask.shape
+        self.bits = np.packbits(mask.reshape(-1))
+
+    def unpack(self) -> np.ndarray:
+        return np.unpackbits(self.bits, count=int(np.prod(self.shape))).view(np.bool_).reshape(self.shape)
+
+    def apply(self, g: np.ndarray) -> np.ndarray:
+        """g * mask, a new array in g's dtype (g is never written)."""
+        return np.multiply(g, self.unpack(), dtype=g.dtype)
+
+
 def normalize_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import DivergedError
 from ..ir.graph import Node
-from ..ops.base import Op, register
+from ..ops.base import BitMask, Op, register
 from ..ops.norm import _dot_nc, _sum_nc, batch_moments
 from .qparams import (BIAS_GRID, MIN_SCALE, activation_grid, activation_qparams, channel_shape, fake_quant,
                       lsq_fake_quant, lsq_grad_scale, weight_grid, weight_scales)
@@ -99,15 +99,17 @@ class FakeQuant(Op):
             return x
         if self.learn_scale and self.needs_grad[1]:
             s = np.maximum(scale, MIN_SCALE)
-            y, self.mask, self.dy_ds = lsq_fake_quant(x, s, zero_point, self.grid)
+            y, mask, self.dy_ds = lsq_fake_quant(x, s, zero_point, self.grid)
+            self.mask = BitMask(mask)
             self.lsq_scale = lsq_grad_scale(x[0].size, self.grid)  # N = features per sample
             return y
         self.dy_ds = None
-        y, self.mask = fake_quant(x, scale, zero_point, self.grid, want_mask=self.needs_grad[0])
+        y, mask = fake_quant(x, scale, zero_point, self.grid, want_mask=self.needs_grad[0])
+        self.mask = None if mask is None else BitMask(mask)  # a bit per value (the straight-through mask)
         return y
 
     def backward(self, g):
-        dx = g if self.mask is None else g * self.mask
+        dx = g if self.mask is None else self.mask.apply(g)
         dscale = None
         if self.dy_ds is not None:
             dscale = np.asarray(np.sum(g * self.dy_ds) * self.lsq_scale, dtype=g.dtype)
