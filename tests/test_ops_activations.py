@@ -109,6 +109,19 @@ def test_relu_clip_keep_a_bit_per_value(op_type, bounds):
     np.testing.assert_array_equal(op.backward(g)[0], g * inside)
 
 
+@pytest.mark.parametrize("op_type,attrs,kept", [("LeakyRelu", {"alpha": 0.1}, []), ("HardSigmoid", {}, []),
+                                                ("HardSwish", {}, ["x"]), ("Elu", {}, ["e"]), ("Selu", {}, ["e"])])
+def test_activations_keep_one_array_at_most(op_type, attrs, kept):
+    """What backward needs and no more: a sign or range mask packed a bit per value (not the input or the
+    output), HardSwish its input only (h is recomputed), Elu/Selu the exponential term and a sign bit."""
+    x = (rng.standard_normal((2, 3, 11)) * 4).astype(np.float32)
+    op = make(op_type, [x], attrs)
+    y = op.forward(Context(training=True), x)
+    assert [k for k, v in vars(op).items() if isinstance(v, np.ndarray)] == kept
+    dx = op.backward(rng.standard_normal(x.shape).astype(np.float32))[0]
+    assert dx.shape == x.shape and dx.dtype == y.dtype == np.float32  # values: the check_grad tests above/below
+
+
 # ---- smooth activations ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("op", ["Sigmoid", "Tanh", "Softplus", "Erf"])
 def test_smooth(op):

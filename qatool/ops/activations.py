@@ -3,7 +3,8 @@
 Speed notes (float32, numpy 2, measured on the 2-core box; see design.md):
 - `np.clip` has a SIMD fast path and is ~2x faster than `np.maximum`, so Relu/Clip/HardSigmoid clip.
 - `np.where` and boolean indexing with a data-dependent mask are slow (~4 ns/element); masks are applied by
-  multiplying (`np.multiply(g, mask, dtype=g.dtype)`), never by selecting.
+  multiplying (`np.multiply(g, mask, dtype=g.dtype)`, `BitMask.apply`), never by selecting. Masks kept for
+  backward are packed a bit per value (`BitMask`).
 - Backward never writes into `g`: one output gradient may be shared by several consumers.
 """
 
@@ -16,11 +17,6 @@ import numpy as np
 from .base import BitMask, Op, normalize_axis, register, unbroadcast
 
 _FLT_MAX = 3.4028234663852886e38
-
-
-def _mul_mask(g: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """g * mask (bool) in g's dtype: the fastest numpy form of a gradient mask."""
-    return np.multiply(g, mask, dtype=g.dtype)
 
 
 def _max_value(dtype: np.dtype):
@@ -49,8 +45,10 @@ class Relu(Op):
 class LeakyRelu(Op):
     attrs = {"alpha": 0.01}
 
+    """Keeps a bit per value (x > 0) for backward, not x."""
+
     def forward(self, ctx, x):
-        self.x = x
+        self.pos = BitMask(x > 0) if self.needs_grad[0] else None
         a = x.dtype.type(self.alpha)
         y = x * a
         # max(x, a*x) is leaky relu when a <= 1, min(x, a*x) when a > 1
@@ -58,7 +56,7 @@ class LeakyRelu(Op):
 
     def backward(self, g):
         dt = g.dtype.type
-        d = np.multiply(self.x > 0, dt(1 - self.alpha), dtype=g.dtype)  # 1 where x > 0, alpha elsewhere
+        d = np.multiply(self.pos.unpack(), dt(1 - self.alpha), dtype=g.dtype)  # 1 where x > 0, alpha elsewhere
         d += dt(self.alpha)
         d *= g
         return (d,)
@@ -156,31 +154,39 @@ class HardSigmoid(Op):
         y = x * t(self.alpha)
         y += t(self.beta)
         np.clip(y, t(0), t(1), out=y)
-        self.y = y
+        if self.needs_grad[0]:  # backward needs only where 0 < y < 1: a bit per value, not the output
+            mask = y > 0
+            mask &= y < 1
+            self.mask = BitMask(mask)
         return y
 
     def backward(self, g):
-        mask = self.y > 0
-        mask &= self.y < 1
-        d = _mul_mask(g, mask)
+        d = self.mask.apply(g)
         d *= g.dtype.type(self.alpha)
         return (d,)
 
 
 @register("HardSwish")
 class HardSwish(Op):
-    """y = x * hardsigmoid(x) with alpha = 1/6, beta = 0.5; dy/dx = h + x/6 inside (-3, 3)."""
+    """y = x * hardsigmoid(x) with alpha = 1/6, beta = 0.5; dy/dx = h + x/6 inside (-3, 3).
 
-    def forward(self, ctx, x):
+    Keeps x only: backward recomputes h from it (the same three passes as forward) rather than keeping a
+    second input-sized array."""
+
+    @staticmethod
+    def _h(x):
         t = x.dtype.type
         h = x * t(1 / 6)
         h += t(0.5)
         np.clip(h, t(0), t(1), out=h)
-        self.x, self.h = x, h
-        return x * h
+        return h
+
+    def forward(self, ctx, x):
+        self.x = x
+        return x * self._h(x)
 
     def backward(self, g):
-        h = self.h
+        h = self._h(self.x)
         mask = h > 0
         mask &= h < 1
         d = np.multiply(self.x, mask, dtype=g.dtype)
@@ -209,7 +215,7 @@ class Elu(Op):
 
     def forward(self, ctx, x):
         t = x.dtype.type
-        self.x = x
+        self.pos = BitMask(x > 0)  # with e, all backward needs: a bit per value instead of x
         e = np.clip(x, t(-np.inf), t(0))
         np.expm1(e, out=e)
         e *= t(self.alpha)  # alpha * (exp(x) - 1) where x < 0, 0 elsewhere
@@ -220,7 +226,7 @@ class Elu(Op):
 
     def backward(self, g):
         # dy/dx = 1 where x > 0, alpha * exp(x) = e + alpha elsewhere
-        pos = self.x > 0
+        pos = self.pos.unpack()
         d = self.e + g.dtype.type(self.alpha)
         d *= ~pos
         d += pos
@@ -234,7 +240,7 @@ class Selu(Op):
 
     def forward(self, ctx, x):
         t = x.dtype.type
-        self.x = x
+        self.pos = BitMask(x > 0)  # with e, all backward needs: a bit per value instead of x
         e = np.clip(x, t(-np.inf), t(0))
         np.expm1(e, out=e)
         e *= t(self.alpha * self.gamma)  # gamma * alpha * (exp(x) - 1) where x < 0
@@ -246,7 +252,7 @@ class Selu(Op):
 
     def backward(self, g):
         t = g.dtype.type
-        pos = self.x > 0
+        pos = self.pos.unpack()
         d = self.e + t(self.alpha * self.gamma)  # gamma * alpha * exp(x) where x <= 0
         d *= ~pos
         d += np.multiply(pos, t(self.gamma), dtype=g.dtype)
