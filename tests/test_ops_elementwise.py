@@ -57,6 +57,17 @@ def test_mul_keeps_only_the_operand_the_other_gradient_needs(wrt):
     assert [k for k, v in vars(op).items() if isinstance(v, np.ndarray)] == (["b"] if wrt == [0] else ["a"])
 
 
+@pytest.mark.parametrize("op_type", ["Div", "Pow"])
+def test_div_pow_keep_their_output_only_for_the_exponent_or_divisor_gradient(op_type):
+    a, b = np.abs(arr((2, 3, 4))) + np.float32(0.5), np.abs(arr((4,))) + np.float32(0.5)
+    for wrt in ([0], [1], [0, 1]):
+        check_grad(op_type, [a, b], wrt=wrt)
+        op = make(op_type, [a, b])
+        op.needs_grad = [i in wrt for i in range(2)]
+        op.forward(Context(training=True), a, b)
+        assert (op.y is not None) == (1 in wrt)
+
+
 @pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div"])
 @pytest.mark.parametrize("dtype", [np.int64, np.int32])
 def test_binary_int(op, dtype):

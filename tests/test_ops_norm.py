@@ -217,6 +217,21 @@ def test_dropout_grad():
     check_grad("Dropout", [x], opset=13, training=False)
 
 
+def test_dropout_keeps_its_mask_a_bit_per_value():
+    """Training keeps the keep-mask packed (a bit per value), not the scaled float mask; backward is g * mask /
+    (1 - ratio), the same values as multiplying by the scaled mask."""
+    x = _f32(3, 5, 7)
+    r = np.array(0.3, np.float32)
+    op = make("Dropout", [x, r], n_outputs=2, opset=13)
+    y, mask = op.forward(Context(training=True, rng=np.random.default_rng(3)), x, r)
+    assert [k for k, v in vars(op).items() if isinstance(v, np.ndarray)] == []
+    assert op.m[0].bits.nbytes == -(-x.size // 8)
+    g = _f32(*x.shape)
+    scaled = np.multiply(mask, np.float32(1 / 0.7), dtype=np.float32)
+    np.testing.assert_array_equal(op.backward(g)[0], g * scaled)
+    np.testing.assert_array_equal(y, x * scaled)
+
+
 # ---- InstanceNormalization, LayerNormalization ---------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(2, 3, 5), (2, 3, 4, 5), (1, 2, 3, 2, 3)])
 def test_instance_norm(shape):

@@ -72,8 +72,9 @@ class Div(Op):
         if _is_int(a):
             return _int_div(a, b)
         self.a_shape, self.b = a.shape, b
-        self.y = a / b
-        return self.y
+        y = a / b
+        self.y = y if _needs(self, 1) else None  # only b's gradient reads it
+        return y
 
     def backward(self, g):
         ga_full = g / self.b
@@ -107,16 +108,17 @@ class Pow(Op):
             e = float(b.reshape(-1)[0])
             self.e = e
             if e == 2:
-                self.y = a * a
+                y = a * a
             elif e == 1:
-                self.y = a.copy()
+                y = a.copy()
             elif e == 0.5:
-                self.y = np.sqrt(a)
+                y = np.sqrt(a)
             else:
-                self.y = np.power(a, t(e))
+                y = np.power(a, t(e))
         else:
-            self.y = np.power(a, b.astype(a.dtype, copy=False))
-        return self.y
+            y = np.power(a, b.astype(a.dtype, copy=False))
+        self.y = y if _needs(self, 1) and not _is_int(b) else None  # only b's gradient reads it
+        return y
 
     def backward(self, g):
         a, b, t = self.a, self.b, g.dtype.type

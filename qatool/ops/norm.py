@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ModelError
-from .base import Op, normalize_axis, register, unbroadcast
+from .base import BitMask, Op, normalize_axis, register, unbroadcast
 
 
 def _sum_nc(a: np.ndarray) -> np.ndarray:
@@ -303,11 +303,18 @@ class Dropout(Op):
         else:
             rdt = x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float32)
             mask = ctx.rng.random(x.shape, dtype=rdt) < rdt.type(keep)
-        # the scaled mask in x's dtype: forward and backward are then one multiply each
-        self.m = np.multiply(mask, x.dtype.type(1.0 / keep if keep > 0 else 0.0), dtype=x.dtype)
-        y = x * self.m
+        # the scaled mask in x's dtype: forward is one multiply; backward keeps the mask a bit per value and
+        # applies mask and scale in turn (the same products: g * s where kept, 0 elsewhere)
+        scale = x.dtype.type(1.0 / keep if keep > 0 else 0.0)
+        y = x * np.multiply(mask, scale, dtype=x.dtype)
+        self.m = (BitMask(mask), scale) if ctx.grad else None
         return (y, mask) if want_mask else y
 
     def backward(self, g, g_mask=None):
-        gx = g if self.m is None else g * self.m
+        if self.m is None:
+            gx = g
+        else:
+            mask, scale = self.m
+            gx = mask.apply(g)
+            gx *= scale
         return (gx,) + (None,) * (len(self.needs_grad) - 1)
