@@ -13,9 +13,10 @@ One training forward at batch 1 and one at batch 2; after each, every array an o
 attributes it set since `keep_attributes`, walked into tuples and helper objects) is found, counted once per
 underlying buffer (a view counts its base), and attributed to the op that holds it, or to "shared: A+B" when
 several ops hold the same buffer. What is kept is classified as the op's input, its output, a bool/uint8
-mask, an integer index array, or "derived" (any other array the op computed: im2col matrices, padded buffers,
-intermediate factors). The model's own arrays (parameters, constants, state) and the returned outputs are not
-counted. Per image = batch 2 minus batch 1.
+mask ("bits" when packed a bit per value), a fake-quantized input's grid "codes", an integer index array, or
+"derived" (any other array the op computed: im2col matrices, padded buffers, intermediate factors). The model's
+own arrays (parameters, constants, state) and the returned outputs are not counted. Per image = batch 2 minus
+batch 1.
 
 The total is checked against tracemalloc: the bytes still allocated after the forward (outputs dropped) minus
 before it; with --peak also the step's peak difference (forward + backward), as `footprint.choose_batch`
@@ -114,8 +115,12 @@ class _Recorder:
             op._static = op._static - {"forward"}
 
 
-def _kind(arr: np.ndarray, rid: int, io) -> str:
+def _kind(arr: np.ndarray, rid: int, io, path: str = "") -> str:
     ins, outs = io
+    if path.endswith(".codes"):
+        return "codes"  # a fake-quantized input kept as its grid codes (ops.base.GridCodes)
+    if path.endswith(".bits"):
+        return "bits"  # a mask packed a bit per value (ops.base.BitMask)
     if rid in ins:
         return "input"
     if rid in outs:
@@ -157,7 +162,7 @@ def tally(session, x: np.ndarray, tensors: list[str]) -> dict:
                     seen.add(rid)
                     sizes[rid] = r.nbytes
                     holders[rid].append((step.op.op_type.replace("qatool.", ""), path.split("[")[0].split(".")[0],
-                                         _kind(arr, rid, rec.io.get(k, (set(), set()))), str(arr.dtype)))
+                                         _kind(arr, rid, rec.io.get(k, (set(), set())), path), str(arr.dtype)))
             restore()
             for step in model._steps:
                 step.op.release()

@@ -136,6 +136,7 @@ class Model:
                 raise ModelError(f"missing input {name!r}; the model's inputs are {self.input_names}")
             env[name] = self._as_float(np.asarray(feeds[name]))
         self.ctx.training = training
+        self.ctx.on_grid.clear()
         for step in steps:
             xs = [env[i] for i in step.inputs]
             self.ctx.grad = grad and step.on_grad_path
@@ -162,6 +163,7 @@ class Model:
             for name in step.frees:
                 if name not in keep:
                     env.pop(name, None)
+        self.ctx.on_grid.clear()
         self._last_forward = grad
         self._last_outputs = wanted
         try:

@@ -45,6 +45,10 @@ class Context:
     bn_frozen: bool = False
     observers_frozen: bool = False
     grad: bool = True
+    # Outputs of this forward's fake-quant ops that lie on their grid: id -> (weak reference, scale, zero point,
+    # integer type). An op keeping such an input for backward keeps its grid codes instead (`keep_compact`).
+    # Model.forward empties it before and after each forward.
+    on_grid: dict = field(default_factory=dict)
 
 
 class Op:
@@ -149,6 +153,48 @@ class BitMask:
     def apply(self, g: np.ndarray) -> np.ndarray:
         """g * mask, a new array in g's dtype (g is never written)."""
         return np.multiply(g, self.unpack(), dtype=g.dtype)
+
+
+class GridCodes:
+    """A fake-quantized tensor kept for backward as its integer grid codes (a byte per value at 8 bits) and its
+    per-tensor scale and zero point: `expand()` gives back the same floats, (code - z) * s being exactly the
+    product fake-quant formed (the code minus z is the integer it multiplied by s); bit for bit but for the
+    sign of zeros (a -0.0, from rounding a small negative value, comes back as +0.0: no product or sum that
+    backward forms with it changes value)."""
+
+    def __init__(self, x: np.ndarray, scale, zero, storage: np.dtype):
+        self.scale, self.zero, self.dtype = scale, zero, x.dtype
+        q = np.divide(x, scale)
+        np.rint(q, out=q)  # exact: x is that integer times s, rounded once (|q| <= 2^15 here)
+        q += zero
+        self.codes = q.astype(storage)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+    def expand(self) -> np.ndarray:
+        y = self.codes.astype(self.dtype)
+        y -= self.zero
+        y *= self.scale
+        return y
+
+
+def keep_compact(ctx: Context, x: np.ndarray | None):
+    """What an op keeps of its input x for backward: x's grid codes (`GridCodes`) where x is the output of a
+    fake-quant of this forward (a quarter of the bytes at 8 bits), else x itself. `expanded` reverses it."""
+    if x is None or not ctx.grad:
+        return x
+    entry = ctx.on_grid.get(id(x))
+    if entry is None or entry[0]() is not x:
+        return x
+    _, scale, zero, storage = entry
+    return GridCodes(x, scale, zero, storage)
+
+
+def expanded(x):
+    """The array an op kept with `keep_compact`."""
+    return x.expand() if isinstance(x, GridCodes) else x
 
 
 def normalize_axis(axis: int, rank: int) -> int:

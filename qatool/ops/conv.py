@@ -43,7 +43,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..errors import ModelError
-from .base import Op, register
+from .base import GridCodes, Op, expanded, keep_compact, register
 
 
 # ---- geometry ----------------------------------------------------------------------------------------------
@@ -401,14 +401,16 @@ class Conv(Op):
         cg, mg, p = c // g, m // g, prod(out)
         self.pointwise = all(k == 1 for k in kernel) and all(s == 1 for s in strides) and not any(pb) and not any(pe)
         # dW's input (dX needs only w and dY): a reference, dropped below where the im2col matrix or the banded
-        # path's padded copy is kept instead (holding both would keep the input twice)
-        self.x = x if self.needs_grad[1] else None
+        # path's padded copy is kept instead (holding both would keep the input twice). A fake-quantized input
+        # is kept as its grid codes (a byte per value), and then in place of either: backward rebuilds them.
+        self.x = keep_compact(ctx, x) if self.needs_grad[1] else None
+        compact = isinstance(self.x, GridCodes)
         if self.pointwise:  # 1x1: a plain (batched) matmul, no im2col
             y = np.matmul(w.reshape(g, mg, cg), x.reshape(n, g, cg, p)).reshape((n, m) + tuple(out))
             if b is not None:
                 y += b.reshape((m,) + (1,) * len(out))
             return y
-        keep = self.needs_grad[1] and ctx.training  # outside training, backward rebuilds what dW needs
+        keep = self.needs_grad[1] and ctx.training and not compact  # else backward rebuilds what dW needs
         self.banded = None
         if _Banded.applies(kernel, cg, mg):
             self.banded = _Banded(x.shape, kernel, strides, dilations, pb, out)
@@ -439,20 +441,20 @@ class Conv(Op):
             if self.needs_grad[1]:
                 if mg * cg <= p * (mg + cg):
                     # per-image GEMMs summed over the batch: no transposed copies of g or x
-                    dw = np.matmul(gm, self.x.reshape(n, g, cg, p).swapaxes(2, 3)).sum(axis=0)
+                    dw = np.matmul(gm, expanded(self.x).reshape(n, g, cg, p).swapaxes(2, 3)).sum(axis=0)
                 else:  # a big weight (e.g. 320 -> 1280 at 7x7): N partial products would not fit; one GEMM
-                    dw = np.matmul(_channels_first(gy, g), _channels_first(self.x, g).swapaxes(1, 2))
+                    dw = np.matmul(_channels_first(gy, g), _channels_first(expanded(self.x), g).swapaxes(1, 2))
                 dw = dw.reshape(w.shape)
             if self.needs_grad[0]:
                 dx = np.matmul(w.reshape(g, mg, cg).transpose(0, 2, 1), gm).reshape(self.x_shape)
             self.x = None
             return dx, dw, db
         if self.banded is not None:
-            dx, dw = self.banded.backward(gy, self.x, self.needs_grad[0], self.needs_grad[1])
+            dx, dw = self.banded.backward(gy, expanded(self.x), self.needs_grad[0], self.needs_grad[1])
             self.banded = self.x = None
             return dx, (None if dw is None else dw.reshape(w.shape)), db
         if self.needs_grad[1]:
-            col = self.col if self.col is not None else _im2col(self.x, kernel, strides, dilations, pb, out)
+            col = self.col if self.col is not None else _im2col(expanded(self.x), kernel, strides, dilations, pb, out)
             self.col = None
             if self.per_image and p >= DW_PER_IMAGE_PIXELS:
                 # per-image GEMMs summed over the batch: no transposed copy of g

@@ -11,7 +11,7 @@ from functools import reduce
 
 import numpy as np
 
-from .base import Op, register, unbroadcast
+from .base import Op, expanded, keep_compact, register, unbroadcast
 
 
 def _is_int(x: np.ndarray) -> bool:
@@ -47,17 +47,18 @@ class Sub(Op):
 @register("Mul")
 class Mul(Op):
     """Keeps each operand only for the other's gradient: b where a needs one, a where b does. A Mul by a
-    constant (hard-swish's x * (1/6), a scale) then keeps nothing of its tensor input."""
+    constant (hard-swish's x * (1/6), a scale) then keeps nothing of its tensor input; a fake-quantized operand
+    is kept as its grid codes (`keep_compact`)."""
 
     def forward(self, ctx, a, b):
         self.shapes = a.shape, b.shape
-        self.a = a if _needs(self, 1) else None
-        self.b = b if _needs(self, 0) else None
+        self.a = keep_compact(ctx, a) if _needs(self, 1) else None
+        self.b = keep_compact(ctx, b) if _needs(self, 0) else None
         return a * b
 
     def backward(self, g):
-        ga = unbroadcast(g * self.b, self.shapes[0]) if _needs(self, 0) else None
-        gb = unbroadcast(g * self.a, self.shapes[1]) if _needs(self, 1) else None
+        ga = unbroadcast(g * expanded(self.b), self.shapes[0]) if _needs(self, 0) else None
+        gb = unbroadcast(g * expanded(self.a), self.shapes[1]) if _needs(self, 1) else None
         return ga, gb
 
 

@@ -18,6 +18,8 @@ Straight-through estimator everywhere: the gradient passes where the value was i
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from ..errors import DivergedError
@@ -106,6 +108,11 @@ class FakeQuant(Op):
         self.dy_ds = None
         y, mask = fake_quant(x, scale, zero_point, self.grid, want_mask=self.needs_grad[0])
         self.mask = None if mask is None else BitMask(mask)  # a bit per value (the straight-through mask)
+        # y is on the grid: an op that keeps it for backward keeps its codes (ops.base.keep_compact), with the
+        # scale and zero point fake_quant used (float32, in x's dtype)
+        t = x.dtype.type
+        ctx.on_grid[id(y)] = (weakref.ref(y), t(np.float32(np.asarray(scale).reshape(-1)[0])),
+                              t(np.float32(np.asarray(zero_point).reshape(-1)[0])), self.grid.storage)
         return y
 
     def backward(self, g):
