@@ -39,7 +39,16 @@ def test_grid_codes_give_back_the_fake_quant_output(bits, symmetric, dtype, rng)
         np.testing.assert_array_equal(back, y)  # the same values (a -0.0 of y comes back as +0.0)
         same_bits = back.view(np.uint8).reshape(back.size, -1) == y.view(np.uint8).reshape(y.size, -1)
         assert (same_bits.all(axis=1) | (y.reshape(-1) == 0)).all()  # bit for bit but for the sign of zeros
-    assert keep_compact(ctx, y.copy()) is not None and not isinstance(keep_compact(ctx, y.copy()), GridCodes)
+        for c in (1 / 6, 3.0, -0.37, 1e-9):  # a Mul by a constant: its output is on the grid too
+            mul = make("Mul", [y, np.array(c, dtype)])
+            mul.needs_grad = [True, False]
+            y2 = mul.forward(ctx, y, np.array(c, dtype))
+            kept2 = keep_compact(ctx, y2)
+            assert isinstance(kept2, GridCodes) and kept2.factors == (dtype(c),)
+            np.testing.assert_array_equal(kept2.expand(), y2)
+        zero = make("Mul", [y, np.array(0, dtype)])
+        assert not isinstance(keep_compact(ctx, zero.forward(ctx, y, np.array(0, dtype))), GridCodes)
+    assert not isinstance(keep_compact(ctx, y.copy()), GridCodes)  # a copy: not noted as a grid
     assert keep_compact(Context(training=True, grad=False), y) is y  # no backward: nothing to compact
 
 
@@ -113,7 +122,8 @@ def test_fake_quantized_inputs_are_kept_as_codes_and_gradients_do_not_change(mon
     assert per_image[convs[0].op.node.name] == sizes["stem"]
     assert per_image[convs[1].op.node.name] == sizes["conv"]
     assert per_image[convs[2].op.node.name] == sizes["conv"]
-    assert sorted(per_image[st.op.node.name] for st in muls) == [0, sizes["mul"] * 4 + sizes["mul"]]
+    # (x * h keeps both operands as codes: h = fake-quant(clip(x + 3)) * (1/6) is a grid times a constant)
+    assert sorted(per_image[st.op.node.name] for st in muls) == [0, 2 * sizes["mul"]]
     # the same outputs and gradients, bit for bit, as keeping the floats
     identity = lambda ctx, v: v  # noqa: E731
     monkeypatch.setattr(conv_ops, "keep_compact", identity)

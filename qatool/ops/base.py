@@ -20,6 +20,7 @@ Rules every op follows
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -46,8 +47,10 @@ class Context:
     observers_frozen: bool = False
     grad: bool = True
     # Outputs of this forward's fake-quant ops that lie on their grid: id -> (weak reference, scale, zero point,
-    # integer type). An op keeping such an input for backward keeps its grid codes instead (`keep_compact`).
-    # Model.forward empties it before and after each forward.
+    # integer type, factors). An op keeping such an input for backward keeps its grid codes instead
+    # (`keep_compact`). `factors`: the scalars the grid values were then multiplied by, in turn (a Mul by a
+    # constant, as hard-swish's x * (1/6), keeps its output on the grid). Model.forward empties it before and
+    # after each forward.
     on_grid: dict = field(default_factory=dict)
 
 
@@ -162,10 +165,14 @@ class GridCodes:
     sign of zeros (a -0.0, from rounding a small negative value, comes back as +0.0: no product or sum that
     backward forms with it changes value)."""
 
-    def __init__(self, x: np.ndarray, scale, zero, storage: np.dtype):
-        self.scale, self.zero, self.dtype = scale, zero, x.dtype
-        q = np.divide(x, scale)
-        np.rint(q, out=q)  # exact: x is that integer times s, rounded once (|q| <= 2^15 here)
+    def __init__(self, x: np.ndarray, scale, zero, storage: np.dtype, factors: tuple = ()):
+        self.scale, self.zero, self.factors, self.dtype = scale, zero, factors, x.dtype
+        q = np.divide(x, factors[-1]) if factors else np.divide(x, scale)
+        for f in factors[-2::-1]:
+            q /= f
+        if factors:
+            q /= scale
+        np.rint(q, out=q)  # exact: x is that integer times s (times the factors), a few roundings off
         q += zero
         self.codes = q.astype(storage)
 
@@ -177,6 +184,8 @@ class GridCodes:
         y = self.codes.astype(self.dtype)
         y -= self.zero
         y *= self.scale
+        for f in self.factors:  # the products the forward formed, in its order
+            y *= f
         return y
 
 
@@ -188,8 +197,25 @@ def keep_compact(ctx: Context, x: np.ndarray | None):
     entry = ctx.on_grid.get(id(x))
     if entry is None or entry[0]() is not x:
         return x
-    _, scale, zero, storage = entry
-    return GridCodes(x, scale, zero, storage)
+    _, scale, zero, storage, factors = entry
+    return GridCodes(x, scale, zero, storage, factors)
+
+
+def note_scaled_grid(ctx: Context, y: np.ndarray, x: np.ndarray, c: np.ndarray) -> None:
+    """y = x * c with x on a fake-quant grid (ctx.on_grid) and c one value: y is on that grid times c. Only
+    where the codes come back exactly: c finite, nonzero, and s * c far from float under- and overflow."""
+    entry = ctx.on_grid.get(id(x))
+    if entry is None or entry[0]() is not x or c.size != 1 or c.ndim > x.ndim or c.dtype != x.dtype \
+            or y.shape != x.shape:
+        return
+    ref, scale, zero, storage, factors = entry
+    f = c.reshape(-1)[0]
+    step = abs(float(scale) * float(f))
+    for g in factors:
+        step *= abs(float(g))
+    if not (np.isfinite(step) and 1e-20 < step < 1e20):
+        return
+    ctx.on_grid[id(y)] = (weakref.ref(y), scale, zero, storage, factors + (f,))
 
 
 def expanded(x):

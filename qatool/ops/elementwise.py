@@ -11,7 +11,7 @@ from functools import reduce
 
 import numpy as np
 
-from .base import Op, expanded, keep_compact, register, unbroadcast
+from .base import Op, expanded, keep_compact, note_scaled_grid, register, unbroadcast
 
 
 def _is_int(x: np.ndarray) -> bool:
@@ -54,7 +54,11 @@ class Mul(Op):
         self.shapes = a.shape, b.shape
         self.a = keep_compact(ctx, a) if _needs(self, 1) else None
         self.b = keep_compact(ctx, b) if _needs(self, 0) else None
-        return a * b
+        y = a * b
+        if ctx.grad and ctx.on_grid and not _is_int(y):  # grid values times a constant stay on the grid
+            note_scaled_grid(ctx, y, a, b)
+            note_scaled_grid(ctx, y, b, a)
+        return y
 
     def backward(self, g):
         ga = unbroadcast(g * expanded(self.b), self.shapes[0]) if _needs(self, 0) else None

@@ -112,7 +112,7 @@ class FakeQuant(Op):
         # scale and zero point fake_quant used (float32, in x's dtype)
         t = x.dtype.type
         ctx.on_grid[id(y)] = (weakref.ref(y), t(np.float32(np.asarray(scale).reshape(-1)[0])),
-                              t(np.float32(np.asarray(zero_point).reshape(-1)[0])), self.grid.storage)
+                              t(np.float32(np.asarray(zero_point).reshape(-1)[0])), self.grid.storage, ())
         return y
 
     def backward(self, g):
