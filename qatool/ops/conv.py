@@ -30,7 +30,9 @@ Choices, each measured at batch 64 (float32; numbers in the classes' docstrings)
   `Wᵀ @ g`, an outer product K times the size of the input.
 
 Forward keeps the im2col matrix (or the banded path's padded input) for dW when training — the one thing
-worth saving; outside training backward rebuilds it from the input. dX is skipped when `needs_grad[0]` is
+worth saving; outside training backward rebuilds it from the input. A fake-quantized input (every quantized
+conv's, in QAT) is kept instead as its grid codes, a byte per value (`base.keep_compact`), and backward
+rebuilds the matrix from those. dX is skipped when `needs_grad[0]` is
 False (a first layer: the image needs no gradient).
 """
 

@@ -112,7 +112,8 @@ class FakeQuant(Op):
         # scale and zero point fake_quant used (float32, in x's dtype)
         t = x.dtype.type
         ctx.on_grid[id(y)] = (weakref.ref(y), t(np.float32(np.asarray(scale).reshape(-1)[0])),
-                              t(np.float32(np.asarray(zero_point).reshape(-1)[0])), self.grid.storage, ())
+                              t(np.float32(np.asarray(zero_point).reshape(-1)[0])), self.grid.qmin, self.grid.qmax,
+                              ())
         return y
 
     def backward(self, g):
