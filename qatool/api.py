@@ -12,6 +12,10 @@ from .convert import ConvertResult, normalize_proto
 from .errors import DataError, ModelError, UsageError
 from .ir.graph import to_onnx
 from .ir.io import load_proto, save_proto
+from .quant.calibrate import DEFAULT_BINS, DEFAULT_PERCENTILE
+from .quant.calibrate import DEFAULT_IMAGES as CALIBRATION_IMAGES
+from .quant.sensitivity import DEFAULT_CALIBRATION_IMAGES as SENSITIVITY_CALIBRATION_IMAGES
+from .quant.sensitivity import DEFAULT_IMAGES as SENSITIVITY_IMAGES
 
 
 def _refuse_overwrite(input_path: str | os.PathLike, output_path: str | os.PathLike) -> None:
@@ -172,14 +176,14 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     from .ir.io import atomic_write_bytes, report_json
     from .train.checkpoint import load_checkpoint
     from .train.config import CLASSIFIER_RECIPE, DISTILL_RECIPE, TrainConfig
-    from .train.heads import check_class_order, check_logits, folder_class_names, set_logits, store_class_names
+    from .tasks.heads import check_class_order, check_logits, folder_class_names, set_logits, store_class_names
     from .train.loop import Phases, TrainingDiverged, train as run_train
     from .data.preprocess import METADATA_KEY, resolve_preprocess
     from .train.recipe import bn_evidence, gradient_evidence, has_batchnorm
     from .train.session import QatSession
     from .train.objective import LabelledClasses
     from .train.teacher import Teacher
-    from .train.validation import FAR_BELOW_FLOAT, Validator, best_path, start_at_chance
+    from .eval.validation import FAR_BELOW_FLOAT, Validator, best_path, start_at_chance
 
     out = Path(out_dir)
     try:
@@ -208,7 +212,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         train_cfg = train_cfg.with_recipe((ckpt.train.get("optimizer"), ckpt.train.get("lr")))
     if train_cfg.scale_lr is not None and quant_cfg.scale_learning != "lsq":
         raise UsageError("--scale-lr sets the learning rate of learned step sizes: it needs --scale-learning lsq")
-    from .train.anymodel import recipe_reason
+    from .tasks.choose import recipe_reason
 
     labelled, why = recipe_reason(float_graph, train_data)
     if not labelled or distill_outputs or metric:
@@ -417,13 +421,15 @@ def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_
     from .tasks.judge import Judge, describe
     from .tasks.metric import UserMetric
     from .data import TensorSet
-    from .train.anymodel import FloatModel, choose_output_tasks, data_kind, load_unlabelled, unlabelled_preprocess
+    from .data.unlabelled import data_kind, load_unlabelled, unlabelled_preprocess
+    from .runtime.backends import FloatModel
+    from .tasks.choose import choose_output_tasks
     from .train.checkpoint import load_checkpoint
     from .train.loop import Phases, train as run_train
     from .train.objective import Distillation, feature_tasks
     from .train.session import QatSession
     from .train.teacher import Teacher
-    from .train.validation import Validator, best_path
+    from .eval.validation import Validator, best_path
 
     user_metric = UserMetric(metric) if metric else None  # a bad --metric fails before anything runs
     if user_metric is not None and val_data is None:
@@ -579,7 +585,7 @@ def finetune(model_path, train_data, output, val_data=None, train=None, preproce
     from .runtime.backends import engine_logits, top1
     from .ir.io import atomic_write_bytes, save_graph
     from .train.config import CLASSIFIER_RECIPE, TrainConfig
-    from .train.heads import check_logits, folder_class_names, store_class_names
+    from .tasks.heads import check_logits, folder_class_names, store_class_names
     from .train.loop import Phases, train as run_train
     from .data.preprocess import METADATA_KEY, resolve_preprocess
     from .train.transfer import FloatSession, feature_shape, find_features, replace_head, trainable_names
@@ -700,10 +706,11 @@ def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, pre
     from .export.deploy import export_session, time_export
     from .runtime.backends import eval_batch_size, top1
     from .tasks.judge import Judge
-    from .train.anymodel import (FloatModel, choose_output_tasks, is_labelled_classifier, load_unlabelled,
-                                 unlabelled_preprocess)
+    from .data.unlabelled import load_unlabelled, unlabelled_preprocess
+    from .runtime.backends import FloatModel
+    from .tasks.choose import choose_output_tasks, is_labelled_classifier
     from .train.checkpoint import load_checkpoint
-    from .train.heads import folder_class_names
+    from .tasks.heads import folder_class_names
     from .train.session import QatSession
 
     _refuse_overwrite(qat_path, output_path)
@@ -734,6 +741,196 @@ def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, pre
     if data is not None and data.labels is not None:
         report["top1_qat"] = top1(result.simulated, data.labels)
         report["top1_int8"] = top1(result.deployed, data.labels)
+    return report
+
+
+# ---- calibrate ---------------------------------------------------------------------------------------------------
+def calibrate(model_path, data, output, method: str = "minmax", quant=None,
+              images: int | None = CALIBRATION_IMAGES, preprocess: dict | None = None, verify: bool = True,
+              val_data=None, percentile: float = DEFAULT_PERCENTILE, bins: int = DEFAULT_BINS,
+              seed: int = 0, echo=None, labels=None) -> dict:
+    """Post-training quantization of a float ONNX model through the same int8 export as train-quant.
+    `labels`: a file of class names in output order (default: the model's own, else sorted folder names); a
+    float model at chance whose predictions fit another class order stops the run (as in train-quant).
+
+    Calibrates on `images` images of `data` (image folder or list file; a seeded random subset), writes the
+    int8 model to `output` atomically and, if `verify`, checks on onnxruntime which quantized nodes fuse into
+    integer kernels (report["export"]["fusion"]) and compares simulation and onnxruntime on `val_data`
+    (default: `data`). Top-1 of the float model, the simulation and the int8 model are reported when the
+    data's labels fit the model's outputs. Returns the report dict.
+    """
+    import json
+
+    from .data.images import ImageDataset
+    from .data.preprocess import METADATA_KEY, resolve_preprocess
+    from .export.deploy import export_session, time_export
+    from .quant.calibrate import HEAVY_CLIP, METHODS, calibrate_session
+    from .quant.config import QuantConfig
+    from .runtime.backends import float_outputs, top1
+    from .tasks.choose import is_labelled_classifier
+    from .tasks.heads import check_class_order, folder_class_names, store_class_names
+    from .train.session import QatSession
+
+    say = echo or (lambda s: None)
+    if Path(output).resolve() == Path(model_path).resolve():
+        raise UsageError(f"the output {output} is the input file; choose another output path")
+    if method not in METHODS:
+        raise UsageError(f"the calibration method must be one of {', '.join(METHODS)}, got {method!r}")
+    quant = quant or QuantConfig()
+    float_graph = normalize_proto(load_proto(model_path), for_training=True, free_batch=True).graph
+    if not is_labelled_classifier(float_graph, data):
+        return _calibrate_any(model_path, float_graph, data, output, method, quant, images, preprocess, verify,
+                              val_data, percentile, bins, seed, say)
+    pre = resolve_preprocess(float_graph, preprocess)
+    float_graph.metadata[METADATA_KEY] = pre.to_json()
+    session = QatSession.create(float_graph, quant)  # a model the engine cannot run fails before any image is read
+
+    class_names = folder_class_names(float_graph, data, labels, echo=say)
+    calib_set = ImageDataset.open(data, class_names)
+    store_class_names(session.model.graph, calib_set.classes)  # the int8 model names its classes
+    calib_images = calib_set.load(pre)
+    eval_images, eval_set = calib_images, calib_set
+    if val_data is not None:
+        eval_set = ImageDataset.open(val_data, class_names or calib_set.classes)
+        eval_images = eval_set.load(pre)
+    skipped = len(calib_images.skipped) + (len(eval_images.skipped) if val_data is not None else 0)
+    if skipped:
+        say(f"skipped {skipped} unreadable images")
+    n_calib = min(len(calib_images), images) if images else len(calib_images)
+    plan = session.plan.report()
+    say(f"quantizing {session.plan.summary()}")
+    say(f"calibrating ({method}) on {n_calib} images of {data}")
+    ranges = calibrate_session(session, calib_images, method, images, percentile, bins, seed=seed)
+    clipped = sum(r.clipped for r in ranges.values())
+    if method != "minmax":
+        say(f"{clipped} of {len(ranges)} ranges clipped inside the observed min/max")
+        for t, r in ranges.items():
+            kept = r.kept_fraction()
+            if kept < HEAVY_CLIP:
+                say(f"  note: {t} keeps {100 * kept:.0f}% of its observed range [{r.min:.4g}, {r.max:.4g}] "
+                    f"-> [{r.lo:.4g}, {r.hi:.4g}]")
+
+    labelled = eval_set.labels_fit(float_graph.output_classes()) and len(float_graph.outputs[0].shape or [0, 0]) == 2
+    top1_float = None
+    if verify and labelled:
+        out = float_outputs(float_graph, eval_images)
+        top1_float = top1(out, eval_images.labels)
+        check_class_order(top1_float, out, eval_images.labels, eval_set.classes, f"the images {val_data or data}")
+    # like train-quant, not export-int8: nodes that do not fuse are reported (report["export"]["fusion"]), not
+    # fatal — with --symmetric-activations no Conv+Relu can fuse (the Relu is not redundant on a signed grid)
+    exported = export_session(session, output, eval_images if verify else None, verify=verify, strict=False,
+                              data_source=str(val_data or data) if verify else "")
+    if verify:
+        time_export(session, exported)
+    report = {
+        "model": str(model_path),
+        "data": str(data),
+        "val_data": str(val_data) if val_data is not None else None,
+        "method": method,
+        "calibration_images": n_calib,
+        "percentile": float(percentile) if method == "percentile" else None,
+        "bins": bins if method != "minmax" else None,
+        "quant": quant.to_dict(),
+        "preprocess": json.loads(pre.to_json()),
+        "placement": plan,
+        "ranges": {t: r.to_dict() for t, r in ranges.items()},
+        "clipped_ranges": clipped,
+        "export": exported.to_dict(),
+        "size_bytes": exported.size_bytes,
+        "top1_float": top1_float, "top1_sim": None, "top1_int8": None, "agreement_top1": None,
+        "images": len(eval_images) if verify else None,
+    }
+    if verify:
+        report["agreement_top1"] = exported.agreement.agreement_top1
+        if labelled:
+            report["top1_sim"] = top1(exported.simulated, eval_images.labels)
+            report["top1_int8"] = top1(exported.deployed, eval_images.labels)
+    return report
+
+
+def _calibrate_any(model_path, float_graph, data, output, method, quant, images, preprocess, verify, val_data,
+                   percentile, bins, seed, say) -> dict:
+    """`calibrate` of any model on data without labels: the int8 model is judged against the float model by
+    what each output is for (qatool.tasks), on `val_data` (default `data`)."""
+    import json
+
+    from .data.unlabelled import data_kind, load_unlabelled, unlabelled_preprocess
+    from .export.deploy import export_session, time_export
+    from .quant.calibrate import calibrate_session
+    from .runtime.backends import FloatModel, eval_batch_size
+    from .tasks.choose import choose_output_tasks
+    from .tasks.judge import Judge
+    from .train.session import QatSession
+
+    pre = unlabelled_preprocess(float_graph, data, val_data, preprocess)
+    session = QatSession.create(float_graph, quant)  # a model the engine cannot run fails before any image is read
+    calib, held = load_unlabelled(float_graph, data, val_data, pre)
+    evaluated = held if held is not None else calib
+    judge = None
+    if verify:
+        float_model = FloatModel(float_graph)
+        tasks = choose_output_tasks(float_graph, float_model, calib, echo=say)
+        judge = Judge(tasks, float_model, evaluated, eval_batch_size(evaluated))
+    n_calib = min(len(calib), images) if images else len(calib)
+    plan = session.plan.report()
+    say(f"quantizing {session.plan.summary()}")
+    say(f"calibrating ({method}) on {n_calib} {data_kind(calib)} of {data} (no labels)")
+    ranges = calibrate_session(session, calib, method, images, percentile, bins, seed=seed)
+    exported = export_session(session, output, evaluated if verify else None, verify=verify, strict=False,
+                              data_source=str(val_data or data) if verify else "", judge=judge)
+    if verify:
+        group = evaluated.groups[0]
+        time_export(session, exported, [1, *evaluated.item_shape(int(group[0]))])
+    return {
+        "model": str(model_path), "data": str(data), "val_data": str(val_data) if val_data is not None else None,
+        "method": method, "calibration_images": n_calib,
+        "percentile": float(percentile) if method == "percentile" else None,
+        "bins": bins if method != "minmax" else None, "quant": quant.to_dict(),
+        "preprocess": json.loads(pre.to_json()) if pre is not None else None, "placement": plan,
+        "ranges": {t: r.to_dict() for t, r in ranges.items()},
+        "clipped_ranges": sum(r.clipped for r in ranges.values()), "export": exported.to_dict(),
+        "size_bytes": exported.size_bytes, "tasks": [t.to_dict() for t in judge.tasks] if judge else None,
+        "top1_float": None, "top1_sim": None, "top1_int8": None, "agreement_top1": None,
+        "images": len(evaluated) if verify else None,
+    }
+
+
+# ---- sensitivity ------------------------------------------------------------------------------------------------
+def sensitivity(model_path, data, quant=None, images: int | None = SENSITIVITY_IMAGES,
+                calibration_images: int | None = SENSITIVITY_CALIBRATION_IMAGES, preprocess: dict | None = None,
+                json_path=None, seed: int = 0, echo=None) -> dict:
+    """`qatool sensitivity`: per-layer sensitivity of a float ONNX model on an image folder or list file.
+
+    Returns the report (schemas/sensitivity.schema.json) and writes it atomically to `json_path` when given.
+    `preprocess`: size/color/mean/std overrides of the model's metadata.
+    """
+    import json
+
+    from . import __version__
+    from .data.images import ImageDataset
+    from .data.preprocess import resolve_preprocess
+    from .data.unlabelled import load_unlabelled, unlabelled_preprocess
+    from .ir.io import atomic_write_bytes
+    from .quant.sensitivity import layer_sensitivity
+    from .tasks.choose import is_labelled_classifier
+
+    if json_path is not None and Path(json_path).resolve() == Path(model_path).resolve():
+        raise UsageError(f"--json {json_path} is the model; choose another file for the report")
+    float_graph = normalize_proto(load_proto(model_path), for_training=True, free_batch=True).graph
+    if is_labelled_classifier(float_graph, data):
+        dataset = ImageDataset.open(data)
+        loaded = dataset.load(resolve_preprocess(float_graph, preprocess))
+        labelled = dataset.labels_fit(float_graph.output_classes())
+    else:
+        loaded, _ = load_unlabelled(float_graph, data, None, unlabelled_preprocess(float_graph, data, None,
+                                                                                   preprocess))
+        labelled = False
+    if not labelled and echo:
+        echo(f"{data} has no labels of the model's classes: SQNR only")
+    body = layer_sensitivity(float_graph, loaded, quant, images, calibration_images, labelled, seed, echo)
+    report = {"qatool_version": __version__, "model": str(model_path), "data": str(data), **body}
+    if json_path is not None:
+        atomic_write_bytes(json_path, (json.dumps(report, indent=2) + "\n").encode())
     return report
 
 

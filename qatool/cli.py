@@ -316,9 +316,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
-from .eval.cli import eval_command  # noqa: E402  (after `cli` exists)
-from .eval.report_cli import report_command  # noqa: E402
-from .quant.cli import calibrate_command, sensitivity_command  # noqa: E402
+from .cli_eval import eval_command  # noqa: E402  (after `cli` exists)
+from .cli_report import report_command  # noqa: E402
+from .cli_quant import calibrate_command, sensitivity_command  # noqa: E402
 
 for _command in (eval_command, report_command, calibrate_command, sensitivity_command):
     cli.add_command(_command)

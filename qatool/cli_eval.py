@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..cli_options import preprocess_overrides, preprocessing_options
-from .evaluate import BACKENDS, DEFAULT_BATCH_SIZE
+from .cli_options import preprocess_overrides, preprocessing_options
+from .eval.evaluate import BACKENDS, DEFAULT_BATCH_SIZE
 
 
 @click.command("eval")
@@ -41,7 +41,7 @@ def eval_command(models, data, backends, json_path, batch_size, threads, labels,
       qatool eval float.onnx out/model_int8.onnx --data val/
       qatool eval out/qat.onnx out/model_int8.onnx --data val/ --backend engine --backend ort
     """
-    from .evaluate import evaluate, format_table
+    from .eval.evaluate import evaluate, format_table
 
     report = evaluate(models, data, backend=list(backends) or "ort", batch_size=batch_size,
                       preprocess_overrides=preprocess_overrides(size, color, mean, std, resize, pad_value),

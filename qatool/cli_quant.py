@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import click
 
-from ..cli_options import BITS, export_summary, preprocess_overrides, preprocessing_options, quantization_options
-from .calibrate import DEFAULT_BINS, DEFAULT_IMAGES, DEFAULT_PERCENTILE, METHODS
-from .sensitivity import DEFAULT_BITS, DEFAULT_CALIBRATION_IMAGES
-from .sensitivity import DEFAULT_IMAGES as SENSITIVITY_IMAGES
+from .cli_options import BITS, export_summary, preprocess_overrides, preprocessing_options, quantization_options
+from .quant.calibrate import DEFAULT_BINS, DEFAULT_IMAGES, DEFAULT_PERCENTILE, METHODS
+from .quant.sensitivity import DEFAULT_BITS, DEFAULT_CALIBRATION_IMAGES
+from .quant.sensitivity import DEFAULT_IMAGES as SENSITIVITY_IMAGES
 
 def _quant_config(weight_bits, activation_bits, per_tensor, symmetric_activations, exclude, reduce_range=None,
                   quantize_tail=None):
-    from .config import QuantConfig
+    from .quant.config import QuantConfig
 
     settings = {"weight_bits": weight_bits, "activation_bits": activation_bits,
                 "per_channel": False if per_tensor else None, "symmetric_activations": symmetric_activations,
@@ -59,7 +59,7 @@ def calibrate_command(model, data, output, val_data, method, images, percentile,
       qatool calibrate float.onnx --data train/ -o model_int8.onnx
       qatool calibrate float.onnx --data train/ --val-data val/ --method entropy -o model_int8.onnx
     """
-    from .calibrate import calibrate
+    from .api import calibrate
 
     quant = _quant_config(weight_bits or bits, activation_bits or bits, per_tensor, symmetric_activations, exclude,
                           reduce_range, quantize_tail)
@@ -107,7 +107,8 @@ def sensitivity_command(model, data, json_path, bits, activation_bits, images, c
     calibrated on the float model, and the model's output compared with the float output on --data:
     SQNR in dB (lowest = most sensitive), top-1 and its drop. Prints the ranked table.
     """
-    from .sensitivity import format_table, sensitivity
+    from .api import sensitivity
+    from .quant.sensitivity import format_table
 
     quant = _quant_config(bits, activation_bits, per_tensor, symmetric_activations, exclude)
     report = sensitivity(model, data, quant=quant, images=images, calibration_images=calibration_images,

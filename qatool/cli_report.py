@@ -28,7 +28,7 @@ def report_command(outdir: str, output: str | None, sensitivity: str | None, png
       qatool report out/
       qatool report out/ -o run1.html --png
     """
-    from .html_report import file_size_text, write_report
+    from .eval.html_report import file_size_text, write_report
 
     for path in write_report(outdir, output=output, sensitivity=sensitivity, png=png):
         click.echo(f"wrote {path} ({file_size_text(path)})")

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from .errors import ModelError, QatoolError
-from .export import bn_fold
+from .ir import bn_fold
 from .ir import integer_forms
 from .ir.bias_add import fold_bias_adds
 from .ir.graph import Graph, Node, from_onnx, to_onnx

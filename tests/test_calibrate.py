@@ -10,8 +10,9 @@ from qatool.convert import normalize_proto
 from qatool.errors import DataError, UsageError
 from qatool.export.deploy import export_session
 from qatool.ir.io import load_proto
-from qatool.quant.calibrate import calibrate, calibrate_session, collect_ranges, entropy_window
-from qatool.quant.cli import calibrate_command
+from qatool.api import calibrate
+from qatool.quant.calibrate import calibrate_session, collect_ranges, entropy_window
+from qatool.cli_quant import calibrate_command
 from qatool.quant.config import QuantConfig
 from qatool.quant.qparams import activation_grid, activation_qparams
 from qatool.train.config import TrainConfig

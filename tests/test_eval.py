@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import qatool.cli  # noqa: F401  (before qatool.eval.cli, which takes the shared options from it)
+import qatool.cli  # noqa: F401  (before qatool.cli_eval, which takes the shared options from it)
 from helpers import SAMPLE_DIR, ort_run
 from qatool import api
 from qatool.errors import DataError, ModelError, UsageError
-from qatool.eval.cli import eval_command
+from qatool.cli_eval import eval_command
 from qatool.eval.evaluate import evaluate, format_table
 from qatool.ir.io import load_graph, save_graph
 from qatool.train.checkpoint import load_checkpoint

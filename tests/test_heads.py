@@ -14,7 +14,7 @@ from qatool.errors import DataError, UsageError
 from qatool.ir.graph import from_onnx
 from qatool.ir.io import load_graph, save_graph
 from qatool.train.config import TrainConfig
-from qatool.train.heads import (check_class_order, folder_class_names, logits_tensor, looks_like_probabilities,
+from qatool.tasks.heads import (check_class_order, folder_class_names, logits_tensor, looks_like_probabilities,
                                 matched_order, model_class_names, parse_class_names)
 
 F = onnx.TensorProto.FLOAT
@@ -170,7 +170,7 @@ def test_train_quant_stops_on_a_class_order_that_does_not_fit(lenet, word_digits
 
 
 def test_calibrate_stops_on_a_class_order_that_does_not_fit_and_takes_labels(lenet, word_digits, tmp_path):
-    from qatool.quant.calibrate import calibrate
+    from qatool.api import calibrate
 
     train, val = word_digits
     out = tmp_path / "int8.onnx"
@@ -212,7 +212,7 @@ def test_probabilities_without_softmax_ask_for_logits(lenet, digits, tmp_path):
 
 def test_eval_and_calibrate_read_the_class_order_from_the_metadata(lenet, word_digits, tmp_path):
     """eval, calibrate and export-int8 open image folders in the model's own class order too."""
-    from qatool.quant.calibrate import calibrate
+    from qatool.api import calibrate
 
     train, val = word_digits
     model = _named_lenet(lenet, tmp_path, softmax_head=False)

@@ -120,7 +120,7 @@ def test_start_and_checkpoints_are_measured_and_the_best_is_kept(lenet, digits, 
 
 
 def test_a_later_checkpoint_one_image_worse_is_kept_a_worse_one_is_not(tmp_path):
-    from qatool.train.validation import Validator
+    from qatool.eval.validation import Validator
 
     saved = []
     v = Validator(session=None, data=[0] * 500, save_best=lambda path, step: saved.append(step),

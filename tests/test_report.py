@@ -16,7 +16,7 @@ from qatool import api
 from qatool.errors import DataError, UsageError
 from qatool.eval.html_report import (MAX_POINTS, downsample_minmax, format_number, format_steps, nice_domain,
                                      read_metrics, ticks_within, write_report)
-from qatool.eval.report_cli import report_command
+from qatool.cli_report import report_command
 from qatool.train.config import TrainConfig
 
 VOID = {"meta", "br", "hr", "img", "link", "input"}

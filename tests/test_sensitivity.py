@@ -12,12 +12,13 @@ from helpers import SAMPLE_DIR
 from qatool.convert import normalize_proto
 from qatool.errors import ConfigError, UsageError
 from qatool.ir.io import load_proto
-from qatool.quant.cli import sensitivity_command
+from qatool.cli_quant import sensitivity_command
 from qatool.quant.config import QuantConfig
 from qatool.quant.mixed import FLOAT_BITS, mixed_precision_config, parse_size, plan_mixed_precision, weight_sizes
 from qatool.quant.prepare import mark
 from qatool.quant.qparams import weight_grid
-from qatool.quant.sensitivity import layer_sensitivity, sensitivity, single_layer_config, sqnr_db
+from qatool.api import sensitivity
+from qatool.quant.sensitivity import layer_sensitivity, single_layer_config, sqnr_db
 from qatool.data.images import ImageDataset
 from qatool.data.preprocess import resolve_preprocess
 from qatool.train.session import QatSession

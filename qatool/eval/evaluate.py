@@ -73,8 +73,8 @@ def evaluate(models, data, backend="ort", batch_size: int = DEFAULT_BATCH_SIZE,
         if any(target == m.resolve() for m in models):
             raise UsageError(f"--json {json_path} is one of the models; choose another file for the report")
 
-    from ..train.anymodel import is_labelled_classifier
-    from ..train.heads import folder_class_names
+    from ..tasks.choose import is_labelled_classifier
+    from ..tasks.heads import folder_class_names
 
     first_graph = load_graph(models[0])  # ModelError when missing or not ONNX
     if not is_labelled_classifier(first_graph, data):
@@ -134,7 +134,8 @@ def _evaluate_any(models, backends, first_graph, data, batch_size, overrides, th
     by what each output is for (qatool.tasks: decoded sequences, thresholded maps, top-1, SQNR, cosine)."""
     from ..convert import normalize
     from ..tasks.judge import Judge
-    from ..train.anymodel import choose_output_tasks, data_kind, load_unlabelled, unlabelled_preprocess
+    from ..data.unlabelled import data_kind, load_unlabelled, unlabelled_preprocess
+    from ..tasks.choose import choose_output_tasks
 
     reference = normalize(first_graph, for_training=False, free_batch=True).graph
     pre = unlabelled_preprocess(reference, data, None, overrides)

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runtime.backends import ort_logits, ort_run_all, ort_session, top1
+from ..export.int8 import session_int8
 from ..ir.graph import to_onnx
-from .heads import near_chance
+from ..tasks.heads import near_chance
 
 KEEP = ("best", "last")
 # an int8 model this far below float on the validation images gets a warning that says what to try
@@ -34,7 +35,7 @@ def start_at_chance(start: float, top1_float: float | None, n_classes: int) -> b
 
 def int8_top1(session, data) -> float:
     """Top-1 on `data` of the int8 model of the session's current state, run by onnxruntime."""
-    sess = ort_session(to_onnx(session.export_int8()))
+    sess = ort_session(to_onnx(session_int8(session)))
     return top1(ort_logits(sess, data, what="the int8 model"), data.labels)
 
 
@@ -46,7 +47,7 @@ def best_path(qat_path: str | os.PathLike) -> Path:
 def int8_measures(session, judge) -> dict:
     """Every output of the int8 model of the session's current state (onnxruntime) measured by `judge`
     (qatool.tasks.judge) against the float model."""
-    sess = ort_session(to_onnx(session.export_int8()))
+    sess = ort_session(to_onnx(session_int8(session)))
     names = [o.name for o in sess.get_outputs()]
     return judge.measure(lambda x: dict(zip(names, ort_run_all(sess, x, "the int8 model"))))
 

@@ -14,6 +14,7 @@ from ..errors import ModelError, QatoolError
 from ..runtime.backends import engine_logits, ort_logits, ort_run, ort_run_all, ort_session
 from ..ir.graph import to_onnx
 from ..ir.io import save_proto
+from .int8 import session_int8
 from .latency import Latency
 from .latency import measure as measure_latency
 from .pack import pack_int4_weights
@@ -94,7 +95,7 @@ def export_session(session, out_path: str | os.PathLike, data=None, verify: bool
     of the simulation is measured against the float model on the judge's data, and the int8 model against the
     simulation (`ExportResult.measures`), instead of the first output's top-1 agreement."""
     out = Path(out_path)
-    runnable = to_onnx(session.export_int8())
+    runnable = to_onnx(session_int8(session))
     if int4:
         runnable = pack_int4_weights(runnable)
     try:

@@ -27,7 +27,7 @@ import json
 import numpy as np
 
 from ..convert import remove_inference_noops
-from ..errors import ModelError
+from ..errors import DivergedError, ModelError
 from ..ir.graph import Graph, Node
 from ..ir.roles import STATE_KEY, TRAINABLE_KEY
 from ..quant.ops import bn_fold_factor, folded_bias, folded_step
@@ -35,6 +35,18 @@ from ..quant.qparams import (MIN_SCALE, Grid, activation_grid, activation_range,
                              grid_inside, quantize, weight_grid, weight_scales)
 
 FLOAT_NODES_KEY = "qatool.float_nodes"
+
+
+def session_int8(session) -> Graph:
+    """The int8 model of a QAT session's current state (its engine graph, as `qat_to_int8` converts it);
+    DivergedError when that state overflows (its scales go non-finite: a diverged run is stopped, not
+    exported)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        g = qat_to_int8(session.model.to_graph(), session.plan.report()["float_nodes"])
+    bad = g.nonfinite_initializer()
+    if bad is not None:
+        raise DivergedError(f"the int8 model's {bad!r} is not finite")
+    return g
 
 
 def qat_to_int8(qat: Graph, float_nodes: list[dict] | None = None) -> Graph:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..ir.graph import Graph, Node
+from .graph import Graph, Node
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
 

@@ -29,7 +29,7 @@ Methods (per tensor)
     its own, whatever is clipped. With 2048 bins it clips LeNet's and the MobileNet's first activations to
     ~13% of their range (top-1 0.49 / 0.35 instead of 0.98 / 0.97); with `bins=512` (two bins per level,
     so the window keeps at least half the range) it matches min/max. On smooth activations (natural images)
-    the method behaves as in TensorRT. `calibrate` names every range cut to less than half.
+    the method behaves as in TensorRT. `qatool.api.calibrate` names every range cut to less than half.
 
 Memory
     No activation is kept. Histograms (`bins` = 2048 by default) need a fixed range, so percentile and
@@ -56,13 +56,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError, DataError, ModelError, UsageError
 from ..ir.graph import Graph
-from .config import QuantConfig
 from .qparams import Grid, activation_grid, activation_qparams
 
 METHODS = ("minmax", "percentile", "entropy")
@@ -70,7 +68,7 @@ DEFAULT_IMAGES = 512
 DEFAULT_PERCENTILE = 99.99
 DEFAULT_BINS = 2048
 DEFAULT_BATCH_SIZE = 64
-HEAVY_CLIP = 0.5  # `calibrate` names the tensors whose range keeps less than this share of the observed one
+HEAVY_CLIP = 0.5  # `qatool.api.calibrate` names the tensors whose range keeps less than this share of the observed one
 
 
 @dataclass
@@ -357,164 +355,3 @@ def calibrate_session(session, data, method: str = "minmax", max_images: int | N
                             bins, batch_size, seed)
     apply_ranges(session, ranges)
     return ranges
-
-
-# ---- the `calibrate` pipeline ----------------------------------------------------------------------------------
-def float_outputs(float_graph: Graph, data) -> np.ndarray:
-    """The float model's outputs on onnxruntime (its inference form: BN folded, Dropout removed)."""
-    from ..convert import normalize_proto
-    from ..runtime.backends import ort_logits, ort_session
-    from ..ir.graph import to_onnx
-
-    infer = normalize_proto(to_onnx(float_graph), for_training=False).graph
-    return ort_logits(ort_session(to_onnx(infer)), data)
-
-
-def calibrate(model_path, data, output, method: str = "minmax", quant: QuantConfig | None = None,
-              images: int | None = DEFAULT_IMAGES, preprocess: dict | None = None, verify: bool = True,
-              val_data=None, percentile: float = DEFAULT_PERCENTILE, bins: int = DEFAULT_BINS,
-              seed: int = 0, echo=None, labels=None) -> dict:
-    """Post-training quantization of a float ONNX model through the same int8 export as train-quant.
-    `labels`: a file of class names in output order (default: the model's own, else sorted folder names); a
-    float model at chance whose predictions fit another class order stops the run (as in train-quant).
-
-    Calibrates on `images` images of `data` (image folder or list file; a seeded random subset), writes the
-    int8 model to `output` atomically and, if `verify`, checks on onnxruntime which quantized nodes fuse into
-    integer kernels (report["export"]["fusion"]) and compares simulation and onnxruntime on `val_data`
-    (default: `data`). Top-1 of the float model, the simulation and the int8 model are reported when the
-    data's labels fit the model's outputs. Returns the report dict.
-    """
-    import json
-
-    from ..convert import normalize_proto
-    from ..runtime.backends import top1
-    from ..export.deploy import export_session, time_export
-    from ..ir.io import load_proto
-    from ..data.images import ImageDataset
-    from ..train.heads import check_class_order, folder_class_names, store_class_names
-    from ..data.preprocess import METADATA_KEY, resolve_preprocess
-    from ..train.session import QatSession
-
-    say = echo or (lambda s: None)
-    if Path(output).resolve() == Path(model_path).resolve():
-        raise UsageError(f"the output {output} is the input file; choose another output path")
-    if method not in METHODS:
-        raise UsageError(f"the calibration method must be one of {', '.join(METHODS)}, got {method!r}")
-    quant = quant or QuantConfig()
-    float_graph = normalize_proto(load_proto(model_path), for_training=True, free_batch=True).graph
-    from ..train.anymodel import is_labelled_classifier
-
-    if not is_labelled_classifier(float_graph, data):
-        return _calibrate_any(model_path, float_graph, data, output, method, quant, images, preprocess, verify,
-                              val_data, percentile, bins, seed, say)
-    pre = resolve_preprocess(float_graph, preprocess)
-    float_graph.metadata[METADATA_KEY] = pre.to_json()
-    session = QatSession.create(float_graph, quant)  # a model the engine cannot run fails before any image is read
-
-    class_names = folder_class_names(float_graph, data, labels, echo=say)
-    calib_set = ImageDataset.open(data, class_names)
-    store_class_names(session.model.graph, calib_set.classes)  # the int8 model names its classes
-    calib_images = calib_set.load(pre)
-    eval_images, eval_set = calib_images, calib_set
-    if val_data is not None:
-        eval_set = ImageDataset.open(val_data, class_names or calib_set.classes)
-        eval_images = eval_set.load(pre)
-    skipped = len(calib_images.skipped) + (len(eval_images.skipped) if val_data is not None else 0)
-    if skipped:
-        say(f"skipped {skipped} unreadable images")
-    n_calib = min(len(calib_images), images) if images else len(calib_images)
-    plan = session.plan.report()
-    say(f"quantizing {session.plan.summary()}")
-    say(f"calibrating ({method}) on {n_calib} images of {data}")
-    ranges = calibrate_session(session, calib_images, method, images, percentile, bins, seed=seed)
-    clipped = sum(r.clipped for r in ranges.values())
-    if method != "minmax":
-        say(f"{clipped} of {len(ranges)} ranges clipped inside the observed min/max")
-        for t, r in ranges.items():
-            kept = r.kept_fraction()
-            if kept < HEAVY_CLIP:
-                say(f"  note: {t} keeps {100 * kept:.0f}% of its observed range [{r.min:.4g}, {r.max:.4g}] "
-                    f"-> [{r.lo:.4g}, {r.hi:.4g}]")
-
-    labelled = eval_set.labels_fit(float_graph.output_classes()) and len(float_graph.outputs[0].shape or [0, 0]) == 2
-    top1_float = None
-    if verify and labelled:
-        out = float_outputs(float_graph, eval_images)
-        top1_float = top1(out, eval_images.labels)
-        check_class_order(top1_float, out, eval_images.labels, eval_set.classes, f"the images {val_data or data}")
-    # like train-quant, not export-int8: nodes that do not fuse are reported (report["export"]["fusion"]), not
-    # fatal — with --symmetric-activations no Conv+Relu can fuse (the Relu is not redundant on a signed grid)
-    exported = export_session(session, output, eval_images if verify else None, verify=verify, strict=False,
-                              data_source=str(val_data or data) if verify else "")
-    if verify:
-        time_export(session, exported)
-    report = {
-        "model": str(model_path),
-        "data": str(data),
-        "val_data": str(val_data) if val_data is not None else None,
-        "method": method,
-        "calibration_images": n_calib,
-        "percentile": float(percentile) if method == "percentile" else None,
-        "bins": bins if method != "minmax" else None,
-        "quant": quant.to_dict(),
-        "preprocess": json.loads(pre.to_json()),
-        "placement": plan,
-        "ranges": {t: r.to_dict() for t, r in ranges.items()},
-        "clipped_ranges": clipped,
-        "export": exported.to_dict(),
-        "size_bytes": exported.size_bytes,
-        "top1_float": top1_float, "top1_sim": None, "top1_int8": None, "agreement_top1": None,
-        "images": len(eval_images) if verify else None,
-    }
-    if verify:
-        report["agreement_top1"] = exported.agreement.agreement_top1
-        if labelled:
-            report["top1_sim"] = top1(exported.simulated, eval_images.labels)
-            report["top1_int8"] = top1(exported.deployed, eval_images.labels)
-    return report
-
-
-
-def _calibrate_any(model_path, float_graph, data, output, method, quant, images, preprocess, verify, val_data,
-                   percentile, bins, seed, say) -> dict:
-    """`calibrate` of any model on data without labels: the int8 model is judged against the float model by
-    what each output is for (qatool.tasks), on `val_data` (default `data`)."""
-    import json
-
-    from ..export.deploy import export_session, time_export
-    from ..runtime.backends import eval_batch_size
-    from ..tasks.judge import Judge
-    from ..train.anymodel import FloatModel, choose_output_tasks, data_kind, load_unlabelled, unlabelled_preprocess
-    from ..train.session import QatSession
-
-    pre = unlabelled_preprocess(float_graph, data, val_data, preprocess)
-    session = QatSession.create(float_graph, quant)  # a model the engine cannot run fails before any image is read
-    calib, held = load_unlabelled(float_graph, data, val_data, pre)
-    evaluated = held if held is not None else calib
-    judge = None
-    if verify:
-        float_model = FloatModel(float_graph)
-        tasks = choose_output_tasks(float_graph, float_model, calib, echo=say)
-        judge = Judge(tasks, float_model, evaluated, eval_batch_size(evaluated))
-    n_calib = min(len(calib), images) if images else len(calib)
-    plan = session.plan.report()
-    say(f"quantizing {session.plan.summary()}")
-    say(f"calibrating ({method}) on {n_calib} {data_kind(calib)} of {data} (no labels)")
-    ranges = calibrate_session(session, calib, method, images, percentile, bins, seed=seed)
-    exported = export_session(session, output, evaluated if verify else None, verify=verify, strict=False,
-                              data_source=str(val_data or data) if verify else "", judge=judge)
-    if verify:
-        group = evaluated.groups[0]
-        time_export(session, exported, [1, *evaluated.item_shape(int(group[0]))])
-    return {
-        "model": str(model_path), "data": str(data), "val_data": str(val_data) if val_data is not None else None,
-        "method": method, "calibration_images": n_calib,
-        "percentile": float(percentile) if method == "percentile" else None,
-        "bins": bins if method != "minmax" else None, "quant": quant.to_dict(),
-        "preprocess": json.loads(pre.to_json()) if pre is not None else None, "placement": plan,
-        "ranges": {t: r.to_dict() for t, r in ranges.items()},
-        "clipped_ranges": sum(r.clipped for r in ranges.values()), "export": exported.to_dict(),
-        "size_bytes": exported.size_bytes, "tasks": [t.to_dict() for t in judge.tasks] if judge else None,
-        "top1_float": None, "top1_sim": None, "top1_int8": None, "agreement_top1": None,
-        "images": len(evaluated) if verify else None,
-    }

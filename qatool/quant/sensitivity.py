@@ -13,14 +13,14 @@ mode (the deployed numerics), on the same images:
 
 At 8-bit weights most layers barely move the output, so the default is 4-bit weights (8-bit activations): the
 ranking then shows which layers need the bits. Layers are ranked by SQNR, lowest (most sensitive) first.
-`qatool.quant.mixed.plan_mixed_precision` turns the ranking into per-layer bit widths for a size budget.
+`qatool.quant.mixed.plan_mixed_precision` turns the ranking into per-layer bit widths for a size budget;
+`qatool.api.sensitivity` is the `qatool sensitivity` command's pipeline (reading the model and the data, writing
+the report).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from .calibrate import apply_ranges, calibration_indices, collect_ranges
 from .config import QuantConfig
 from .prepare import Layer, mark
 from .qparams import activation_grid
+from .quantized import QuantizedModel
 
 DEFAULT_BITS = 4
 DEFAULT_IMAGES = 1000
@@ -101,10 +102,9 @@ def layer_sensitivity(float_graph, data, quant: QuantConfig | None = None, image
     and loaded images (LoadedImages / StreamingImages, preprocessed for the model). `quant` gives the bits
     (default: 4-bit weights, 8-bit activations), per-channel / symmetric settings and the nodes to leave out
     (`exclude`). `images` / `calibration_images`: seeded random subsets measured on / calibrated on (None: all).
-    Returns the report without the file names (see `sensitivity`)."""
+    Returns the report without the file names (see `qatool.api.sensitivity`)."""
     from ..engine.model import Model
-    from ..train.heads import logits_tensor
-    from ..train.session import QatSession
+    from ..tasks.heads import logits_tensor
 
     say = echo or (lambda s: None)
     quant = quant or QuantConfig(weight_bits=DEFAULT_BITS)
@@ -131,12 +131,12 @@ def layer_sensitivity(float_graph, data, quant: QuantConfig | None = None, image
     rows, skipped = [], []
     for k, (layer, cfg) in enumerate(configs, 1):
         node = layer.node
-        session = QatSession.create(float_graph, cfg)
-        if [lyr.node.name for lyr in session.plan.layers] != [node.name]:
+        quantized = QuantizedModel.create(float_graph, cfg)
+        if [lyr.node.name for lyr in quantized.plan.layers] != [node.name]:
             skipped.append({"node": node.name, "reason": "the layer could not be quantized on its own"})
             continue
-        apply_ranges(session, ranges)
-        out = _logits(session.model, session.logits, data, eval_idx)
+        apply_ranges(quantized, ranges)
+        out = _logits(quantized.model, logits_tensor(quantized.model.graph), data, eval_idx)
         top1 = _top1(out, labels)
         row = {
             "node": node.name,
@@ -168,41 +168,6 @@ def layer_sensitivity(float_graph, data, quant: QuantConfig | None = None, image
         "layers": rows,
         "skipped_layers": skipped,
     }
-
-
-def sensitivity(model_path, data, quant: QuantConfig | None = None, images: int | None = DEFAULT_IMAGES,
-                calibration_images: int | None = DEFAULT_CALIBRATION_IMAGES, preprocess: dict | None = None,
-                json_path=None, seed: int = 0, echo=None) -> dict:
-    """`qatool sensitivity`: per-layer sensitivity of a float ONNX model on an image folder or list file.
-
-    Returns the report (schemas/sensitivity.schema.json) and writes it atomically to `json_path` when given.
-    `preprocess`: size/color/mean/std overrides of the model's metadata.
-    """
-    from .. import __version__
-    from ..convert import normalize_proto
-    from ..ir.io import atomic_write_bytes, load_proto
-    from ..data.images import ImageDataset
-    from ..data.preprocess import resolve_preprocess
-    from ..train.anymodel import is_labelled_classifier, load_unlabelled, unlabelled_preprocess
-
-    if json_path is not None and Path(json_path).resolve() == Path(model_path).resolve():
-        raise UsageError(f"--json {json_path} is the model; choose another file for the report")
-    float_graph = normalize_proto(load_proto(model_path), for_training=True, free_batch=True).graph
-    if is_labelled_classifier(float_graph, data):
-        dataset = ImageDataset.open(data)
-        loaded = dataset.load(resolve_preprocess(float_graph, preprocess))
-        labelled = dataset.labels_fit(float_graph.output_classes())
-    else:
-        loaded, _ = load_unlabelled(float_graph, data, None, unlabelled_preprocess(float_graph, data, None,
-                                                                                   preprocess))
-        labelled = False
-    if not labelled and echo:
-        echo(f"{data} has no labels of the model's classes: SQNR only")
-    body = layer_sensitivity(float_graph, loaded, quant, images, calibration_images, labelled, seed, echo)
-    report = {"qatool_version": __version__, "model": str(model_path), "data": str(data), **body}
-    if json_path is not None:
-        atomic_write_bytes(json_path, (json.dumps(report, indent=2) + "\n").encode())
-    return report
 
 
 def format_table(report: dict) -> list[str]:

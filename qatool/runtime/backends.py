@@ -122,3 +122,30 @@ def latency_ms(run, x: np.ndarray, runs: int, budget_s: float = 2.0) -> tuple[fl
         times.append(dt)
         spent += dt
     return float(np.median(times) * 1e3), len(times)
+
+
+def float_inference_session(float_graph) -> ort.InferenceSession:
+    """The float model on onnxruntime in its inference form (BN folded, Dropout removed)."""
+    from ..convert import normalize_proto
+    from ..ir.graph import to_onnx
+
+    infer = normalize_proto(to_onnx(float_graph), for_training=False).graph
+    return ort_session(to_onnx(infer))
+
+
+def float_outputs(float_graph, data) -> np.ndarray:
+    """The float model's first output on `data`, run by onnxruntime in its inference form."""
+    return ort_logits(float_inference_session(float_graph), data)
+
+
+class FloatModel:
+    """The float model's graph outputs on onnxruntime (its inference form), as {name: array} per batch: the
+    reference every label-free measure compares with."""
+
+    def __init__(self, float_graph):
+        self.session = float_inference_session(float_graph)
+        self.input_name = self.session.get_inputs()[0].name
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, x: np.ndarray) -> dict:
+        return dict(zip(self.names, ort_run_all(self.session, x, "the float model")))

@@ -18,12 +18,21 @@ output, the first rule that holds:
 
 The loss of Classes, Sequence and ClassMap is taken on the Softmax's input (the logits), over the Softmax's axis;
 ProbabilityMap and Tensor take it on the output itself.
+
+`choose_output_tasks` makes that choice from the float model's outputs on a probe batch. Before it, one choice
+per run (`is_labelled_classifier`): a classifier whose data has labels keeps the classifier recipe
+(cross-entropy, top-1); anything else (data without labels, a `.npy` folder, a model whose first output is not
+one class score per image) trains by distillation from the float model and is judged against it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from ..data import is_tensor_folder
+from ..data.images import has_class_folders
 from ..errors import ModelError, UsageError
 from ..ir.graph import Graph
 from .base import LOSS_HEADS, OutputTask, head_node, softmax_axis
@@ -33,6 +42,7 @@ from .kinds import ClassMap, Classes, ProbabilityMap, Sequence, Tensor
 LOGITS_KEY = "qatool.logits"
 CHARACTER_KEY = "character"
 LABEL_KINDS = (None, "classes", "text")
+PROBE_IMAGES = 3  # the batch of the probe that chooses the tasks (a size no other axis is likely to have)
 
 
 def _distributions(v: np.ndarray, axis: int, log: bool) -> bool:
@@ -118,3 +128,46 @@ def _characters(meta: dict, num_classes: int) -> tuple[list[str] | None, str]:
     except ModelError as e:
         return None, f"; character list ignored: {e}"
     return chars, f"; {len(chars)} characters from metadata {CHARACTER_KEY!r}"
+
+
+# ---- per run: the recipe, and the tasks from the float model's outputs ------------------------------------------
+def is_labelled_classifier(graph: Graph, data) -> bool:
+    """The classifier recipe applies: the model's first output is [N, classes] and `data` has labels (class
+    sub-folders or a list file)."""
+    return recipe_reason(graph, data)[0]
+
+
+def recipe_reason(graph: Graph, data) -> tuple[bool, str]:
+    """(the classifier recipe applies, why): see `is_labelled_classifier`."""
+    if graph.output_classes() is None:
+        shape = graph.outputs[0].shape
+        return False, f"the model's first output {graph.outputs[0].name!r} {shape} is not one score per class"
+    if is_tensor_folder(data):
+        return False, f"{data} holds .npy input tensors, without labels"
+    p = Path(data)
+    if p.is_file():
+        return True, f"{data} is a list file of labelled images and the model outputs {graph.output_classes()} classes"
+    if p.is_dir() and has_class_folders(p):
+        return True, f"{data} has class sub-folders and the model outputs {graph.output_classes()} classes"
+    return False, f"{data} has no class sub-folders (no labels)"
+
+
+def choose_output_tasks(float_graph: Graph, float_model, data, distill_outputs=None, echo=print,
+                        temperature: float = 1.0, map_threshold: float = 0.3):
+    """One task per graph output (or per output named in `distill_outputs`), chosen from the float model's
+    values (`float_model`: a batch -> {output: array} run) on a probe batch; each choice and its reason is
+    printed."""
+    group = data.groups[0]
+    x, _ = data.batch(group[np.arange(min(PROBE_IMAGES, len(group)))])
+    outputs = float_model(x)
+    if distill_outputs:
+        unknown = [n for n in distill_outputs if n not in outputs]
+        if unknown:
+            raise UsageError(f"--distill-outputs {', '.join(unknown)}: the model has no output of that name (its "
+                             f"outputs: {', '.join(outputs)})")
+        outputs = {n: outputs[n] for n in distill_outputs}
+    tasks = choose_tasks(float_graph, outputs, len(x), float_graph.metadata, None, temperature=temperature,
+                         threshold=map_threshold)
+    for t in tasks:
+        echo(f"output {t.output}: {t.kind} ({t.why}); loss: {t.loss_name} on {t.loss_tensor}")
+    return tasks

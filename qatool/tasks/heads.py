@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..ir.graph import Graph
-from ..tasks.base import pre_softmax
+from .base import pre_softmax
 
 LOGITS_KEY = "qatool.logits"
 CLASSES_KEY = "qatool.classes"

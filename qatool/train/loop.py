@@ -87,7 +87,7 @@ def train(session: QatSession, data, cfg: TrainConfig, phases: Phases, start: in
           validate: Callable[[int], float] | None = None, validate_every: int | None = None) -> TrainResult:
     """Run steps [start, total). `save(step, optimizer_arrays)` writes a checkpoint at `step`. `objective`
     (qatool.train.objective: the tensors a step computes, their loss and its gradients; default: cross-entropy
-    on the session's logits) is what the step trains. `validate(step)` (see qatool.train.validation) runs
+    on the session's logits) is what the step trains. `validate(step)` (see qatool.eval.validation) runs
     every `validate_every` steps before the last one (the last step is measured by the export that follows)."""
     from .objective import LabelledClasses
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..engine.model import Model
 from ..ir.graph import Graph
-from .heads import logits_tensor
+from ..tasks.heads import logits_tensor
 from .loss import softmax_cross_entropy
 
 BN_LOSS_RATIO = 1.25

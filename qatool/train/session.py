@@ -1,45 +1,34 @@
-"""A QAT session: the float training graph, its quantized twin on the engine, and the quantizer state.
+"""A QAT session: the float training graph, its quantized twin on the engine (qatool.quant.quantized), and the
+quantizer state.
 
 Made from a float training graph and a QuantConfig (`QatSession.create`) or from a checkpoint
-(`QatSession.from_checkpoint`); saved as a checkpoint (`save`) and exported as the int8 model (`export_int8`).
+(`QatSession.from_checkpoint`); saved as a checkpoint (`save`); its int8 model is
+`qatool.export.int8.session_int8(session)`.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..engine.model import Model
-from ..errors import DivergedError, ModelError
-from ..export.int8 import qat_to_int8
 from ..ir.graph import Graph
 from ..quant.config import QuantConfig
-from ..quant.prepare import Plan, QuantTensor, prepare
 from ..quant.qparams import activation_grid
+from ..quant.quantized import QuantizedModel
+from ..tasks.heads import logits_tensor
 from .checkpoint import Checkpoint, save_checkpoint
-from .heads import logits_tensor
+
 
 @dataclass
-class QatSession:
-    float_graph: Graph
-    config: QuantConfig
-    model: Model
-    plan: Plan
-    quant: dict[str, QuantTensor]
-    logits: str
+class QatSession(QuantizedModel):
+    logits: str  # the tensor the loss is taken on (qatool.tasks.heads.logits_tensor of the QAT graph)
 
     @classmethod
     def create(cls, float_graph: Graph, config: QuantConfig, seed: int = 0) -> QatSession:
-        qat = copy.deepcopy(float_graph)
-        plan, quant = prepare(qat, config)
-        model = Model(qat, seed=seed)  # first: names any op the engine cannot run
-        if not plan.layers:
-            raise ModelError("no Conv, Gemm or MatMul of the model can be quantized "
-                             "(check --exclude, and that weights are initializers)")
-        return cls(float_graph, config, model, plan, quant, logits_tensor(qat))
+        q = QuantizedModel.create(float_graph, config, seed)
+        return cls(q.float_graph, q.config, q.model, q.plan, q.quant, logits_tensor(q.model.graph))
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, seed: int = 0) -> QatSession:
@@ -89,13 +78,3 @@ class QatSession:
         own = {f"param/{k}": self.model.params[k] for k in self.learned_scales}
         save_checkpoint(path, self.float_graph, self.model.to_graph(), self.quant, self.config, train, step,
                         {**arrays, **own}, info)
-
-    def export_int8(self) -> Graph:
-        """The int8 model of the current state; DivergedError when that state overflows (its scales go
-        non-finite: a diverged run is stopped, not exported)."""
-        with np.errstate(over="ignore", invalid="ignore"):
-            g = qat_to_int8(self.model.to_graph(), self.plan.report()["float_nodes"])
-        bad = g.nonfinite_initializer()
-        if bad is not None:
-            raise DivergedError(f"the int8 model's {bad!r} is not finite")
-        return g

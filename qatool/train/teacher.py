@@ -12,7 +12,7 @@ from ..errors import ModelError
 from ..ir.graph import Graph, to_onnx
 from ..ir.io import load_proto
 from ..runtime.backends import ort_run_all, ort_session
-from .heads import logits_tensor
+from ..tasks.heads import logits_tensor
 
 
 class Teacher:

@@ -33,7 +33,7 @@ from ..errors import UsageError
 from ..ir.graph import Graph, Node
 from ..ir.roles import read_roles, write_roles
 from ..tasks.base import LOSS_HEADS
-from .heads import CLASS_NAME_KEYS, LOGITS_KEY, logits_tensor, store_class_names
+from ..tasks.heads import CLASS_NAME_KEYS, LOGITS_KEY, logits_tensor, store_class_names
 
 PASS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout")
 POOLS = ("GlobalAveragePool", "GlobalMaxPool", "AveragePool", "ReduceMean")
