@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -162,35 +163,137 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     `labels` a file of class names, one per line, in output order (default: the model's own class names when
     its metadata has them and the folders carry them, else sorted folder names); `resume` a qat.onnx to
     continue from. With validation data the run measures the int8 accuracy before the first step (post-training
-    quantization) and at checkpoints, and by default writes the best of them (see qatool.train.validation).
+    quantization) and at checkpoints, and by default writes the best of them (see qatool.eval.validation).
 
     Transfer learning in one command: `new_head` replaces the classifier by one for the data's classes (see
     `finetune`), whose float warm-up of `float_steps` steps (default DEFAULT_HEAD_STEPS) trains the head alone;
     `float_steps` without `new_head` is a float warm-up of the whole model (of the head only with
     `freeze_backbone`). The warmed-up model is OUT_DIR/float_warmup.onnx, and QAT then trains every layer.
+
+    The stages, each its own function: prepare (`_output_folder`, `_float_warmup`, `_training_model`, then
+    `_prepare_classifier` or `_prepare_any`), measure the start (`_measure_start_classifier` /
+    `_measure_start_any`), train (`_run_training`), choose the kept checkpoint and export it
+    (`_export_and_choose`, `_echo_export`), report (`_classifier_val` / `_any_val`, `_write_report`).
     """
-    import json
-
-    from .runtime.backends import ort_logits, ort_session, top1
-    from .export.deploy import export_session, time_export
-    from .ir.io import atomic_write_bytes, report_json
-    from .train.checkpoint import load_checkpoint
+    from .runtime.backends import top1
+    from .tasks.choose import recipe_reason
     from .train.config import CLASSIFIER_RECIPE, DISTILL_RECIPE, TrainConfig
-    from .tasks.heads import check_class_order, check_logits, folder_class_names, set_logits, store_class_names
-    from .train.loop import Phases, TrainingDiverged, train as run_train
-    from .data.preprocess import METADATA_KEY, resolve_preprocess
-    from .train.recipe import bn_evidence, gradient_evidence, has_batchnorm
-    from .train.session import QatSession
-    from .train.objective import LabelledClasses
-    from .train.teacher import Teacher
-    from .eval.validation import FAR_BELOW_FLOAT, Validator, best_path, start_at_chance
 
+    out = _output_folder(out_dir)
+    train_cfg = train or TrainConfig()
+    model_path, labels = _float_warmup(model_path, train_data, out, val_data, train_cfg, preprocess, labels,
+                                       resume, new_head, features, float_steps, freeze_backbone, quiet, echo)
+    float_graph, ckpt, quant_cfg = _training_model(model_path, resume, quant)
+    if ckpt is not None:  # a resumed run keeps its optimizer and lr unless they are given again
+        train_cfg = train_cfg.with_recipe((ckpt.train.get("optimizer"), ckpt.train.get("lr")))
+    if train_cfg.scale_lr is not None and quant_cfg.scale_learning != "lsq":
+        raise UsageError("--scale-lr sets the learning rate of learned step sizes: it needs --scale-learning lsq")
+    labelled, why = recipe_reason(float_graph, train_data)
+    if not labelled or distill_outputs or metric:
+        option = "--metric" if metric else "--distill-outputs"
+        echo(f"label-free QAT: the model learns to reproduce its float model, because "
+             f"{why if not labelled else option + ' is given'}")
+        if train_cfg.teacher or labels or train_cfg.logits:
+            raise UsageError("--teacher, --labels and --logits belong to a classifier trained with labels; without "
+                             "labels the float model itself is the teacher")
+        return _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg.with_recipe(DISTILL_RECIPE),
+                                train_data, out, val_data, preprocess, quiet, echo, distill_outputs, metric)
+    echo(f"classifier QAT with labels (cross-entropy, top-1), because {why}")
+    run = _prepare_classifier(model_path, float_graph, ckpt, quant_cfg, train_cfg.with_recipe(CLASSIFIER_RECIPE),
+                              train_data, val_data, preprocess, labels, out, quiet, echo)
+    start_chance = _measure_start_classifier(run)
+    result = _run_training(run, start_chance)
+    exported, kept_step, kept_session = _export_and_choose(
+        run, run.val_set, str(val_data) if val_data else "", None,
+        lambda e: (top1(e.deployed, run.val_set.labels),))
+    _echo_export(run, exported, kept_session)
+    val = _classifier_val(run, exported, kept_step, start_chance)
+    return _write_report(run, result, exported, kept_step, val,
+                         {"classes": run.classes, "logits": run.session.logits})
+
+
+def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_data, out, val_data, preprocess,
+                     quiet, echo, distill_outputs, metric=None) -> dict:
+    """Label-free QAT of any model: the float model (onnxruntime) is the teacher of every chosen output's task
+    (qatool.tasks), and the judge of the int8 model at the start, at checkpoints and at the end (by the user's
+    `metric` when given)."""
+    from .runtime.backends import eval_batch_size
+    from .tasks.judge import Judge
+
+    run = _prepare_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_data, val_data, preprocess,
+                       distill_outputs, metric, out, quiet, echo)
+    _measure_start_any(run)
+    result = _run_training(run)
+    verify_on = run.val_set if run.val_set is not None else run.train_set
+    final_judge = run.judge or Judge(run.tasks, run.float_model, run.train_set, eval_batch_size(run.train_set))
+    exported, kept_step, kept_session = _export_and_choose(
+        run, verify_on, str(val_data or train_data), final_judge,
+        lambda e: (e.measures["int8"]["score"], e.measures["int8"]["outputs"]))
+    _echo_export(run, exported, kept_session, [1, *verify_on.item_shape(int(verify_on.groups[0][0]))])
+    val = _any_val(run, exported, kept_step, len(verify_on))
+    return _write_report(run, result, exported, kept_step, val,
+                         {"tasks": [t.to_dict() for t in run.tasks], "objective": run.objective.describe()})
+
+
+# ---- train-quant's stages ---------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """One train-quant run, as its stages fill it in: what `_prepare_*` made, then the schedule (`_schedule`) and
+    the validator (`_validator`)."""
+
+    model_path: object
+    out: Path
+    float_graph: object
+    ckpt: object  # the checkpoint resumed, or None
+    quant_cfg: object
+    train_cfg: object
+    session: object  # the QatSession
+    objective: object
+    train_set: object  # loaded training data
+    val_set: object  # loaded validation data, or None
+    pre: object  # the preprocessing, or None for `.npy` tensors
+    batch_choice: dict | None
+    skipped: int  # unreadable images left out
+    quiet: bool
+    echo: object
+    val_data: object = None  # the validation data's path, or None
+    classes: list[str] | None = None  # a classifier's
+    tasks: list = field(default_factory=list)  # label-free: the output tasks, their float model and judge
+    float_model: object = None
+    judge: object = None
+    bn_check: dict | None = None
+    plan: dict = field(default_factory=dict)
+    total: int = 0
+    start: int = 0
+    info: dict = field(default_factory=dict)  # what the checkpoints record of the run
+    phases: object = None
+    validator: object = None
+
+    @property
+    def qat_path(self) -> Path:
+        return self.out / "qat.onnx"
+
+    @property
+    def int8_path(self) -> Path:
+        return self.out / "model_int8.onnx"
+
+    def save(self, step: int, arrays: dict, path=None) -> None:
+        self.session.save(path or self.qat_path, self.train_cfg.to_dict(), step, arrays, self.info)
+
+
+def _output_folder(out_dir) -> Path:
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create the output folder {out}: {e.strerror or e}") from e
-    train_cfg = train or TrainConfig()
+    return out
+
+
+def _float_warmup(model_path, train_data, out, val_data, train_cfg, preprocess, labels, resume, new_head, features,
+                  float_steps, freeze_backbone, quiet, echo):
+    """(the model QAT starts from, its --labels): with `new_head` / `float_steps`, the float warm-up's output
+    OUT/float_warmup.onnx (which names its classes), else the model and labels as given."""
     if (new_head or float_steps or freeze_backbone or features) and resume is not None:
         raise UsageError("--resume continues a QAT run: the warm-up options (--new-head, --float-steps, "
                          "--freeze-backbone, --features) belong to its first run")
@@ -204,36 +307,36 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
                  train=replace(train_cfg, steps=steps, epochs=None), preprocess=preprocess, labels=labels,
                  new_head=new_head, features=features, freeze_backbone=bool(new_head or freeze_backbone),
                  quiet=quiet, echo=echo)
-        model_path, labels = warm, None  # the warmed-up model names its classes
-    elif freeze_backbone or features:
+        return warm, None  # the warmed-up model names its classes
+    if freeze_backbone or features:
         raise UsageError("--freeze-backbone and --features shape a float warm-up: give --new-head or --float-steps")
-    float_graph, ckpt, quant_cfg = _training_model(model_path, resume, quant)
-    if ckpt is not None:  # a resumed run keeps its optimizer and lr unless they are given again
-        train_cfg = train_cfg.with_recipe((ckpt.train.get("optimizer"), ckpt.train.get("lr")))
-    if train_cfg.scale_lr is not None and quant_cfg.scale_learning != "lsq":
-        raise UsageError("--scale-lr sets the learning rate of learned step sizes: it needs --scale-learning lsq")
-    from .tasks.choose import recipe_reason
+    return model_path, labels
 
-    labelled, why = recipe_reason(float_graph, train_data)
-    if not labelled or distill_outputs or metric:
-        option = "--metric" if metric else "--distill-outputs"
-        echo(f"label-free QAT: the model learns to reproduce its float model, because "
-             f"{why if not labelled else option + ' is given'}")
-        if train_cfg.teacher or labels or train_cfg.logits:
-            raise UsageError("--teacher, --labels and --logits belong to a classifier trained with labels; without "
-                             "labels the float model itself is the teacher")
-        return _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg.with_recipe(DISTILL_RECIPE),
-                                train_data, out, val_data, preprocess, quiet, echo, distill_outputs, metric)
-    train_cfg = train_cfg.with_recipe(CLASSIFIER_RECIPE)
-    echo(f"classifier QAT with labels (cross-entropy, top-1), because {why}")
+
+def _qat_session(float_graph, ckpt, quant_cfg, seed):
+    """The QAT session, resumed from `ckpt` or new: made before any data is read, so that a model the engine
+    cannot run fails first."""
+    from .train.session import QatSession
+
+    return QatSession.from_checkpoint(ckpt, seed) if ckpt else QatSession.create(float_graph, quant_cfg, seed)
+
+
+def _prepare_classifier(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_data, val_data, preprocess,
+                        labels, out, quiet, echo) -> _Run:
+    """A labelled classifier's run: its preprocessing and logits, the QAT session, the objective (cross-entropy,
+    Hinton's mix with --teacher), the images read in the model's class order, the batch and mixed precision."""
+    from .data.preprocess import METADATA_KEY, resolve_preprocess
+    from .tasks.heads import check_logits, folder_class_names, set_logits, store_class_names
+    from .train.objective import LabelledClasses
+    from .train.session import QatSession
+    from .train.teacher import Teacher
+
     pre = resolve_preprocess(float_graph, preprocess)
     float_graph.metadata[METADATA_KEY] = pre.to_json()
     if train_cfg.logits:
         set_logits(float_graph, train_cfg.logits)
-    # the QAT graph and the teacher first: a model the engine cannot run fails before any image is read
-    session = QatSession.from_checkpoint(ckpt, train_cfg.seed) if ckpt else \
-        QatSession.create(float_graph, quant_cfg, train_cfg.seed)
-    teacher = Teacher(train_cfg.teacher) if train_cfg.teacher else None
+    session = _qat_session(float_graph, ckpt, quant_cfg, train_cfg.seed)
+    teacher = Teacher(train_cfg.teacher) if train_cfg.teacher else None  # also before any image is read
     objective = LabelledClasses(session.logits, teacher, train_cfg.distill_temperature, train_cfg.distill_alpha)
     train_set, val_set = _open_data(train_data, val_data, folder_class_names(float_graph, train_data, labels, echo),
                                     float_graph.output_classes(), model_path)
@@ -252,192 +355,28 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     skipped = len(train_images.skipped) + (len(val_images.skipped) if val_images else 0)
     if skipped:
         echo(f"skipped {skipped} unreadable images")
-
-    # float accuracy before QAT: onnxruntime on the inference form of the float model
-    top1_float = ckpt.info.get("top1_float") if ckpt else None
-    if val_images is not None and top1_float is None:
-        infer = normalize_proto(to_onnx(float_graph), for_training=False).graph
-        float_out = ort_logits(ort_session(to_onnx(infer)), val_images)
-        top1_float = top1(float_out, val_images.labels)
-        echo(f"float val top-1 (onnxruntime): {top1_float:.4f}")
-        check_class_order(top1_float, float_out, val_images.labels, classes, f"the validation images {val_data}")
-
-    plan = session.plan.report()
-    echo(f"quantized {session.plan.summary()}")
-    total = train_cfg.total_steps(len(train_images))
-    start = ckpt.step if ckpt else 0
-    if start > total:
-        raise UsageError(f"the checkpoint is at step {start}, beyond --steps {total}")
-    info = {"model_signature": _model_signature(float_graph), "top1_float": top1_float,
-            "val_data": str(Path(val_data).resolve()) if val_data else None}
-
-    # BatchNormalization's phase, from evidence unless --freeze-bn-after says (qatool.train.recipe)
-    bn_check = ckpt.info.get("bn_check") if ckpt else None
-    if ckpt is None and quant_cfg.freeze_bn_after is None and has_batchnorm(float_graph):
-        evidence = bn_evidence(float_graph, train_images, train_cfg.batch_size, train_cfg.seed)
-        echo(evidence.summary())
-        bn_check = evidence.to_dict()
-    info["bn_check"] = bn_check
-    qat_path = out / "qat.onnx"
-
-    def save(step: int, arrays: dict, path=qat_path) -> None:
-        session.save(path, train_cfg.to_dict(), step, arrays, info)
-
-    if ckpt is None and train_cfg.init == "calibrate":
-        from .quant.calibrate import calibrate_session
-
-        calibrate_session(session, train_images, train_cfg.init_method, train_cfg.init_images, seed=train_cfg.seed)
-        echo(f"activation ranges calibrated ({train_cfg.init_method}) on {min(train_cfg.init_images, len(train_images))}"
-             " training images")
-        if bn_check and not bn_check["freeze_from_start"]:  # the quantized start's gradients
-            grad_check = gradient_evidence(session, train_images, train_cfg.batch_size, train_cfg.seed)
-            echo(grad_check.summary())
-            bn_check["gradient"] = grad_check.to_dict()
-            bn_check["freeze_from_start"] = grad_check.freeze_from_start
-    freeze_bn = quant_cfg.freeze_bn_after
-    if freeze_bn is None and bn_check and bn_check["freeze_from_start"]:
-        freeze_bn = 0
-    phases = Phases.resolve(total, freeze_bn, quant_cfg.freeze_observers_after)
-
-    # a safe start and a safe end: int8 accuracy before the first step and at checkpoints (qatool.train.validation)
-    validator = None
-    start_chance = False  # the quantized start (measured now, or by the run resumed) is at chance: say so
-    if val_images is not None:
-        validator = Validator(session, val_images, lambda path, step: save(step, {}, path), qat_path,
-                              train_cfg.keep, list(ckpt.info.get("validations", [])) if ckpt else [])
-        info["validations"] = validator.history
-        if ckpt is None and train_cfg.init == "calibrate":
-            acc = validator(0)
-            echo(f"start: int8 val top-1 {acc:.4f} before any QAT step (post-training quantization, same placement)")
-        start_chance = validator.start is not None and start_at_chance(validator.start, top1_float, len(classes))
-        if start_chance and ckpt is None:
-            echo(f"warning: the quantized start is at chance ({validator.start:.4f} for {len(classes)} classes, "
-                 f"float {top1_float:.4f}): at W{quant_cfg.weight_bits}A{quant_cfg.activation_bits} this model's "
-                 "signal does not survive quantization, and QAT from chance did not recover on the models measured "
-                 "(five times the steps, learned step sizes, batch statistics: docs/benchmarks.md section 4); "
-                 "try more bits first, activations first (--activation-bits 8)")
-
-    scale_lr = f" (step sizes {train_cfg.scale_lr})" if train_cfg.scale_lr is not None else ""
-    echo(f"QAT: steps {start}..{total}, batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr}"
-         f"{scale_lr}; BN freezes at step {phases.freeze_bn_after}, observers at {phases.freeze_observers_after}")
-    if teacher is not None:
-        echo(objective.describe())
-    if ckpt is None:  # a fresh run in a used folder starts a fresh log
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    try:
-        result = run_train(session, train_images, train_cfg, phases, start, total, ckpt.arrays if ckpt else None,
-                           save, out / "metrics.jsonl", quiet, objective, validator,
-                           train_cfg.validation_interval(total))
-    except TrainingDiverged as e:
-        if start_chance:
-            raise TrainingDiverged(f"{e}; its quantized start was at chance: more bits, activations first "
-                                   "(--activation-bits 8), are the likelier cure") from None
-        raise
-
-    int8_path = out / "model_int8.onnx"
-    source = str(val_data) if val_data else ""
-    exported = export_session(session, int8_path, val_images, verify=True, strict=False, data_source=source)
-    kept_step, kept_session = total, session
-    if validator is not None:  # the export measured the last step; an earlier best replaces it
-        validator.record(total, top1(exported.deployed, val_images.labels))
-        kept_step = validator.kept_step(total)
-        if kept_step != total:
-            best = QatSession.from_checkpoint(load_checkpoint(best_path(qat_path)), train_cfg.seed)
-            exported = export_session(best, int8_path, val_images, verify=True, strict=False, data_source=source)
-            kept_session = best
-    from .export.latency import latency_lines
-    from .export.verify import fusion_lines
-
-    time_export(kept_session, exported)
-    for line in fusion_lines(exported.fusion.to_dict()) + latency_lines(exported.latency.to_dict()):
-        echo(line)
-    for note in exported.notes:
-        echo(f"note: {note}")
-    val = {"top1_float": top1_float, "top1_qat": None, "top1_int8": None, "agreement_top1": None}
-    if val_images is not None:
-        val.update(top1_qat=top1(exported.simulated, val_images.labels),
-                   top1_int8=top1(exported.deployed, val_images.labels),
-                   agreement_top1=exported.agreement.agreement_top1, images=len(val_images),
-                   max_diff_steps=exported.agreement.max_diff_steps, **validator.summary(),
-                   int8_step=kept_step, ended_below_start=validator.ended_below_start())
-        val["far_below_float"] = val["top1_int8"] < top1_float - FAR_BELOW_FLOAT
-        val["start_at_chance"] = start_chance
-        selected = (f"; the int8 model is step {kept_step}'s, the best of {len(validator.history)} validated "
-                    "checkpoints, selected on these validation images" if train_cfg.keep == "best" else "")
-        echo(f"val top-1: float {top1_float:.4f}, QAT simulation {val['top1_qat']:.4f}, "
-             f"int8 onnxruntime {val['top1_int8']:.4f}; agreement {val['agreement_top1']:.4f}{selected}")
-        if validator.ended_below_start():
-            echo(f"warning: QAT ended below its start: int8 val top-1 {validator.history[-1]['top1_int8']:.4f} at "
-                 f"step {total} against {validator.start:.4f} before training (post-training quantization)"
-                 + (f"; model_int8.onnx is step {kept_step}'s" if train_cfg.keep == "best" else
-                    "; --keep best would have written the better one"))
-        if val["far_below_float"]:
-            echo(f"warning: the int8 model is {100 * (top1_float - val['top1_int8']):.1f} points below float on the "
-                 f"validation images ({val['top1_int8']:.4f} against {top1_float:.4f}): W{quant_cfg.weight_bits}"
-                 f"A{quant_cfg.activation_bits} loses too much on this model; try more bits (activations first: "
-                 "--activation-bits 8), `qatool sensitivity` to find the layers that lose most (then --exclude "
-                 "them), or more steps")
-    report = {
-        "model": str(model_path),
-        "steps": result.steps,
-        "batch_size": train_cfg.batch_size,
-        "ms_per_step": round(result.ms_per_step, 3),
-        "final_loss": result.final_loss,
-        "skipped_images": skipped,
-        "classes": classes,
-        "logits": session.logits,
-        "config": {"quant": quant_cfg.to_dict(), "train": train_cfg.to_dict(),
-                   "preprocess": json.loads(pre.to_json()),
-                   "freeze_bn_after": phases.freeze_bn_after,
-                   "freeze_observers_after": phases.freeze_observers_after,
-                   "bn_check": bn_check, "batch": batch_choice},
-        "val": val,
-        "placement": plan,
-        "export": exported.to_dict(),
-        "outputs": {"checkpoint": str(qat_path), "int8_model": str(int8_path),
-                    "metrics": str(out / "metrics.jsonl"),
-                    **({"best_checkpoint": str(best_path(qat_path))} if kept_step != total else {})},
-    }
-    report["peak_rss_mb"] = peak_rss_mb()
-    atomic_write_bytes(out / "report.json", report_json(report))
-    memory = f" (peak memory {report['peak_rss_mb']:,.0f} MB)" if report["peak_rss_mb"] else ""
-    echo(f"wrote {qat_path}, {int8_path}, {out / 'report.json'}{memory}")
-    return report
+    return _Run(model_path, out, float_graph, ckpt, quant_cfg, train_cfg, session, objective, train_images,
+                val_images, pre, batch_choice, skipped, quiet, echo, val_data=val_data, classes=classes)
 
 
-def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_data, out, val_data, preprocess,
-                     quiet, echo, distill_outputs, metric=None) -> dict:
-    """Label-free QAT of any model: the float model (onnxruntime) is the teacher of every chosen output's task
-    (qatool.tasks), and the judge of the int8 model at the start, at checkpoints and at the end (by the user's
-    `metric` when given)."""
-    import json
-
-    from .export.deploy import export_session, time_export
-    from .export.latency import latency_lines
-    from .export.verify import fusion_lines
-    from .ir.io import atomic_write_bytes, report_json
-    from .quant.calibrate import calibrate_session
-    from .runtime.backends import eval_batch_size
-    from .tasks.judge import Judge, describe
-    from .tasks.metric import UserMetric
+def _prepare_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_data, val_data, preprocess,
+                 distill_outputs, metric, out, quiet, echo) -> _Run:
+    """A label-free run: the QAT session, the data (images or `.npy` tensors), the float model, each output's
+    task and the features distilled, the objective, the batch and length, and the judge of the validation data."""
     from .data import TensorSet
     from .data.unlabelled import data_kind, load_unlabelled, unlabelled_preprocess
-    from .runtime.backends import FloatModel
+    from .runtime.backends import FloatModel, eval_batch_size
     from .tasks.choose import choose_output_tasks
-    from .train.checkpoint import load_checkpoint
-    from .train.loop import Phases, train as run_train
+    from .tasks.judge import Judge
+    from .tasks.metric import UserMetric
     from .train.objective import Distillation, feature_tasks
-    from .train.session import QatSession
     from .train.teacher import Teacher
-    from .eval.validation import Validator, best_path
 
     user_metric = UserMetric(metric) if metric else None  # a bad --metric fails before anything runs
     if user_metric is not None and val_data is None:
         raise UsageError("--metric chooses among the checkpoints measured on --val-data: give --val-data")
     pre = unlabelled_preprocess(float_graph, train_data, val_data, preprocess)
-    # the QAT graph first: a model the engine cannot run fails before any image is read
-    session = QatSession.from_checkpoint(ckpt, train_cfg.seed) if ckpt else \
-        QatSession.create(float_graph, quant_cfg, train_cfg.seed)
+    session = _qat_session(float_graph, ckpt, quant_cfg, train_cfg.seed)
     train_set, val_set = load_unlabelled(float_graph, train_data, val_data, pre, train_cfg.pad_multiple,
                                          (preprocess or {}).get("pad_value") or 0.0)
     kind = train_set.describe() if isinstance(train_set, TensorSet) else data_kind(train_set)
@@ -454,100 +393,276 @@ def _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_
     train_cfg = _resolve_length(train_cfg, session, train_set, objective.tensors, ckpt, echo)
     judge = Judge(tasks, float_model, val_set, eval_batch_size(val_set), user_metric) if val_set is not None \
         else None
-    plan = session.plan.report()
-    echo(f"quantized {session.plan.summary()}")
-    total = train_cfg.total_steps(len(train_set))
-    start = ckpt.step if ckpt else 0
-    if start > total:
-        raise UsageError(f"the checkpoint is at step {start}, beyond --steps {total}")
-    info = {"model_signature": _model_signature(float_graph), "top1_float": None,
-            "val_data": str(Path(val_data).resolve()) if val_data else None}
-    qat_path = out / "qat.onnx"
+    return _Run(model_path, out, float_graph, ckpt, quant_cfg, train_cfg, session, objective, train_set, val_set,
+                pre, batch_choice, len(getattr(train_set, "skipped", [])), quiet, echo, val_data=val_data,
+                tasks=tasks, float_model=float_model, judge=judge)
 
-    def save(step: int, arrays: dict, path=qat_path) -> None:
-        session.save(path, train_cfg.to_dict(), step, arrays, info)
 
-    if ckpt is None and train_cfg.init == "calibrate":
-        calibrate_session(session, train_set, train_cfg.init_method, train_cfg.init_images, seed=train_cfg.seed)
-        echo(f"activation ranges calibrated ({train_cfg.init_method}) on "
-             f"{min(train_cfg.init_images, len(train_set))} training inputs")
+def _schedule(run: _Run, top1_float: float | None) -> None:
+    """The placement's summary, the steps (the resumed one to the last) and what each checkpoint records."""
+    run.plan = run.session.plan.report()
+    run.echo(f"quantized {run.session.plan.summary()}")
+    run.total = run.train_cfg.total_steps(len(run.train_set))
+    run.start = run.ckpt.step if run.ckpt else 0
+    if run.start > run.total:
+        raise UsageError(f"the checkpoint is at step {run.start}, beyond --steps {run.total}")
+    run.info = {"model_signature": _model_signature(run.float_graph), "top1_float": top1_float,
+                "val_data": str(Path(run.val_data).resolve()) if run.val_data else None}
+
+
+def _calibrated_start(run: _Run, what: str) -> bool:
+    """A fresh run's activation ranges calibrated on the training data (train --init calibrate); True if so."""
+    from .quant.calibrate import calibrate_session
+
+    cfg = run.train_cfg
+    if run.ckpt is not None or cfg.init != "calibrate":
+        return False
+    calibrate_session(run.session, run.train_set, cfg.init_method, cfg.init_images, seed=cfg.seed)
+    run.echo(f"activation ranges calibrated ({cfg.init_method}) on {min(cfg.init_images, len(run.train_set))} "
+             f"training {what}")
+    return True
+
+
+def _validator(run: _Run, **judged):
+    """The validator of the int8 model at checkpoints (qatool.eval.validation), continuing a resumed run's
+    history, which every checkpoint records."""
+    from .eval.validation import Validator
+
+    run.validator = Validator(run.session, run.val_set, lambda path, step: run.save(step, {}, path), run.qat_path,
+                              run.train_cfg.keep, list(run.ckpt.info.get("validations", [])) if run.ckpt else [],
+                              **judged)
+    run.info["validations"] = run.validator.history
+    return run.validator
+
+
+def _measure_start_classifier(run: _Run) -> bool:
+    """Float top-1, BatchNorm's phase from evidence (qatool.train.recipe), the calibrated start and its int8
+    top-1: QAT's floor. Returns whether that start is at chance while the float model is not (the run warns)."""
+    from .eval.validation import start_at_chance
+    from .runtime.backends import float_outputs, top1
+    from .tasks.heads import check_class_order
+    from .train.loop import Phases
+    from .train.recipe import bn_evidence, gradient_evidence, has_batchnorm
+
+    ckpt, cfg, quant_cfg, echo, val_images = run.ckpt, run.train_cfg, run.quant_cfg, run.echo, run.val_set
+    # float accuracy before QAT: onnxruntime on the inference form of the float model
+    top1_float = ckpt.info.get("top1_float") if ckpt else None
+    if val_images is not None and top1_float is None:
+        float_out = float_outputs(run.float_graph, val_images)
+        top1_float = top1(float_out, val_images.labels)
+        echo(f"float val top-1 (onnxruntime): {top1_float:.4f}")
+        check_class_order(top1_float, float_out, val_images.labels, run.classes,
+                          f"the validation images {run.val_data}")
+    _schedule(run, top1_float)
+    # BatchNormalization's phase, from evidence unless --freeze-bn-after says (qatool.train.recipe)
+    bn_check = ckpt.info.get("bn_check") if ckpt else None
+    if ckpt is None and quant_cfg.freeze_bn_after is None and has_batchnorm(run.float_graph):
+        evidence = bn_evidence(run.float_graph, run.train_set, cfg.batch_size, cfg.seed)
+        echo(evidence.summary())
+        bn_check = evidence.to_dict()
+    run.info["bn_check"] = run.bn_check = bn_check
+    if _calibrated_start(run, "images") and bn_check and not bn_check["freeze_from_start"]:
+        grad_check = gradient_evidence(run.session, run.train_set, cfg.batch_size, cfg.seed)  # the quantized start's
+        echo(grad_check.summary())
+        bn_check["gradient"] = grad_check.to_dict()
+        bn_check["freeze_from_start"] = grad_check.freeze_from_start
+    freeze_bn = quant_cfg.freeze_bn_after
+    if freeze_bn is None and bn_check and bn_check["freeze_from_start"]:
+        freeze_bn = 0
+    run.phases = Phases.resolve(run.total, freeze_bn, quant_cfg.freeze_observers_after)
+
+    # a safe start and a safe end: int8 accuracy before the first step and at checkpoints (qatool.eval.validation)
+    start_chance = False  # the quantized start (measured now, or by the run resumed) is at chance: say so
+    if val_images is not None:
+        validator = _validator(run)
+        if ckpt is None and cfg.init == "calibrate":
+            acc = validator(0)
+            echo(f"start: int8 val top-1 {acc:.4f} before any QAT step (post-training quantization, same placement)")
+        start_chance = validator.start is not None and start_at_chance(validator.start, top1_float, len(run.classes))
+        if start_chance and ckpt is None:
+            echo(f"warning: the quantized start is at chance ({validator.start:.4f} for {len(run.classes)} classes, "
+                 f"float {top1_float:.4f}): at W{quant_cfg.weight_bits}A{quant_cfg.activation_bits} this model's "
+                 "signal does not survive quantization, and QAT from chance did not recover on the models measured "
+                 "(five times the steps, learned step sizes, batch statistics: docs/benchmarks.md section 4); "
+                 "try more bits first, activations first (--activation-bits 8)")
+    scale_lr = f" (step sizes {cfg.scale_lr})" if cfg.scale_lr is not None else ""
+    echo(f"QAT: steps {run.start}..{run.total}, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr}"
+         f"{scale_lr}; BN freezes at step {run.phases.freeze_bn_after}, observers at "
+         f"{run.phases.freeze_observers_after}")
+    if run.objective.teacher is not None:
+        echo(run.objective.describe())
+    return start_chance
+
+
+def _measure_start_any(run: _Run) -> None:
+    """The calibrated start, BatchNorm frozen from the start, and the start's int8 outputs against float."""
+    from .tasks.judge import describe
+    from .train.loop import Phases
+
+    _schedule(run, None)
+    _calibrated_start(run, "inputs")
     # the float model, in eval mode, is the target: BN's batch statistics could only move the student away
     # from it, so BN uses its running statistics throughout unless --freeze-bn-after says otherwise
+    quant_cfg, cfg = run.quant_cfg, run.train_cfg
     freeze_bn = quant_cfg.freeze_bn_after if quant_cfg.freeze_bn_after is not None else 0
-    phases = Phases.resolve(total, freeze_bn, quant_cfg.freeze_observers_after)
-    validator = None
-    if judge is not None:
-        validator = Validator(session, val_set, lambda path, step: save(step, {}, path), qat_path, train_cfg.keep,
-                              list(ckpt.info.get("validations", [])) if ckpt else [], judge=judge, key="score")
-        info["validations"] = validator.history
-        if ckpt is None and train_cfg.init == "calibrate":
+    run.phases = phases = Phases.resolve(run.total, freeze_bn, quant_cfg.freeze_observers_after)
+    if run.judge is not None:
+        validator = _validator(run, judge=run.judge, key="score")
+        if run.ckpt is None and cfg.init == "calibrate":
             validator(0)
             first = validator.history[0]
-            echo(f"start (post-training quantization, same placement), int8 against float: "
-                 f"{describe({'outputs': first['measures']})}")
+            run.echo(f"start (post-training quantization, same placement), int8 against float: "
+                     f"{describe({'outputs': first['measures']})}")
     bn = "frozen from the start" if phases.freeze_bn_after == 0 else f"freezes at step {phases.freeze_bn_after}"
-    echo(f"QAT: steps {start}..{total}, batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr}; "
-         f"{objective.describe()}; BN {bn}, observers freeze at {phases.freeze_observers_after}")
-    if ckpt is None:  # a fresh run in a used folder starts a fresh log
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    result = run_train(session, train_set, train_cfg, phases, start, total, ckpt.arrays if ckpt else None, save,
-                       out / "metrics.jsonl", quiet, objective, validator, train_cfg.validation_interval(total))
+    run.echo(f"QAT: steps {run.start}..{run.total}, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr}; "
+             f"{run.objective.describe()}; BN {bn}, observers freeze at {phases.freeze_observers_after}")
 
-    int8_path = out / "model_int8.onnx"
-    verify_on = val_set if val_set is not None else train_set
-    final_judge = judge or Judge(tasks, float_model, train_set, eval_batch_size(train_set))
-    exported = export_session(session, int8_path, verify_on, verify=True, strict=False,
-                              data_source=str(val_data or train_data), judge=final_judge)
-    kept_step, kept_session = total, session
-    if validator is not None:
-        validator.record(total, exported.measures["int8"]["score"], exported.measures["int8"]["outputs"])
-        kept_step = validator.kept_step(total)
-        if kept_step != total:
-            kept_session = QatSession.from_checkpoint(load_checkpoint(best_path(qat_path)), train_cfg.seed)
-            exported = export_session(kept_session, int8_path, verify_on, verify=True, strict=False,
-                                      data_source=str(val_data), judge=final_judge)
-    group = verify_on.groups[0]
-    time_export(kept_session, exported, [1, *verify_on.item_shape(int(group[0]))])
+
+def _run_training(run: _Run, start_chance: bool = False):
+    """The QAT steps from the run's start to its last (qatool.train.loop), validating at checkpoints; returns the
+    loop's result."""
+    from .train.loop import TrainingDiverged, train as run_train
+
+    cfg = run.train_cfg
+    metrics = run.out / "metrics.jsonl"
+    if run.ckpt is None:  # a fresh run in a used folder starts a fresh log
+        metrics.unlink(missing_ok=True)
+    try:
+        return run_train(run.session, run.train_set, cfg, run.phases, run.start, run.total,
+                         run.ckpt.arrays if run.ckpt else None, run.save, metrics, run.quiet, run.objective,
+                         run.validator, cfg.validation_interval(run.total))
+    except TrainingDiverged as e:
+        if start_chance:
+            raise TrainingDiverged(f"{e}; its quantized start was at chance: more bits, activations first "
+                                   "(--activation-bits 8), are the likelier cure") from None
+        raise
+
+
+def _export_and_choose(run: _Run, verify_on, source: str, judge, score):
+    """Export the last step's int8 model (verified on `verify_on`) and record its `score(exported)` with the
+    validator; when the kept checkpoint is an earlier one (--keep best), its int8 model replaces the last's.
+    Returns (the export, the kept step, the kept session)."""
+    from .eval.validation import best_path
+    from .export.deploy import export_session
+    from .train.checkpoint import load_checkpoint
+    from .train.session import QatSession
+
+    exported = export_session(run.session, run.int8_path, verify_on, verify=True, strict=False, data_source=source,
+                              judge=judge)
+    kept_step, kept_session = run.total, run.session
+    if run.validator is not None:  # the export measured the last step; an earlier best replaces it
+        run.validator.record(run.total, *score(exported))
+        kept_step = run.validator.kept_step(run.total)
+        if kept_step != run.total:
+            kept_session = QatSession.from_checkpoint(load_checkpoint(best_path(run.qat_path)), run.train_cfg.seed)
+            exported = export_session(kept_session, run.int8_path, verify_on, verify=True, strict=False,
+                                      data_source=source, judge=judge)
+    return exported, kept_step, kept_session
+
+
+def _echo_export(run: _Run, exported, kept_session, input_shape=None) -> None:
+    """Time the int8 model against float (on inputs of `input_shape`, default the model's) and say what fused,
+    how fast it runs and what the export noted."""
+    from .export.deploy import time_export
+    from .export.latency import latency_lines
+    from .export.verify import fusion_lines
+
+    time_export(kept_session, exported, input_shape)
     for line in fusion_lines(exported.fusion.to_dict()) + latency_lines(exported.latency.to_dict()):
-        echo(line)
+        run.echo(line)
     for note in exported.notes:
-        echo(f"note: {note}")
-    m = exported.measures
+        run.echo(f"note: {note}")
+
+
+def _classifier_val(run: _Run, exported, kept_step: int, start_chance: bool) -> dict:
+    """The report's "val" of a classifier (top-1 of float, simulation and int8 on the validation images), and
+    what it says of them."""
+    from .eval.validation import FAR_BELOW_FLOAT
+    from .runtime.backends import top1
+
+    top1_float, val_images, validator, echo = run.info["top1_float"], run.val_set, run.validator, run.echo
+    val = {"top1_float": top1_float, "top1_qat": None, "top1_int8": None, "agreement_top1": None}
+    if val_images is None:
+        return val
+    keep_best, bits = run.train_cfg.keep == "best", f"W{run.quant_cfg.weight_bits}A{run.quant_cfg.activation_bits}"
+    val.update(top1_qat=top1(exported.simulated, val_images.labels),
+               top1_int8=top1(exported.deployed, val_images.labels),
+               agreement_top1=exported.agreement.agreement_top1, images=len(val_images),
+               max_diff_steps=exported.agreement.max_diff_steps, **validator.summary(),
+               int8_step=kept_step, ended_below_start=validator.ended_below_start())
+    val["far_below_float"] = val["top1_int8"] < top1_float - FAR_BELOW_FLOAT
+    val["start_at_chance"] = start_chance
+    selected = (f"; the int8 model is step {kept_step}'s, the best of {len(validator.history)} validated "
+                "checkpoints, selected on these validation images" if keep_best else "")
+    echo(f"val top-1: float {top1_float:.4f}, QAT simulation {val['top1_qat']:.4f}, "
+         f"int8 onnxruntime {val['top1_int8']:.4f}; agreement {val['agreement_top1']:.4f}{selected}")
+    if validator.ended_below_start():
+        echo(f"warning: QAT ended below its start: int8 val top-1 {validator.history[-1]['top1_int8']:.4f} at "
+             f"step {run.total} against {validator.start:.4f} before training (post-training quantization)"
+             + (f"; model_int8.onnx is step {kept_step}'s" if keep_best else
+                "; --keep best would have written the better one"))
+    if val["far_below_float"]:
+        echo(f"warning: the int8 model is {100 * (top1_float - val['top1_int8']):.1f} points below float on the "
+             f"validation images ({val['top1_int8']:.4f} against {top1_float:.4f}): {bits} loses too much on this "
+             "model; try more bits (activations first: --activation-bits 8), `qatool sensitivity` to find the "
+             "layers that lose most (then --exclude them), or more steps")
+    return val
+
+
+def _any_val(run: _Run, exported, kept_step: int, images: int) -> dict:
+    """The report's "val" of a label-free run (every output of the int8 model and of the simulation against the
+    float model, on `images` inputs), and what it says of them."""
+    from .tasks.judge import describe
+
+    m, validator, echo = exported.measures, run.validator, run.echo
     echo(f"int8 (onnxruntime) against float: {describe(m['int8'])}")
     echo(f"simulation against float: {describe(m['simulation'])}; int8 against the simulation: "
          f"{describe(m['int8_vs_simulation'])}")
     val = {"top1_float": None, "top1_qat": None, "top1_int8": None, "agreement_top1": None,
            "measure": m["int8"]["score_name"], "score_int8": m["int8"]["score"],
            "score_simulation": m["simulation"]["score"], "measures": m,
-           "images": len(verify_on), "int8_step": kept_step}
-    if validator is not None:
-        val.update(**validator.summary(), ended_below_start=validator.ended_below_start())
-        selected = (f"; the int8 model is step {kept_step}'s, the best of {len(validator.history)} validated "
-                    f"checkpoints by {val['measure']}, selected on these validation inputs"
-                    if train_cfg.keep == "best" else "")
-        echo(f"{val['measure']}: int8 {val['score_int8']:.4f}, simulation {val['score_simulation']:.4f} "
-             f"(start {validator.start if validator.start is not None else float('nan'):.4f}){selected}")
-        if validator.ended_below_start():
-            echo(f"warning: QAT ended below its start by {val['measure']}"
-                 + (f"; model_int8.onnx is step {kept_step}'s" if train_cfg.keep == "best" else ""))
+           "images": images, "int8_step": kept_step}
+    if validator is None:
+        return val
+    keep_best = run.train_cfg.keep == "best"
+    val.update(**validator.summary(), ended_below_start=validator.ended_below_start())
+    selected = (f"; the int8 model is step {kept_step}'s, the best of {len(validator.history)} validated "
+                f"checkpoints by {val['measure']}, selected on these validation inputs" if keep_best else "")
+    echo(f"{val['measure']}: int8 {val['score_int8']:.4f}, simulation {val['score_simulation']:.4f} "
+         f"(start {validator.start if validator.start is not None else float('nan'):.4f}){selected}")
+    if validator.ended_below_start():
+        echo(f"warning: QAT ended below its start by {val['measure']}"
+             + (f"; model_int8.onnx is step {kept_step}'s" if keep_best else ""))
+    return val
+
+
+def _write_report(run: _Run, result, exported, kept_step: int, val: dict, own: dict) -> dict:
+    """report.json (schemas/train-report.schema.json): the run, `own` (a classifier's classes and logits, a
+    label-free run's tasks and objective), the config, `val`, the placement, the export and the files written."""
+    import json
+
+    from .eval.validation import best_path
+    from .ir.io import atomic_write_bytes, report_json
+
+    cfg = run.train_cfg
     report = {
-        "model": str(model_path), "steps": result.steps, "batch_size": train_cfg.batch_size,
+        "model": str(run.model_path), "steps": result.steps, "batch_size": cfg.batch_size,
         "ms_per_step": round(result.ms_per_step, 3), "final_loss": result.final_loss,
-        "skipped_images": len(getattr(train_set, "skipped", [])),
-        "tasks": [t.to_dict() for t in tasks], "objective": objective.describe(),
-        "config": {"quant": quant_cfg.to_dict(), "train": train_cfg.to_dict(),
-                   "preprocess": json.loads(pre.to_json()) if pre is not None else None,
-                   "freeze_bn_after": phases.freeze_bn_after,
-                   "freeze_observers_after": phases.freeze_observers_after, "bn_check": None,
-                   "batch": batch_choice},
-        "val": val, "placement": plan, "export": exported.to_dict(),
-        "outputs": {"checkpoint": str(qat_path), "int8_model": str(int8_path), "metrics": str(out / "metrics.jsonl"),
-                    **({"best_checkpoint": str(best_path(qat_path))} if kept_step != total else {})},
+        "skipped_images": run.skipped, **own,
+        "config": {"quant": run.quant_cfg.to_dict(), "train": cfg.to_dict(),
+                   "preprocess": json.loads(run.pre.to_json()) if run.pre is not None else None,
+                   "freeze_bn_after": run.phases.freeze_bn_after,
+                   "freeze_observers_after": run.phases.freeze_observers_after, "bn_check": run.bn_check,
+                   "batch": run.batch_choice},
+        "val": val, "placement": run.plan, "export": exported.to_dict(),
+        "outputs": {"checkpoint": str(run.qat_path), "int8_model": str(run.int8_path),
+                    "metrics": str(run.out / "metrics.jsonl"),
+                    **({"best_checkpoint": str(best_path(run.qat_path))} if kept_step != run.total else {})},
         "peak_rss_mb": peak_rss_mb(),
     }
-    atomic_write_bytes(out / "report.json", report_json(report))
+    atomic_write_bytes(run.out / "report.json", report_json(report))
     memory = f" (peak memory {report['peak_rss_mb']:,.0f} MB)" if report["peak_rss_mb"] else ""
-    echo(f"wrote {qat_path}, {int8_path}, {out / 'report.json'}{memory}")
+    run.echo(f"wrote {run.qat_path}, {run.int8_path}, {run.out / 'report.json'}{memory}")
     return report
 
 
@@ -759,12 +874,9 @@ def calibrate(model_path, data, output, method: str = "minmax", quant=None,
     (default: `data`). Top-1 of the float model, the simulation and the int8 model are reported when the
     data's labels fit the model's outputs. Returns the report dict.
     """
-    import json
-
     from .data.images import ImageDataset
     from .data.preprocess import METADATA_KEY, resolve_preprocess
-    from .export.deploy import export_session, time_export
-    from .quant.calibrate import HEAVY_CLIP, METHODS, calibrate_session
+    from .quant.calibrate import HEAVY_CLIP, METHODS
     from .quant.config import QuantConfig
     from .runtime.backends import float_outputs, top1
     from .tasks.choose import is_labelled_classifier
@@ -796,14 +908,10 @@ def calibrate(model_path, data, output, method: str = "minmax", quant=None,
     skipped = len(calib_images.skipped) + (len(eval_images.skipped) if val_data is not None else 0)
     if skipped:
         say(f"skipped {skipped} unreadable images")
-    n_calib = min(len(calib_images), images) if images else len(calib_images)
-    plan = session.plan.report()
-    say(f"quantizing {session.plan.summary()}")
-    say(f"calibrating ({method}) on {n_calib} images of {data}")
-    ranges = calibrate_session(session, calib_images, method, images, percentile, bins, seed=seed)
-    clipped = sum(r.clipped for r in ranges.values())
+    n_calib, plan, ranges = _calibrated(session, calib_images, method, images, percentile, bins, seed,
+                                        f"images of {data}", say)
     if method != "minmax":
-        say(f"{clipped} of {len(ranges)} ranges clipped inside the observed min/max")
+        say(f"{sum(r.clipped for r in ranges.values())} of {len(ranges)} ranges clipped inside the observed min/max")
         for t, r in ranges.items():
             kept = r.kept_fraction()
             if kept < HEAVY_CLIP:
@@ -818,28 +926,10 @@ def calibrate(model_path, data, output, method: str = "minmax", quant=None,
         check_class_order(top1_float, out, eval_images.labels, eval_set.classes, f"the images {val_data or data}")
     # like train-quant, not export-int8: nodes that do not fuse are reported (report["export"]["fusion"]), not
     # fatal — with --symmetric-activations no Conv+Relu can fuse (the Relu is not redundant on a signed grid)
-    exported = export_session(session, output, eval_images if verify else None, verify=verify, strict=False,
-                              data_source=str(val_data or data) if verify else "")
-    if verify:
-        time_export(session, exported)
-    report = {
-        "model": str(model_path),
-        "data": str(data),
-        "val_data": str(val_data) if val_data is not None else None,
-        "method": method,
-        "calibration_images": n_calib,
-        "percentile": float(percentile) if method == "percentile" else None,
-        "bins": bins if method != "minmax" else None,
-        "quant": quant.to_dict(),
-        "preprocess": json.loads(pre.to_json()),
-        "placement": plan,
-        "ranges": {t: r.to_dict() for t, r in ranges.items()},
-        "clipped_ranges": clipped,
-        "export": exported.to_dict(),
-        "size_bytes": exported.size_bytes,
-        "top1_float": top1_float, "top1_sim": None, "top1_int8": None, "agreement_top1": None,
-        "images": len(eval_images) if verify else None,
-    }
+    exported = _export_calibrated(session, output, eval_images, verify, str(val_data or data), None, None)
+    report = _calibration_report(model_path, data, val_data, method, n_calib, percentile, bins, quant, pre, plan,
+                                 ranges, exported, {}, eval_images, verify)
+    report["top1_float"] = top1_float
     if verify:
         report["agreement_top1"] = exported.agreement.agreement_top1
         if labelled:
@@ -852,11 +942,7 @@ def _calibrate_any(model_path, float_graph, data, output, method, quant, images,
                    percentile, bins, seed, say) -> dict:
     """`calibrate` of any model on data without labels: the int8 model is judged against the float model by
     what each output is for (qatool.tasks), on `val_data` (default `data`)."""
-    import json
-
     from .data.unlabelled import data_kind, load_unlabelled, unlabelled_preprocess
-    from .export.deploy import export_session, time_export
-    from .quant.calibrate import calibrate_session
     from .runtime.backends import FloatModel, eval_batch_size
     from .tasks.choose import choose_output_tasks
     from .tasks.judge import Judge
@@ -871,16 +957,44 @@ def _calibrate_any(model_path, float_graph, data, output, method, quant, images,
         float_model = FloatModel(float_graph)
         tasks = choose_output_tasks(float_graph, float_model, calib, echo=say)
         judge = Judge(tasks, float_model, evaluated, eval_batch_size(evaluated))
+    n_calib, plan, ranges = _calibrated(session, calib, method, images, percentile, bins, seed,
+                                        f"{data_kind(calib)} of {data} (no labels)", say)
+    shape = [1, *evaluated.item_shape(int(evaluated.groups[0][0]))] if verify else None
+    exported = _export_calibrated(session, output, evaluated, verify, str(val_data or data), judge, shape)
+    return _calibration_report(model_path, data, val_data, method, n_calib, percentile, bins, quant, pre, plan,
+                               ranges, exported, {"tasks": [t.to_dict() for t in judge.tasks] if judge else None},
+                               evaluated, verify)
+
+
+def _calibrated(session, calib, method, images, percentile, bins, seed, what: str, say):
+    """Calibrate the session's activation ranges on (a seeded subset of `images` of) `calib`, saying what is
+    quantized and on what (`what`). Returns (images calibrated on, the placement's report, the ranges)."""
+    from .quant.calibrate import calibrate_session
+
     n_calib = min(len(calib), images) if images else len(calib)
     plan = session.plan.report()
     say(f"quantizing {session.plan.summary()}")
-    say(f"calibrating ({method}) on {n_calib} {data_kind(calib)} of {data} (no labels)")
-    ranges = calibrate_session(session, calib, method, images, percentile, bins, seed=seed)
+    say(f"calibrating ({method}) on {n_calib} {what}")
+    return n_calib, plan, calibrate_session(session, calib, method, images, percentile, bins, seed=seed)
+
+
+def _export_calibrated(session, output, evaluated, verify: bool, source: str, judge, input_shape):
+    """The int8 model written to `output`; with `verify`, checked on `evaluated` (fusion and agreement, by `judge`
+    for any model) and timed against float on inputs of `input_shape` (default the model's)."""
+    from .export.deploy import export_session, time_export
+
     exported = export_session(session, output, evaluated if verify else None, verify=verify, strict=False,
-                              data_source=str(val_data or data) if verify else "", judge=judge)
+                              data_source=source if verify else "", judge=judge)
     if verify:
-        group = evaluated.groups[0]
-        time_export(session, exported, [1, *evaluated.item_shape(int(group[0]))])
+        time_export(session, exported, input_shape)
+    return exported
+
+
+def _calibration_report(model_path, data, val_data, method, n_calib, percentile, bins, quant, pre, plan, ranges,
+                        exported, own: dict, evaluated, verify: bool) -> dict:
+    """The calibrate report (`own`: a label-free run's tasks), its top-1 and agreement fields left empty."""
+    import json
+
     return {
         "model": str(model_path), "data": str(data), "val_data": str(val_data) if val_data is not None else None,
         "method": method, "calibration_images": n_calib,
@@ -889,7 +1003,7 @@ def _calibrate_any(model_path, float_graph, data, output, method, quant, images,
         "preprocess": json.loads(pre.to_json()) if pre is not None else None, "placement": plan,
         "ranges": {t: r.to_dict() for t, r in ranges.items()},
         "clipped_ranges": sum(r.clipped for r in ranges.values()), "export": exported.to_dict(),
-        "size_bytes": exported.size_bytes, "tasks": [t.to_dict() for t in judge.tasks] if judge else None,
+        "size_bytes": exported.size_bytes, **own,
         "top1_float": None, "top1_sim": None, "top1_int8": None, "agreement_top1": None,
         "images": len(evaluated) if verify else None,
     }
