@@ -95,18 +95,19 @@ def _load_data(train_set, val_set, pre, echo):
     return train_images, val_images
 
 
-def _resolve_batch(train_cfg, session, data, tensors, ckpt, echo):
+def _resolve_batch(train_cfg, session, data, tensors, ckpt, echo, limit: int | None = None):
     """The training config with its batch: --batch-size, else a resumed run's, else the largest that fits the
-    step's memory budget (qatool.train.footprint), at most 64. Returns (config, the choice's record or None)."""
+    step's memory budget (qatool.train.footprint), at most `limit` (default 64). Returns (config, the choice's
+    record or None)."""
     from dataclasses import replace
 
-    from .train.footprint import choose_batch
+    from .train.footprint import DEFAULT_BATCH, choose_batch
 
     if train_cfg.batch_size is not None:
         return train_cfg, None
     if ckpt is not None and ckpt.train.get("batch_size"):
         return replace(train_cfg, batch_size=int(ckpt.train["batch_size"])), None
-    choice = choose_batch(session, data, tensors)
+    choice = choose_batch(session, data, tensors, limit=limit or DEFAULT_BATCH)
     echo(choice.summary())
     return replace(train_cfg, batch_size=choice.batch_size), choice.to_dict()
 
@@ -369,6 +370,7 @@ def _prepare_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_data
     from .tasks.choose import choose_output_tasks
     from .tasks.judge import Judge
     from .tasks.metric import UserMetric
+    from .train.footprint import DISTILL_BATCH
     from .train.objective import Distillation, feature_tasks
     from .train.teacher import Teacher
 
@@ -389,7 +391,8 @@ def _prepare_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_data
     for t in features:
         echo(f"feature {t.output}: {t.why}; loss: {t.loss_name}")
     objective = Distillation(tasks, Teacher(float_graph, [t.loss_tensor for t in tasks + features]), features)
-    train_cfg, batch_choice = _resolve_batch(train_cfg, session, train_set, objective.tensors, ckpt, echo)
+    train_cfg, batch_choice = _resolve_batch(train_cfg, session, train_set, objective.tensors, ckpt, echo,
+                                             limit=DISTILL_BATCH)
     train_cfg = _resolve_length(train_cfg, session, train_set, objective.tensors, ckpt, echo)
     judge = Judge(tasks, float_model, val_set, eval_batch_size(val_set), user_metric) if val_set is not None \
         else None

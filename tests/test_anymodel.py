@@ -243,13 +243,13 @@ def test_calibrate_and_eval_without_labels(capsys, map_model, blob_images, tmp_p
 
 def test_the_default_batch_fits_the_step_memory_budget(map_model, blob_images, tmp_path):
     """Two probe steps (batch 1 and 2) measure what one image's training step holds; the default batch is the
-    largest that fits the budget, at most 64, and the run says why."""
+    largest that fits the budget, at most 64 (8 for a label-free run), and the run says why."""
     from qatool.convert import normalize_proto
     from qatool.data import open_dataset
     from qatool.data.preprocess import resolve_preprocess
     from qatool.ir.io import load_proto
     from qatool.quant.config import QuantConfig
-    from qatool.train.footprint import DEFAULT_BATCH, choose_batch, step_time
+    from qatool.train.footprint import DEFAULT_BATCH, DISTILL_BATCH, choose_batch, step_time
     from qatool.train.session import QatSession
 
     graph = normalize_proto(load_proto(map_model), for_training=True).graph
@@ -266,10 +266,14 @@ def test_the_default_batch_fits_the_step_memory_budget(map_model, blob_images, t
     timed = step_time(session, data, ["map"])
     assert timed.per_image >= 0 and timed.fixed >= 0 and timed.seconds(4) > 0
     assert all(np.array_equal(v, state[k]) for k, v in session.model.state.items())
+    capped = choose_batch(session, data, ["map"], limit=DISTILL_BATCH)
+    assert capped.batch_size == DISTILL_BATCH and "the label-free default, at most 8" in capped.summary()
     lines = []
     report = api.train_quant(map_model, train, tmp_path, train=TrainConfig(steps=1), echo=lines.append, quiet=True)
-    assert report["batch_size"] == DEFAULT_BATCH and report["config"]["batch"]["bytes_per_image"] > 0
-    assert any(ln.startswith("batch 64 (one image's training step holds") for ln in lines)
+    # a label-free run: the largest batch that fits, at most DISTILL_BATCH (its length is bounded by time)
+    assert report["batch_size"] == DISTILL_BATCH and report["config"]["batch"]["bytes_per_image"] > 0
+    assert report["config"]["batch"]["limit"] == DISTILL_BATCH < DEFAULT_BATCH
+    assert any(ln.startswith("batch 8 (the label-free default, at most 8") for ln in lines)
 
 
 def test_a_users_metric_chooses_the_checkpoint(map_model, blob_images, tmp_path):

@@ -19,6 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_BATCH = 64
+# A label-free run's default batch is at most DISTILL_BATCH: its length is bounded by time (RUN_BUDGET_SECONDS), and
+# the teacher's dense targets train well in small batches, so more, smaller steps win. Measured on PP-OCRv4's
+# recogniser (docs/benchmarks.md section 8): the memory budget alone gave batch 57, whose steps took 16-35 s on
+# the wide lines (200 steps: ~50 min), where the 800 steps of its measured recipe took 8-13 min at batches of 1-13.
+DISTILL_BATCH = 8
 TRAIN_BUDGET = 6 * 1024**3  # the working set of one training step (the process also holds data, teacher, ...)
 # A label-free run's default length: DISTILL_STEPS, or fewer where a step is slow, so that the steps take about
 # RUN_BUDGET_SECONDS at the probe's step time (never fewer than MIN_DISTILL_STEPS). PP-OCRv4's recogniser (batch 13,
@@ -34,17 +39,23 @@ class BatchChoice:
     batch_size: int
     bytes_per_image: int
     budget: int
+    limit: int = DEFAULT_BATCH  # the largest default batch (DISTILL_BATCH for a label-free run)
 
     def summary(self) -> str:
         per = self.bytes_per_image / 1024**2
-        if self.batch_size >= DEFAULT_BATCH:
+        if self.batch_size >= self.limit and self.limit < DEFAULT_BATCH:
+            return (f"batch {self.batch_size} (the label-free default, at most {self.limit}: a run's length is bounded "
+                    f"by time, so more, smaller steps; one image's training step holds {per:,.0f} MB; --batch-size "
+                    "overrides)")
+        if self.batch_size >= self.limit:
             return f"batch {self.batch_size} (one image's training step holds {per:,.0f} MB)"
         return (f"batch {self.batch_size}: one image's training step holds {per:,.0f} MB, and {self.batch_size} fit "
-                f"the {self.budget / 1024**3:.0f} GB budget of a step (the default {DEFAULT_BATCH} would not; "
+                f"the {self.budget / 1024**3:.0f} GB budget of a step (the default {self.limit} would not; "
                 "--batch-size overrides)")
 
     def to_dict(self) -> dict:
-        return {"batch_size": self.batch_size, "bytes_per_image": self.bytes_per_image, "budget": self.budget}
+        return {"batch_size": self.batch_size, "bytes_per_image": self.bytes_per_image, "budget": self.budget,
+                "limit": self.limit}
 
 
 @dataclass
@@ -91,8 +102,10 @@ def _step_peak(model, input_name: str, x: np.ndarray, tensors: list[str]) -> int
         tracemalloc.stop()
 
 
-def choose_batch(session, data, tensors: list[str], budget: int = TRAIN_BUDGET) -> BatchChoice:
-    """The default training batch of `session` on `data`, asking the model for `tensors` (the objective's)."""
+def choose_batch(session, data, tensors: list[str], budget: int = TRAIN_BUDGET,
+                 limit: int = DEFAULT_BATCH) -> BatchChoice:
+    """The default training batch of `session` on `data`, asking the model for `tensors` (the objective's): the
+    largest that fits `budget`, at most `limit`."""
     from .recipe import _probing
 
     group = max(data.groups, key=lambda g: int(np.prod(data.item_shape(int(g[0])))))  # the largest inputs
@@ -106,7 +119,7 @@ def choose_batch(session, data, tensors: list[str], budget: int = TRAIN_BUDGET) 
         two = _step_peak(model, session.input_name, x2, tensors)
         restore()
     per_image = max(two - one, 1)
-    return BatchChoice(int(max(1, min(DEFAULT_BATCH, budget // per_image))), per_image, budget)
+    return BatchChoice(int(max(1, min(limit, budget // per_image))), per_image, budget, limit)
 
 
 def step_time(session, data, tensors: list[str]) -> StepTime:
