@@ -133,7 +133,7 @@ def convert(model: str, output: str, for_training: bool) -> None:
 @click.option("--pad-multiple", type=click.IntRange(min=1),
               help="Without labels, .npy folders: a height / width the model leaves free is padded (right / bottom, "
                    "with --pad-value, default 0) up to a multiple of this, so inputs of nearby sizes train in one "
-                   "batch (32; 1: every size apart).")
+                   "batch (default 1: every size apart).")
 @click.option("--distill-outputs", metavar="NAME", multiple=True,
               help="Without labels: the graph outputs the model learns to reproduce (repeatable; default all).")
 @click.option("--resume", type=click.Path(dir_okay=False), help="Continue from a qat.onnx checkpoint.")

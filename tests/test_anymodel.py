@@ -122,7 +122,7 @@ def test_ctc_model_trains_on_tensor_folders_of_two_shapes(ctc_model, npy_inputs,
     train, val = npy_inputs
     lines = []
     report = api.train_quant(ctc_model, train, tmp_path, val_data=val,
-                             train=TrainConfig(steps=6, batch_size=4, pad_multiple=1), echo=lines.append, quiet=True)
+                             train=TrainConfig(steps=6, batch_size=4), echo=lines.append, quiet=True)
     jsonschema.validate(report, SCHEMA)
     [task] = report["tasks"]
     assert task["kind"] == "sequence" and task["loss_tensor"] == "logits" and task["loss"] == "kl"
@@ -135,10 +135,10 @@ def test_ctc_model_trains_on_tensor_folders_of_two_shapes(ctc_model, npy_inputs,
     assert report["val"]["measures"]["int8_vs_simulation"]["outputs"]["probs"]["sqnr_db"] >= 30
 
 
-def test_free_widths_are_padded_into_one_batch_by_default(ctc_model, npy_inputs, tmp_path):
+def test_free_widths_padded_to_a_multiple_share_a_batch(ctc_model, npy_inputs, tmp_path):
     train, _ = npy_inputs  # widths 12 and 16: one size once padded to a multiple of 32
     lines = []
-    report = api.train_quant(ctc_model, train, tmp_path, train=TrainConfig(steps=2, batch_size=24),
+    report = api.train_quant(ctc_model, train, tmp_path, train=TrainConfig(steps=2, batch_size=24, pad_multiple=32),
                              echo=lines.append, quiet=True)
     assert report["config"]["train"]["pad_multiple"] == 32
     assert any("24 training input tensors (1 size, free sizes padded to a multiple of 32)" in ln for ln in lines)

@@ -53,7 +53,10 @@ class TrainConfig:
     logits: str | None = None  # the logits tensor, when the output is probabilities no Softmax produces
     map_threshold: float = 0.3  # without labels: a probability map's IoU with float's, both thresholded here
     distill_features: str = "none"  # without labels: also distil intermediate tensors ("tail-inputs")
-    pad_multiple: int = 32  # .npy folders: a free height / width padded up to a multiple of this (1: as it is)
+    # .npy folders: a free height / width padded up to a multiple of this (1: every size as it is). Not the
+    # default: on PP-OCRv4 rec, 32 read 90.3 % of the test lines (seed 0, 35 min) where sizes kept apart read 92.3 %
+    # (8-13 min): the padded lines are not what the model's pipeline feeds it one line at a time
+    pad_multiple: int = 1
 
     def __post_init__(self):
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
