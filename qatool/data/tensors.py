@@ -8,8 +8,9 @@ of different shapes form different groups, and a batch never mixes two groups.
 Free sizes (`pad_free_dims`): where the model leaves the height or width free (a recogniser's line width),
 files of nearby sizes share a group: each such size is rounded up to a multiple of `multiple` and the tensor is
 padded on the right / bottom with the pad value, as the models' own pipelines pad a batch of lines to its widest
-(PaddleOCR pads 0 after normalisation). Without it, 600 rendered lines held 229 widths and most batches of a
-training run were one to three lines.
+(PaddleOCR pads 0 after normalisation). Off unless asked for (train-quant --pad-multiple): on PP-OCRv4's
+recogniser, which its pipeline feeds a line at a time, padded training lines read fewer test lines
+(docs/benchmarks.md section 8), though 600 rendered lines held 229 widths and most batches were one to three.
 """
 
 from __future__ import annotations

@@ -76,13 +76,12 @@ def feature_tasks(plan, float_graph, choice: str = "none") -> list:
     float output (the last weighted layers: PaddleSlim ACT's rule, the head convolutions' inputs), each a Tensor
     task (normalised MSE); "none": no feature. A tensor the float model's inference form does not hold (folded
     away) is left out."""
-    from ..convert import normalize_proto
-    from ..ir.graph import to_onnx
+    from ..convert import normalize
     from ..tasks.kinds import Tensor
 
     if choice == "none":
         return []
-    infer = normalize_proto(to_onnx(float_graph), for_training=False).graph
+    infer = normalize(float_graph, for_training=False).graph
     known = set(infer.input_names) | {o for n in infer.nodes for o in n.outputs if o}
     tasks = {}
     for layer in plan.layers:
