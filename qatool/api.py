@@ -114,18 +114,20 @@ def _resolve_batch(train_cfg, session, data, tensors, ckpt, echo, limit: int | N
 
 def _resolve_length(train_cfg, session, data, tensors, ckpt, echo):
     """A label-free run's steps: --steps / --epochs, else a resumed run's, else DISTILL_STEPS or as many as fit the
-    run's time budget at the probe's step time (qatool.train.footprint.distill_steps)."""
+    run's time budget at the probe's step time (qatool.train.footprint.distill_steps). Returns (config, the probe's
+    seconds a step where the budget chose the length, else None: the run revises it from its first steps)."""
     from dataclasses import replace
 
     from .train.footprint import distill_steps, step_time
 
     if train_cfg.steps is not None or train_cfg.epochs is not None:
-        return train_cfg
+        return train_cfg, None
     if ckpt is not None and ckpt.train.get("steps"):
-        return replace(train_cfg, steps=int(ckpt.train["steps"]))
-    steps, why = distill_steps(step_time(session, data, tensors), train_cfg.batch_size)
+        return replace(train_cfg, steps=int(ckpt.train["steps"])), None
+    probe = step_time(session, data, tensors)
+    steps, why = distill_steps(probe, train_cfg.batch_size)
     echo(why)
-    return replace(train_cfg, steps=steps)
+    return replace(train_cfg, steps=steps), probe.seconds(train_cfg.batch_size)
 
 
 def _mixed_precision(float_graph, images, quant_cfg, train_cfg, echo):
@@ -268,7 +270,9 @@ class _Run:
     start: int = 0
     info: dict = field(default_factory=dict)  # what the checkpoints record of the run
     phases: object = None
+    freeze_bn: int | None = None  # --freeze-bn-after, or the path's default (None: half the steps)
     validator: object = None
+    probe_seconds: float | None = None  # where the time budget chose the length: the probe's seconds a step
 
     @property
     def qat_path(self) -> Path:
@@ -393,12 +397,12 @@ def _prepare_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_data
     objective = Distillation(tasks, Teacher(float_graph, [t.loss_tensor for t in tasks + features]), features)
     train_cfg, batch_choice = _resolve_batch(train_cfg, session, train_set, objective.tensors, ckpt, echo,
                                              limit=DISTILL_BATCH)
-    train_cfg = _resolve_length(train_cfg, session, train_set, objective.tensors, ckpt, echo)
+    train_cfg, probe_seconds = _resolve_length(train_cfg, session, train_set, objective.tensors, ckpt, echo)
     judge = Judge(tasks, float_model, val_set, eval_batch_size(val_set), user_metric) if val_set is not None \
         else None
     return _Run(model_path, out, float_graph, ckpt, quant_cfg, train_cfg, session, objective, train_set, val_set,
                 pre, batch_choice, len(getattr(train_set, "skipped", [])), quiet, echo, val_data=val_data,
-                tasks=tasks, float_model=float_model, judge=judge)
+                tasks=tasks, float_model=float_model, judge=judge, probe_seconds=probe_seconds)
 
 
 def _schedule(run: _Run, top1_float: float | None) -> None:
@@ -508,6 +512,7 @@ def _measure_start_any(run: _Run) -> None:
     # from it, so BN uses its running statistics throughout unless --freeze-bn-after says otherwise
     quant_cfg, cfg = run.quant_cfg, run.train_cfg
     freeze_bn = quant_cfg.freeze_bn_after if quant_cfg.freeze_bn_after is not None else 0
+    run.freeze_bn = freeze_bn
     run.phases = phases = Phases.resolve(run.total, freeze_bn, quant_cfg.freeze_observers_after)
     if run.judge is not None:
         validator = _validator(run, judge=run.judge, key="score")
@@ -533,12 +538,35 @@ def _run_training(run: _Run, start_chance: bool = False):
     try:
         return run_train(run.session, run.train_set, cfg, run.phases, run.start, run.total,
                          run.ckpt.arrays if run.ckpt else None, run.save, metrics, run.quiet, run.objective,
-                         run.validator, cfg.validation_interval(run.total))
+                         run.validator, cfg.validation_interval(run.total),
+                         _length_reviser(run) if run.probe_seconds is not None and run.start == 0 else None)
     except TrainingDiverged as e:
         if start_chance:
             raise TrainingDiverged(f"{e}; its quantized start was at chance: more bits, activations first "
                                    "(--activation-bits 8), are the likelier cure") from None
         raise
+
+
+def _length_reviser(run: _Run):
+    """`revise(done, seconds)` for the loop of a run whose length the time budget chose from the probe: the length
+    its own first steps' time gives (qatool.train.footprint.revised_steps), with the phases and validations
+    that follow from it; the run's config records it."""
+    from dataclasses import replace
+
+    from .train.footprint import revised_steps
+    from .train.loop import Phases
+
+    def revise(done: int, seconds: float):
+        revised = revised_steps(seconds, run.probe_seconds, run.total, done)
+        if revised is None:
+            return None
+        run.total, why = revised
+        run.echo(why)
+        run.train_cfg = replace(run.train_cfg, steps=run.total)
+        run.phases = Phases.resolve(run.total, run.freeze_bn, run.quant_cfg.freeze_observers_after)
+        return run.total, run.phases, run.train_cfg.validation_interval(run.total)
+
+    return revise
 
 
 def _export_and_choose(run: _Run, verify_on, source: str, judge, score):

@@ -382,6 +382,67 @@ def test_a_label_free_runs_default_length_fits_its_time_budget(fixed, seconds_pe
     assert got == steps and why.startswith(said)
 
 
+@pytest.mark.parametrize("seconds, steps, done, want", [
+    (3.0, 800, 20, None),  # 800 x 3 s: the budget, as the probe said
+    (3.2, 800, 20, None),  # 750 fit: within 10 % of the probe's length, which stands
+    (11.2, 289, 20, 214),  # the layout detector: the probe said 8.3 s, its steps took 11.2 s
+    (1.0, 400, 20, 800),  # faster than the probe: longer, at most DISTILL_STEPS
+    (100.0, 400, 20, 200),  # never fewer than MIN_DISTILL_STEPS
+])
+def test_a_budgeted_runs_length_is_revised_from_its_own_first_steps(seconds, steps, done, want):
+    from qatool.train.footprint import revised_steps
+
+    got = revised_steps(seconds, 8.3, steps, done)
+    if want is None:
+        assert got is None
+    else:
+        assert got[0] == want
+        assert got[1] == (f"{want} steps, not {steps}: the first {done} took ~{seconds:.1f} s each where the probe "
+                          "said ~8.3 s (the budget is 40 min of steps; --steps overrides)")
+
+
+def test_a_revised_length_never_ends_before_the_steps_already_done():
+    from qatool.train import footprint
+
+    assert footprint.revised_steps(1e9, 1.0, 900, 250)[0] == 250
+
+
+def test_a_label_free_run_revises_its_length_from_its_first_steps(map_model, blob_images, tmp_path, monkeypatch):
+    """The probe said 1 s a step, so 5 fit the (5 s) budget; the real steps take milliseconds, so after the first 3
+    the run takes the 12 its budget allows, and its phases, schedule and record follow."""
+    from qatool.train import footprint
+
+    monkeypatch.setattr(footprint, "DISTILL_STEPS", 12)
+    monkeypatch.setattr(footprint, "MIN_DISTILL_STEPS", 4)
+    monkeypatch.setattr(footprint, "RUN_BUDGET_SECONDS", 5)
+    monkeypatch.setattr(footprint, "REVISE_AFTER", 3)
+    monkeypatch.setattr(footprint, "step_time", lambda *a: footprint.StepTime(1.0, 0.0))
+    train, _ = blob_images
+    lines = []
+    report = api.train_quant(map_model, train, tmp_path, train=TrainConfig(batch_size=4), echo=lines.append,
+                             quiet=True)
+    assert any(ln.startswith("5 steps: a step at batch 4 takes ~1.0 s by the probe") for ln in lines)
+    assert any(ln.startswith("12 steps, not 5: the first 3 took ~0.0 s each where the probe said ~1.0 s")
+               for ln in lines)
+    assert report["steps"] == 12 and report["config"]["train"]["steps"] == 12
+    assert report["config"]["freeze_observers_after"] == 9  # three quarters of the revised length
+    records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert records[-1]["observers_frozen"] and not records[8]["observers_frozen"]
+    assert records[-1]["lr"] < records[3]["lr"] < records[0]["lr"]  # the cosine over the revised 12
+
+
+def test_a_run_given_its_steps_is_not_revised(map_model, blob_images, tmp_path, monkeypatch):
+    from qatool.train import footprint
+
+    monkeypatch.setattr(footprint, "REVISE_AFTER", 2)
+    train, _ = blob_images
+    lines = []
+    report = api.train_quant(map_model, train, tmp_path, train=TrainConfig(batch_size=4, steps=5),
+                             echo=lines.append, quiet=True)
+    assert report["steps"] == 5 and not any("steps, not" in ln for ln in lines)
+
+
 def test_a_label_free_run_without_steps_takes_the_default_length(map_model, blob_images, tmp_path, monkeypatch):
     from qatool.train import footprint
 

@@ -32,6 +32,12 @@ TRAIN_BUDGET = 6 * 1024**3  # the working set of one training step (the process 
 DISTILL_STEPS = 800
 MIN_DISTILL_STEPS = 200
 RUN_BUDGET_SECONDS = 40 * 60
+# The probe misses what a real step adds (the teacher's forward, the observers' updates, a loaded machine): on the
+# PicoDet layout detector it said 8.3 s a step where the run took 11.2 s, and the 40-minute budget became 55 minutes
+# of steps (docs/benchmarks.md section 8). So a run whose length the budget chose times its own first
+# REVISE_AFTER steps and revises its length once, where the two differ by more than REVISE_TOLERANCE.
+REVISE_AFTER = 20
+REVISE_TOLERANCE = 0.1
 
 
 @dataclass
@@ -69,16 +75,32 @@ class StepTime:
         return self.fixed + self.per_image * batch
 
 
+def _budgeted(seconds: float) -> int:
+    """The steps of `seconds` each that fit the run's time budget, within [MIN_DISTILL_STEPS, DISTILL_STEPS]."""
+    fit = int(RUN_BUDGET_SECONDS / seconds) if seconds > 0 else DISTILL_STEPS
+    return min(DISTILL_STEPS, max(MIN_DISTILL_STEPS, fit))
+
+
 def distill_steps(step_time: StepTime, batch: int) -> tuple[int, str]:
     """(the default steps of a label-free run at `batch`, the sentence that says why)."""
     step = step_time.seconds(batch)
-    fit = int(RUN_BUDGET_SECONDS / step) if step > 0 else DISTILL_STEPS
-    if fit >= DISTILL_STEPS:
+    steps = _budgeted(step)
+    if steps == DISTILL_STEPS:
         return DISTILL_STEPS, f"{DISTILL_STEPS} steps (a step at batch {batch}: ~{step:.1f} s by the probe)"
-    steps = max(MIN_DISTILL_STEPS, fit)
     return steps, (f"{steps} steps: a step at batch {batch} takes ~{step:.1f} s by the probe, and the default "
                    f"{DISTILL_STEPS} would take ~{DISTILL_STEPS * step / 60:.0f} min (the budget is "
                    f"{RUN_BUDGET_SECONDS // 60} min; --steps overrides)")
+
+
+def revised_steps(seconds: float, probe_seconds: float, steps: int, done: int) -> tuple[int, str] | None:
+    """(the length of a budgeted run whose first `done` steps took `seconds` each, the sentence that says why), or
+    None where its length `steps` (from the probe's `probe_seconds` a step) stands."""
+    revised = max(done, _budgeted(seconds))
+    if abs(revised - steps) <= REVISE_TOLERANCE * steps:
+        return None
+    return revised, (f"{revised} steps, not {steps}: the first {done} took ~{seconds:.1f} s each where the probe "
+                     f"said ~{probe_seconds:.1f} s (the budget is {RUN_BUDGET_SECONDS // 60} min of steps; --steps "
+                     "overrides)")
 
 
 def _step(model, input_name: str, x: np.ndarray, tensors: list[str]) -> float:

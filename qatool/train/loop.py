@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import DivergedError, QatoolError
 from .config import TrainConfig
 from ..data.images import batch_indices
+from . import footprint
 from .optim import learning_rate, make_optimizer
 from .progress import Progress
 from .session import QatSession
@@ -84,11 +85,15 @@ class _StopFlag:
 def train(session: QatSession, data, cfg: TrainConfig, phases: Phases, start: int, total: int,
           optimizer_state: dict[str, np.ndarray] | None, save: Callable[[int, dict], None],
           metrics_path: Path | None = None, quiet: bool = False, objective=None,
-          validate: Callable[[int], float] | None = None, validate_every: int | None = None) -> TrainResult:
+          validate: Callable[[int], float] | None = None, validate_every: int | None = None,
+          revise: Callable[[int, float], tuple[int, Phases, int] | None] | None = None) -> TrainResult:
     """Run steps [start, total). `save(step, optimizer_arrays)` writes a checkpoint at `step`. `objective`
     (qatool.train.objective: the tensors a step computes, their loss and its gradients; default: cross-entropy
     on the session's logits) is what the step trains. `validate(step)` (see qatool.eval.validation) runs
-    every `validate_every` steps before the last one (the last step is measured by the export that follows)."""
+    every `validate_every` steps before the last one (the last step is measured by the export that follows).
+    `revise(done, seconds)`, for a run whose length a time budget chose, is called once after the first
+    REVISE_AFTER steps with their median time (the first one's warm-up left out) and may return the run's new
+    (total, phases, validate_every)."""
     from .objective import LabelledClasses
 
     from .config import CLASSIFIER_RECIPE
@@ -131,7 +136,7 @@ def train(session: QatSession, data, cfg: TrainConfig, phases: Phases, start: in
     pending = data.prefetch(batch_indices(data.groups, cfg.batch_size, start, cfg.seed)) if start < total else None
     try:
         with _StopFlag() as stop:
-            for step in range(start, total):
+            while step < total:
                 if stop.requested:
                     checkpoint(step)
                     raise TrainingInterrupted(f"interrupted at step {step}; resume with --resume")
@@ -179,7 +184,12 @@ def train(session: QatSession, data, cfg: TrainConfig, phases: Phases, start: in
                         validate(step + 1)
                     except DivergedError as e:
                         raise diverged(step + 1, str(e)) from None
-            step = total
+                step += 1
+                if revise and step - start == footprint.REVISE_AFTER and step < total:
+                    revised = revise(step, float(np.median(times[1:])))
+                    if revised is not None:
+                        total, phases, validate_every = revised
+                        progress.total = total
             checkpoint(total)
     except KeyboardInterrupt:  # a second Ctrl-C, possibly mid-step: nothing consistent to save
         raise TrainingInterrupted(f"interrupted twice at step {step}; stopped without saving") from None
