@@ -126,11 +126,10 @@ def latency_ms(run, x: np.ndarray, runs: int, budget_s: float = 2.0) -> tuple[fl
 
 def float_inference_session(float_graph) -> ort.InferenceSession:
     """The float model on onnxruntime in its inference form (BN folded, Dropout removed)."""
-    from ..convert import normalize_proto
+    from ..convert import normalize
     from ..ir.graph import to_onnx
 
-    infer = normalize_proto(to_onnx(float_graph), for_training=False).graph
-    return ort_session(to_onnx(infer))
+    return ort_session(to_onnx(normalize(float_graph, for_training=False).graph))
 
 
 def float_outputs(float_graph, data) -> np.ndarray:

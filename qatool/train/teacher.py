@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from ..convert import normalize_proto
+from ..convert import normalize, normalize_proto
 from ..errors import ModelError
 from ..ir.graph import Graph, to_onnx
 from ..ir.io import load_proto
@@ -21,7 +21,7 @@ class Teacher:
 
     def __init__(self, model: str | os.PathLike | Graph, tensors: list[str] | None = None):
         if isinstance(model, Graph):
-            graph = normalize_proto(to_onnx(model), for_training=False).graph
+            graph = normalize(model, for_training=False).graph
             self.path = "the float model"
         else:
             graph = normalize_proto(load_proto(model), for_training=False).graph
