@@ -7,8 +7,8 @@ import sys
 import click
 
 from . import __version__
-from .cli_options import (BITS, export_summary, preprocess_overrides, preprocessing_options, quantization_options,
-                          training_options)
+from .cli_options import (BITS, DATA_HELP, export_summary, preprocess_overrides, preprocessing_options,
+                          quantization_options, training_options)
 from .errors import QatoolError
 
 
@@ -60,7 +60,7 @@ def convert(model: str, output: str, for_training: bool) -> None:
 @cli.command("train-quant")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--train-data", required=True, type=click.Path(),
-              help="Image folder (one sub-folder per class) or list file of 'relative/path label' lines.")
+              help=DATA_HELP)
 @click.option("--val-data", type=click.Path(), help="Validation images, same forms as --train-data.")
 @click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False),
               help="Folder for qat.onnx, model_int8.onnx, metrics.jsonl and report.json.")
@@ -192,7 +192,8 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
 @cli.command("finetune")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--train-data", required=True, type=click.Path(),
-              help="Image folder (one sub-folder per class) or list file of 'relative/path label' lines.")
+              help="Labelled images: a folder with one sub-folder per class, or a list file of 'relative/path "
+                   "label' lines.")
 @click.option("--val-data", type=click.Path(), help="Validation images: float top-1 before and after training.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The fine-tuned for-training model (train-quant takes it); OUTPUT's .report.json, "

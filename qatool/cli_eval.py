@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import click
 
-from .cli_options import preprocess_overrides, preprocessing_options
+from .cli_options import DATA_HELP, preprocess_overrides, preprocessing_options
 from .eval.evaluate import BACKENDS, DEFAULT_BATCH_SIZE
 
 
 @click.command("eval")
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=click.Path(),
-              help="Image folder (one sub-folder per class) or list file of 'relative/path label' lines.")
+              help=DATA_HELP)
 @click.option("--backend", "backends", multiple=True, type=click.Choice(BACKENDS),
               help="ort: onnxruntime CPU (any ONNX model, float or int8; the default). engine: qatool's own "
                    "executor in eval mode (a qat.onnx checkpoint runs its fake-quant simulation). Give it once "

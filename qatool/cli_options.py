@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import click
 
+DATA_HELP = ("Images with labels: a folder with one sub-folder per class, or a list file of 'relative/path label' "
+             "lines. Without labels (the float model is the reference): any other folder of images, flat or "
+             "nested, or a folder of .npy input tensors ([C,H,W] or [1,C,H,W], already preprocessed).")
+
 
 def _parse_size(value: str | None) -> tuple[int, int] | None:
     if value is None:

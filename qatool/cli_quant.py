@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import click
 
-from .cli_options import BITS, export_summary, preprocess_overrides, preprocessing_options, quantization_options
+from .cli_options import (BITS, DATA_HELP, export_summary, preprocess_overrides, preprocessing_options,
+                          quantization_options)
 from .quant.calibrate import DEFAULT_BINS, DEFAULT_IMAGES, DEFAULT_PERCENTILE, METHODS
 from .quant.sensitivity import DEFAULT_BITS, DEFAULT_CALIBRATION_IMAGES
 from .quant.sensitivity import DEFAULT_IMAGES as SENSITIVITY_IMAGES
@@ -23,8 +24,7 @@ def _quant_config(weight_bits, activation_bits, per_tensor, symmetric_activation
 @click.command("calibrate")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=click.Path(),
-              help="Calibration images: image folder (one sub-folder per class) or list file of "
-                   "'relative/path label' lines.")
+              help="Calibration data. " + DATA_HELP)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the int8 model.")
 @click.option("--val-data", type=click.Path(),
               help="Images to verify on and report top-1 for (default: --data).")
@@ -52,7 +52,8 @@ def calibrate_command(model, data, output, val_data, method, images, percentile,
     The ranges are observed on the float model (BN folded, eval mode) and the model goes through the same
     int8 export as train-quant: per-channel int8 weights, int32 biases, Q/DQ activations. Unless --no-verify,
     onnxruntime loads the model, the nodes that did not become integer kernels are listed with the rule they
-    broke, and top-1 of the float, simulated and int8 models is printed.
+    broke, and the int8 and simulated models are measured against float: top-1 with labels, else each output's
+    SQNR and its task measure (CTC sequences, maps, classes).
 
     \b
     Examples:
@@ -83,7 +84,7 @@ def calibrate_command(model, data, output, val_data, method, images, percentile,
 @click.command("sensitivity")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=click.Path(),
-              help="Image folder (one sub-folder per class) or list file of 'relative/path label' lines.")
+              help=DATA_HELP)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Also write the ranked report as JSON (schemas/sensitivity.schema.json).")
 @click.option("--bits", type=BITS, default=DEFAULT_BITS, show_default=True,
