@@ -1,6 +1,7 @@
 """Op implementations, one module per family; importing this package fills the registry."""
 
-from . import activations, conv, elementwise, linear, norm, pool, reduce, resize, shape, shapelogic  # noqa: F401
+from . import (activations, conv, elementwise, linear, norm, pool, recurrent, reduce, resize, shape,  # noqa: F401
+               shapelogic)
 from .base import EVAL_REWRITES, REGISTRY, Context, Op, make_op, register, unbroadcast
 
 from ..quant import ops as _quant_ops  # noqa: E402,F401  (registers the qatool.* fake-quant ops)
