@@ -222,11 +222,11 @@ def test_keeps_float32(op):
 
 
 def test_in_a_model():
-    """Through the engine: a graph whose LSTM leaves Y out; its W, R, B (trainable by the graph's recorded roles)
-    get float32 gradients."""
+    """Through the engine: a graph whose LSTM leaves Y out; its W, R, B are trainable (the roles inferred from the
+    ops that read them) and get float32 gradients."""
     from qatool.engine.model import Model
     from qatool.ir.graph import from_onnx
-    from qatool.ir.roles import write_roles
+    from qatool.ir.roles import read_roles
 
     w, r, b = _f32(2, 4 * H, I, scale=0.5), _f32(2, 4 * H, H, scale=0.5), _f32(2, 8 * H)
     node = helper.make_node("LSTM", ["x", "w", "r", "b"], ["", "yh"], hidden_size=H, direction="bidirectional")
@@ -236,7 +236,7 @@ def test_in_a_model():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     x = _f32(S, B, I)
     g = from_onnx(model)
-    write_roles(g, ["w", "r", "b"], [])
+    assert read_roles(g) == (["w", "r", "b"], [])
     m = Model(g)
     (yh,) = m.forward({"x": x}, training=True)
     np.testing.assert_allclose(yh, _ort_outputs("LSTM", [x, w, r, b], ["", "yh"],

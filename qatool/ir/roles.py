@@ -24,6 +24,9 @@ _PARAM_INPUTS = {
     "MatMul": (0, 1),
     "BatchNormalization": (1, 2),
     "PRelu": (1,),
+    "LSTM": (1, 2, 3, 7),  # W, R, B, P (peepholes)
+    "GRU": (1, 2, 3),
+    "RNN": (1, 2, 3),
 }
 _STATE_INPUTS = {"BatchNormalization": (3, 4)}
 
