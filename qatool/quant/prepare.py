@@ -47,6 +47,17 @@ FUSED_ACTIVATIONS = ("Relu", "Clip")
 DOMAIN = "qatool"
 
 
+RECURRENT = ("LSTM", "GRU", "RNN")
+
+
+def float_reason(op_type: str) -> str:
+    """Why an op with no quantized form stays float (the placement report's words)."""
+    if op_type in RECURRENT:
+        return (f"onnxruntime has no QDQ kernel for a recurrent op: {op_type} runs in float between "
+                "DequantizeLinear and QuantizeLinear, its weights trained in float")
+    return f"onnxruntime has no integer kernel for {op_type}"
+
+
 def passes_through(node: Node) -> bool:
     """Moves its input's values without computing new ones, so its output keeps the input's scale (onnxruntime
     runs it on the integers: its drop-QDQ rules). Resize only with nearest-neighbour sampling: a linear Resize
@@ -255,7 +266,7 @@ def mark(graph: Graph, config: QuantConfig) -> Plan:
             for o in node.outputs[:1]:
                 plan.source[o] = src
         else:
-            plan.float_nodes.append((node.name, node.op_type, f"onnxruntime has no integer kernel for {node.op_type}"))
+            plan.float_nodes.append((node.name, node.op_type, float_reason(node.op_type)))
     return plan
 
 
