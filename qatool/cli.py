@@ -86,7 +86,8 @@ def convert(model: str, output: str, for_training: bool) -> None:
 @training_options
 @click.option("--scale-lr", type=click.FloatRange(0, min_open=True),
               help="Learning rate of the LSQ step sizes (--scale-learning lsq), same optimizer and schedule "
-                   "(default: --lr).")
+                   "(default: --lr). With adam it is relative: a step moves a step size by about that fraction "
+                   "of itself.")
 @click.option("--init", "init", type=click.Choice(["observe", "calibrate"]),
               help="calibrate (default): activation ranges start from post-training calibration on the training "
                    "images, and the run measures that start's int8 accuracy; observe: from the first batches.")

@@ -443,6 +443,16 @@ def test_a_run_given_its_steps_is_not_revised(map_model, blob_images, tmp_path, 
     assert report["steps"] == 5 and not any("steps, not" in ln for ln in lines)
 
 
+def test_label_free_lsq_trains_under_adam_without_collapsing_a_step_size(map_model, blob_images, tmp_path):
+    from qatool.quant.config import QuantConfig
+
+    train, _ = blob_images
+    report = api.train_quant(map_model, train, tmp_path, quant=QuantConfig(scale_learning="lsq"),
+                             train=TrainConfig(steps=3, batch_size=4, scale_lr=0.05), echo=lambda s: None,
+                             quiet=True)
+    assert report["steps"] == 3 and report["config"]["train"]["optimizer"] == "adam"
+
+
 def test_a_label_free_run_without_steps_takes_the_default_length(map_model, blob_images, tmp_path, monkeypatch):
     from qatool.train import footprint
 

@@ -222,6 +222,18 @@ def test_optimizers_give_multiplied_parameters_their_own_learning_rate():
         SGD({"a": np.zeros(2, np.float32)}, lr=0.01, lr_multipliers={"t": 2.0})
 
 
+def test_adam_moves_a_relative_parameter_by_lr_times_its_size():
+    """A step size of 2e-6 under Adam at lr 3e-5 (the label-free default): an absolute step of ~lr would take it
+    below zero at once; a relative one moves it by 3e-5 of itself."""
+    from qatool.train.optim import Adam
+
+    params = {"w": np.float32([0.5]), "s": np.float32([2e-6, 0.1])}
+    adam = Adam(params, lr=3e-5, relative=["s"])
+    adam.step({"w": np.float32([1.0]), "s": np.float32([1.0, -1.0])})
+    np.testing.assert_allclose(params["w"], [0.5 - 3e-5], rtol=1e-6)
+    np.testing.assert_allclose(params["s"], [2e-6 * (1 - 3e-5), 0.1 * (1 + 3e-5)], rtol=1e-6)
+
+
 def test_scale_lr_is_the_learning_rate_of_the_lsq_step_sizes_only(lenet, digits):
     """One SGD step: with lr 1e-3 and scale_lr 0.1 the step sizes move as in a run with lr 0.1, the weights as in
     a run with lr 1e-3 (same batch, so the same gradients)."""

@@ -101,9 +101,11 @@ def train(session: QatSession, data, cfg: TrainConfig, phases: Phases, start: in
     model = session.model
     objective = objective or LabelledClasses(session.logits)
     cfg = cfg.with_recipe(CLASSIFIER_RECIPE)  # what is left unset (the pipelines set their recipe's first)
-    # --scale-lr: the LSQ step sizes get their own learning rate, scheduled as lr is
+    # --scale-lr: the LSQ step sizes get their own learning rate, scheduled as lr is; under Adam it is relative
+    # (a step moves a step size by about that fraction of itself)
     multipliers = {k: cfg.scale_lr / cfg.lr for k in session.learned_scales} if cfg.scale_lr is not None else None
-    opt = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.momentum, cfg.weight_decay, multipliers)
+    opt = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.momentum, cfg.weight_decay, multipliers,
+                         relative=session.learned_scales)
     if optimizer_state:
         opt.load_state_arrays({k.removeprefix("optim/"): v for k, v in optimizer_state.items()
                                if k.startswith("optim/")})

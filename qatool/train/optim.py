@@ -6,6 +6,7 @@ Their state (`state_arrays()` / `load_state_arrays()`) is plain float32 arrays, 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 
@@ -49,13 +50,17 @@ class SGD:
 
 class Adam:
     """Adam (Kingma & Ba) with L2 weight decay added to the gradient, PyTorch's `Adam` formulation.
-    `lr_multipliers` as in SGD."""
+    `lr_multipliers` as in SGD. `relative`: parameters whose update is also scaled by their own magnitude, so
+    that a step moves them by about lr times their size (Adam's step is ~lr whatever the gradient's scale: LSQ's
+    step sizes, some of them ~1e-6, went negative in its first step at lr 3e-5)."""
 
     def __init__(self, params: dict[str, np.ndarray], lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, lr_multipliers: dict[str, float] | None = None):
+                 weight_decay: float = 0.0, lr_multipliers: dict[str, float] | None = None,
+                 relative: Sequence[str] = ()):
         self.params = params
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.lr_multipliers = _check_multipliers(params, lr_multipliers)
+        self.relative = set(relative)
         self.m = {k: np.zeros_like(v) for k, v in params.items()}
         self.v = {k: np.zeros_like(v) for k, v in params.items()}
         self.t = np.zeros((), np.int64)
@@ -78,7 +83,10 @@ class Adam:
             m += np.float32(1 - b1) * g
             v *= np.float32(b2)
             v += np.float32(1 - b2) * (g * g)
-            p -= _scaled(step_size, self.lr_multipliers.get(name)) * m / (np.sqrt(v) / corr2 + eps)
+            update = _scaled(step_size, self.lr_multipliers.get(name)) * m / (np.sqrt(v) / corr2 + eps)
+            if name in self.relative:
+                update *= np.abs(p)
+            p -= update
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         out = {f"m/{k}": v for k, v in self.m.items()}
@@ -110,11 +118,12 @@ SCHEDULES = ("constant", "cosine", "step")
 
 
 def make_optimizer(name: str, params: dict[str, np.ndarray], lr: float, momentum: float, weight_decay: float,
-                   lr_multipliers: dict[str, float] | None = None):
+                   lr_multipliers: dict[str, float] | None = None, relative: Sequence[str] = ()):
+    """SGD or Adam; `relative` (Adam only) as in Adam."""
     if name == "sgd":
         return SGD(params, lr, momentum=momentum, weight_decay=weight_decay, lr_multipliers=lr_multipliers)
     if name == "adam":
-        return Adam(params, lr, weight_decay=weight_decay, lr_multipliers=lr_multipliers)
+        return Adam(params, lr, weight_decay=weight_decay, lr_multipliers=lr_multipliers, relative=relative)
     raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
