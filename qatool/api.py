@@ -103,6 +103,13 @@ def _resolve_batch(train_cfg, session, data, tensors, ckpt, echo, limit: int | N
 
     from .train.footprint import DEFAULT_BATCH, choose_batch
 
+    fixed = getattr(getattr(session, "model", None), "fixed_batch", None)
+    if fixed is not None:  # convert could not free the batch of 1: the engine trains one image at a time
+        if (train_cfg.batch_size or 1) > 1:
+            raise UsageError(f"--batch-size {train_cfg.batch_size}: the model's batch of 1 could not be freed "
+                             f"({fixed}); it trains at batch 1 only")
+        echo(f"batch 1: the model's batch of 1 could not be freed ({fixed}), so it trains one image at a time")
+        return replace(train_cfg, batch_size=1), None
     if train_cfg.batch_size is not None:
         return train_cfg, None
     if ckpt is not None and ckpt.train.get("batch_size"):

@@ -15,7 +15,8 @@ Steps, in order:
 4c. (commands only) a model exported with a fixed batch of 1 gets a free batch (`ir/batch.py`), checked on
    onnxruntime at batch 2 and 3 against the model run one image at a time; the declared shapes are kept in the
    metadata (BATCH_KEY) so the int8 model declares them again, and a user's pipeline calls it as it called the
-   float one;
+   float one. A batch that cannot be freed is recorded with its reason (`ir.batch.FIXED_BATCH_KEY`): the engine
+   then runs the model one image at a time and trains it at batch 1;
 5. for inference: BatchNormalization folded into the preceding Conv/ConvTranspose/Gemm, Dropout removed;
    for training: BN and Dropout kept; HardSwish, HardSigmoid and Div by a constant rewritten into elementwise
    forms whose pieces run as integer kernels once quantized (`ir/integer_forms.py`); and the roles of the
@@ -154,11 +155,13 @@ BATCH_KEY = "qatool.declared_shapes"  # the input/output shapes a model declared
 def free_fixed_batch(graph: Graph):
     """Free the batch of a graph whose input declares a batch of 1, in place, when `ir.batch.free_batch` can and
     onnxruntime confirms it (batch 2 and 3 equal the images run one at a time); the BatchResult, or None when no
-    input declares a batch of 1."""
+    input declares a batch of 1. When it cannot, the graph records why (`FIXED_BATCH_KEY`): the engine then runs it
+    one image at a time, and training takes batch 1."""
     import json
 
-    from .ir.batch import free_batch
+    from .ir.batch import FIXED_BATCH_KEY, free_batch
 
+    graph.metadata.pop(FIXED_BATCH_KEY, None)
     if not any(v.shape and len(v.shape) >= 2 and v.shape[0] == 1 for v in graph.inputs):
         return None
     result = free_batch(graph)
@@ -166,6 +169,8 @@ def free_fixed_batch(graph: Graph):
         declared = result.declared
         graph.__dict__.update(result.graph.__dict__)
         graph.metadata[BATCH_KEY] = json.dumps(declared)
+    else:
+        graph.metadata[FIXED_BATCH_KEY] = result.reason or "not proven per image"
     return result
 
 

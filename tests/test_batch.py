@@ -323,3 +323,136 @@ def test_light_models_free_and_verify(name):
     restore_declared_shapes(restored, result.declared)
     assert [v.type.tensor_type.shape for v in restored.graph.input] == [v.type.tensor_type.shape
                                                                          for v in original.graph.input]
+
+
+def _time_major_recogniser(shared_target=False):
+    """ddddocr's captcha recogniser in small: a free width W, Conv -> Transpose to [W', 1, C, H] -> Reshape to
+    [W', 1, C*H] whose target is built from Shape() of the tensor with a hard-coded batch 1 in the middle
+    (convert folds PyTorch's x.size(1) into that constant) -> bi-LSTM with zero states ConstantOfShape([2, N, H])
+    -> Reshape [T*N, 2H] from Shape() (T * N) -> Gemm -> Reshape [T, N, -1]. The output declares [1, seqlen],
+    as the exporter wrote it, but the model returns [T, 1, K]. `shared_target`: a second Reshape reads the same
+    target (so the pass cannot edit the Concat building it)."""
+    hid, k = 2, 5
+
+    def i64_scalar(name, v):
+        return numpy_helper.from_array(np.array(v, np.int64), name)
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], strides=[1, 2], name="conv"),
+             helper.make_node("Transpose", ["c"], ["t"], perm=[3, 0, 1, 2], name="to_wnch"),
+             helper.make_node("Shape", ["t"], ["t_shape"], name="t_shape"),
+             helper.make_node("Gather", ["t_shape", "i0"], ["t_w"], axis=0, name="t_w"),
+             helper.make_node("Unsqueeze", ["t_w", "ax0"], ["t_w1"], name="t_w1"),
+             helper.make_node("Concat", ["t_w1", "one", "ch"], ["seq_shape"], axis=0, name="seq_shape"),
+             helper.make_node("Reshape", ["t", "seq_shape"], ["seq"], name="to_seq"),
+             *([helper.make_node("Reshape", ["t", "seq_shape"], ["seq_b"], name="to_seq_b"),
+                helper.make_node("Add", ["seq", "seq_b"], ["seq_sum"], name="seq_sum")] if shared_target else []),
+             helper.make_node("Shape", ["seq"], ["seq_dims"], name="seq_dims"),
+             helper.make_node("Gather", ["seq_dims", "i1"], ["n"], axis=0, name="n"),
+             helper.make_node("Unsqueeze", ["n", "ax0"], ["n1"], name="n1"),
+             helper.make_node("Concat", ["two", "n1", "hid"], ["state_shape"], axis=0, name="state_shape"),
+             helper.make_node("ConstantOfShape", ["state_shape"], ["h0"], name="h0"),
+             helper.make_node("ConstantOfShape", ["state_shape"], ["c0"], name="c0"),
+             helper.make_node("LSTM", ["seq_sum" if shared_target else "seq", "W", "R", "B", "", "h0", "c0"], ["Y"],
+                              hidden_size=hid, direction="bidirectional", name="lstm"),
+             helper.make_node("Transpose", ["Y"], ["Yt"], perm=[0, 2, 1, 3], name="y_t"),
+             helper.make_node("Reshape", ["Yt", "zz_1"], ["feat"], name="merge_dirs"),
+             helper.make_node("Shape", ["feat"], ["f_shape"], name="f_shape"),
+             helper.make_node("Gather", ["f_shape", "i0"], ["f_t"], axis=0, name="f_t"),
+             helper.make_node("Gather", ["f_shape", "i1"], ["f_n"], axis=0, name="f_n"),
+             helper.make_node("Gather", ["f_shape", "i2"], ["f_c"], axis=0, name="f_c"),
+             helper.make_node("Mul", ["f_t", "f_n"], ["f_tn"], name="f_tn"),
+             helper.make_node("Unsqueeze", ["f_tn", "ax0"], ["f_tn1"], name="f_tn1"),
+             helper.make_node("Unsqueeze", ["f_c", "ax0"], ["f_c1"], name="f_c1"),
+             helper.make_node("Concat", ["f_tn1", "f_c1"], ["rows_shape"], axis=0, name="rows_shape"),
+             helper.make_node("Reshape", ["feat", "rows_shape"], ["rows"], name="to_rows"),
+             helper.make_node("Gemm", ["rows", "fc", "fcb"], ["logits"], transB=1, name="fc"),
+             helper.make_node("Unsqueeze", ["f_t", "ax0"], ["f_t1"], name="f_t1"),
+             helper.make_node("Unsqueeze", ["f_n", "ax0"], ["f_n1"], name="f_n1"),
+             helper.make_node("Concat", ["f_t1", "f_n1", "minus1"], ["out_shape"], axis=0, name="out_shape"),
+             helper.make_node("Reshape", ["logits", "out_shape"], ["y"], name="to_tnk")]
+    inits = [_w("w", 3, 1, 4, 1), i64_scalar("i0", 0), i64_scalar("i1", 1), i64_scalar("i2", 2), _i64("ax0", [0]),
+             _i64("one", [1]), _i64("ch", [3]), _i64("two", [2]), _i64("hid", [hid]),
+             _w("W", 2, 4 * hid, 3), _w("R", 2, 4 * hid, hid), _w("B", 2, 8 * hid), _i64("zz_1", [0, 0, -1]),
+             _w("fc", k, 2 * hid), _w("fcb", k), _i64("minus1", [-1])]
+    return _model(nodes, [_vi("x", [1, 1, 4, "W"])], [_vi("y", [1, "seqlen"])], inits)
+
+
+@pytest.mark.parametrize("shared_target", [False, True])
+def test_time_major_reshape_from_shape_with_free_width_and_a_hard_coded_batch(shared_target):
+    """The batch 1 baked into a run-time Reshape target next to a free width is found symbolically: the width is a
+    symbol, the Reshape is proven to keep images apart for every width, the 1 becomes 0 (copy the batch): in the
+    Concat's constant part, or (target read twice) in a new target cut around it."""
+    model = _time_major_recogniser(shared_target)
+    result = free_batch(from_onnx(model))
+    assert result.freed, result.reason
+    assert result.batch_axes == {"y": 1}
+    g = result.graph
+    if shared_target:
+        assert sorted(result.rewritten) == ["to_seq", "to_seq_b"]
+        for name in ("to_seq", "to_seq_b"):
+            cat = g.producers()[next(n for n in g.nodes if n.name == name).inputs[1]]
+            assert cat.op_type == "Concat" and g.initializers[cat.inputs[1]].tolist() == [0]
+    else:
+        assert result.rewritten == ["seq_shape"] and result.added == []  # the Concat's constant part holding the 1
+        cat = next(n for n in g.nodes if n.name == "seq_shape")
+        assert g.initializers[cat.inputs[1]].tolist() == [0]
+    # What the model returns wins over what it declared ([1, seqlen]).
+    assert g.outputs[0].shape == [None, "N", 5]
+    assert "declares [1, 'seqlen']" in result.note
+    freed = to_onnx(g)
+    onnx.checker.check_model(freed)
+    assert batch_mismatch(model, freed, sizes=(2, 3)) is None  # at width 32
+    for width in (8, 20):  # and at other widths, against the images one at a time
+        x = RNG.standard_normal((3, 1, 4, width)).astype(np.float32)
+        got = ort_run(freed, {"x": x})[0]
+        want = ort_run_per_image(_session(model), {"x": x}, axes=result.batch_axes)[0]
+        assert got.shape == ((width + 1) // 2, 3, 5)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    restored = to_onnx(g)
+    restore_declared_shapes(restored, result.declared)
+    assert [d.dim_param or d.dim_value for d in restored.graph.output[0].type.tensor_type.shape.dim] == [1, "seqlen"]
+
+
+def test_time_major_recogniser_through_convert():
+    """convert (folding the shape reads it can) frees it and records the declared shapes, not a fixed batch."""
+    from qatool.convert import BATCH_KEY
+    from qatool.ir.batch import FIXED_BATCH_KEY
+
+    r = normalize_proto(_time_major_recogniser(), for_training=True, free_batch=True)
+    assert r.batch.freed, r.batch.reason
+    assert BATCH_KEY in r.graph.metadata and FIXED_BATCH_KEY not in r.graph.metadata
+    assert r.graph.inputs[0].shape == ["N", 1, 4, "W"]
+
+
+def test_run_time_target_merging_the_batch_behind_a_free_width_is_refused():
+    """A run-time target [1, W*3] (Shape read, batch 1 first) of [W, 1, 3]: per image the batch can only merge
+    between the free width and the channels, and an output cannot hold it so: refused, not guessed."""
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[2, 0, 1], name="t"),
+             helper.make_node("Shape", ["t"], ["s"], name="s"),
+             helper.make_node("Gather", ["s", "i0"], ["w"], axis=0, name="w"),
+             helper.make_node("Mul", ["w", "c3"], ["wc"], name="wc"),
+             helper.make_node("Unsqueeze", ["wc", "ax0"], ["wc1"], name="wc1"),
+             helper.make_node("Concat", ["one", "wc1"], ["shape"], axis=0, name="shape"),
+             helper.make_node("Reshape", ["t", "shape"], ["y"], name="flat")]
+    model = _model(nodes, [_vi("x", [1, 3, "W"])], [_vi("y", [1, "K"])],
+                   [numpy_helper.from_array(np.array(0, np.int64), "i0"),
+                    numpy_helper.from_array(np.array(3, np.int64), "c3"), _i64("ax0", [0]), _i64("one", [1])])
+    result = free_batch(from_onnx(model))
+    assert not result.freed and "merged" in result.reason, result.reason
+
+
+def test_shape_arithmetic_of_a_freed_recogniser_is_never_quantized():
+    """Freed, the recogniser computes its shapes at run time (Shape -> Gather -> Mul -> Concat): the placement
+    leaves those integer Mul/Concat float (a QuantizeLinear of an int64 would not even load) and quantizes the
+    convolution and the Gemm."""
+    from qatool.quant.config import QuantConfig
+    from qatool.quant.prepare import integer_tensors, mark
+
+    graph = normalize_proto(_time_major_recogniser(), for_training=True, free_batch=True).graph
+    plan = mark(graph, QuantConfig())
+    ints = integer_tensors(graph)
+    assert {"f_tn", "seq_shape", "rows_shape", "state_shape"} <= ints
+    assert not ints & set(plan.quantized)
+    why = {name: reason for name, _, reason in plan.float_nodes}
+    assert why["f_tn"] == why["rows_shape"] == "it computes on integers (shape arithmetic)"
+    assert {layer.node.name for layer in plan.layers} == {"conv", "fc"}

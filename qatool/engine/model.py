@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ModelError, QatoolError
+from ..ir.batch import FIXED_BATCH_KEY, one_image_inputs
 from ..ir.graph import Graph
 from ..ir.roles import read_roles
 from ..ops import EVAL_REWRITES, Context, Op, make_op
@@ -63,6 +64,9 @@ class Model:
         }
         self.input_names = graph.input_names
         self.output_names = graph.output_names
+        # A batch of 1 convert could not free (`ir.batch`): why, and the inputs then fed one image at a time.
+        self.fixed_batch: str | None = graph.metadata.get(FIXED_BATCH_KEY)
+        self._one_image = one_image_inputs(graph) if self.fixed_batch is not None else []
         self.ctx = Context(rng=np.random.default_rng(seed))
         graph.toposort()
         self._steps = self._compile(graph, graph.nodes)
@@ -120,8 +124,19 @@ class Model:
         Memory: every intermediate is dropped once its last reader has run, and ops keep what their backward
         needs only with `grad` (default: in training mode) and only where a gradient flows; an eval-mode
         forward keeps nothing for a backward (pass grad=True to differentiate one, as gradient checks do).
+
+        A model whose batch of 1 could not be freed (`fixed_batch`) runs an eval-mode batch one image at a time,
+        its outputs joined on their batch axis (as `ir.batch.ort_run_per_image` does on onnxruntime); a batch of
+        more than one image to train or differentiate is refused.
         """
         grad = training if grad is None else grad
+        if self._one_image:
+            n = max((np.shape(feeds[k])[0] for k in self._one_image if np.ndim(feeds.get(k)) >= 1), default=1)
+            if n > 1:
+                if grad:
+                    raise ModelError(f"the model's batch of 1 could not be freed ({self.fixed_batch}): it trains one "
+                                     f"image at a time, not {n}")
+                return self._per_image(feeds, n, training, outputs)
         wanted = list(outputs) if outputs is not None else self.output_names
         steps = self._steps
         if not training and not grad and self._eval_values.issuperset(wanted):
@@ -170,6 +185,17 @@ class Model:
             return [env[o] for o in wanted]
         except KeyError as e:
             raise ModelError(f"no value named {e.args[0]!r} in the graph") from None
+
+    def _per_image(self, feeds: dict[str, np.ndarray], n: int, training: bool,
+                   outputs: list[str] | None) -> list[np.ndarray]:
+        runs = [self.forward({k: v[i:i + 1] if k in self._one_image else v for k, v in feeds.items()}, training,
+                             outputs, grad=False) for i in range(n)]
+        joined = []
+        for parts in zip(*runs):
+            # the batch axis: the first of axes 0 and 1 of size 1 (ort_run_per_image's rule), else a new axis 0
+            axis = next((a for a in (0, 1) if np.ndim(parts[0]) > a and np.shape(parts[0])[a] == 1), None)
+            joined.append(np.stack(parts) if axis is None else np.concatenate(parts, axis=axis))
+        return joined
 
     def activation_bytes(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> int:
         """The most bytes of intermediate values alive at once in an eval-mode forward of `feeds` asking for

@@ -176,7 +176,8 @@ def time_export(session, result: ExportResult, input_shape: list[int] | None = N
     """Time the written int8 model against the session's float model (`latency.measure`) on inputs of
     `input_shape` (default: the model's, its free dims from the preprocessing); in place."""
     int8 = result.runnable if result.runnable is not None else result.path
-    result.latency = measure_latency(_float_model(session), int8, input_shape or _input_shape(session))
+    result.latency = measure_latency(_float_model(session), int8, input_shape or _input_shape(session),
+                                     fixed_batch=getattr(session.model, "fixed_batch", None) is not None)
     return result
 
 

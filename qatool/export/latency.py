@@ -92,11 +92,12 @@ def rounds_run(rounds: int) -> int:
 
 
 def measure(float_model: onnx.ModelProto | str, int8_model: onnx.ModelProto | str, input_shape: list[int],
-            rounds: int = ROUNDS) -> Latency:
-    """float vs int8 at batch 1 and at the larger batch of `batch_sizes`; `input_shape` with any batch dim."""
+            rounds: int = ROUNDS, fixed_batch: bool = False) -> Latency:
+    """float vs int8 at batch 1 and at the larger batch of `batch_sizes`; `input_shape` with any batch dim.
+    `fixed_batch`: the models take a batch of 1 only (one whose batch could not be freed): batch 1 alone."""
     rng = np.random.default_rng(0)
     inputs = {b: rng.standard_normal([b, *input_shape[1:]]).astype(np.float32)
-              for b in dict.fromkeys(batch_sizes(input_shape))}
+              for b in dict.fromkeys((1,) if fixed_batch else batch_sizes(input_shape))}
     ms = interleaved_ms({"float": float_model, "int8": int8_model}, inputs, {b: rounds for b in inputs})
     result = Latency({b: (ms["float"][b], ms["int8"][b]) for b in inputs}, rounds=rounds_run(rounds))
     f_ms, q_ms = result.batches[max(result.batches)]

@@ -14,8 +14,25 @@ needed) or refuses. Whatever the pass does not know or cannot prove it refuses, 
 graph is left alone. `check_free_batch` then checks the result on onnxruntime: at batch N every output must
 equal the per-image outputs stacked on the output's batch axis.
 
-Shapes at batch 1 come from ONNX shape inference (and, for values it leaves unknown, from one onnxruntime run
-at batch 1).
+Shapes at batch 1 come from ONNX shape inference, run with the batch inputs at 1 and without the declared output
+shapes (an exporter's declaration can be wrong: ddddocr's recogniser declares [1, seqlen] and returns
+[T, 1, 8210]; the freed graph declares what it computes, `declared` keeps what the file said). A model whose
+inputs are all static fills the values inference leaves unknown from one onnxruntime run at batch 1.
+
+Other free dims (a text line's width) stay symbols: every dim inference leaves free is a symbol (its dim_param, or
+one of its own), and shape values are tracked as products of symbols and N (`_M`). So a PyTorch export's
+x.view(x.size(0), 1, x.size(2) * x.size(3)) on a [W', 1, C, H] tensor is the target [W', 1, C*H] with W' the same
+symbol as the input's dim 0, and the pass proves the batch lands in dim 1 for every width; a later
+[x.size(0) * x.size(1), C] is [W' * N, C]: the batch merged behind the time steps, as a Gemm may take it. The other
+way, concrete shapes from one onnxruntime run at some width, was not taken: a proof at width 160 is a proof for
+width 160 only (the products that place the batch can agree there by chance), a run-time dim would look like a
+constant, and a rewritten target would bake that width in; it also needs a width the model accepts (a multiple of
+its stride, the data's own) before any data is known. Symbols need no run, no guess, and hold for every width;
+what they cannot prove (a sum of free dims, a merge the outputs cannot hold) is refused, and `check_free_batch`
+still confirms the result on onnxruntime at batch 2 and 3.
+
+A graph whose batch cannot be freed keeps its batch of 1: onnxruntime and the engine then run it one image at a
+time (`ort_run_per_image`, `FIXED_BATCH_KEY`).
 """
 
 from __future__ import annotations
@@ -30,7 +47,11 @@ from onnx import helper
 from .graph import Graph, Node, ValueInfo, from_onnx, to_onnx
 
 __all__ = ["BatchResult", "free_batch", "check_free_batch", "batch_mismatch", "restore_declared_shapes",
-           "ort_run_per_image"]
+           "ort_run_per_image", "FIXED_BATCH_KEY", "one_image_inputs"]
+
+# Metadata of a model whose input declares a batch of 1 that could not be freed: the one-line reason. The engine
+# then runs it one image at a time (`engine.model.Model`), as onnxruntime does (`ort_run_per_image`).
+FIXED_BATCH_KEY = "qatool.fixed_batch"
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
 
@@ -75,12 +96,85 @@ class _Refuse(Exception):
 
 
 @dataclass(frozen=True)
+class _M:
+    """A dim (or a shape value) not known statically: `coef` times a product of symbols. Each dim shape inference
+    leaves free is a symbol: its dim_param, else one of its own per value and axis; "N" is the batch size. Products
+    and exact quotients of such dims stay exact, so the pass proves a Reshape keeps images apart for every value of
+    the free dims. Ints and the bare batch are never wrapped: `_mono` gives an int, "N" or an _M."""
+
+    coef: int
+    syms: tuple
+
+    def __str__(self) -> str:
+        return "*".join(([str(self.coef)] if self.coef != 1 else []) + [s.lstrip("$") for s in self.syms])
+
+    __repr__ = __str__
+
+
+def _mono(coef: int, syms: tuple):
+    if coef == 0 or not syms:
+        return coef
+    if syms == ("N",) and coef == 1:
+        return "N"
+    return _M(coef, tuple(sorted(syms)))
+
+
+def _as_mono(e) -> tuple[int, tuple] | None:
+    if isinstance(e, (int, np.integer)) and not isinstance(e, bool):
+        return int(e), ()
+    if e == "N":
+        return 1, ("N",)
+    if isinstance(e, _M):
+        return e.coef, e.syms
+    return None  # "D", "X": not a product of known factors
+
+
+def _mul(a, b):
+    """a * b for ints, "N" and _M (None when either is "D"/"X")."""
+    ma, mb = _as_mono(a), _as_mono(b)
+    if ma is None or mb is None:
+        return None
+    return _mono(ma[0] * mb[0], ma[1] + mb[1])
+
+
+def _div(a, b):
+    """a / b when it is exact (b's factors are among a's), else None."""
+    ma, mb = _as_mono(a), _as_mono(b)
+    if ma is None or mb is None or mb[0] == 0 or ma[0] % mb[0]:
+        return None
+    rest = list(ma[1])
+    for s in mb[1]:
+        if s not in rest:
+            return None
+        rest.remove(s)
+    return _mono(ma[0] // mb[0], tuple(rest))
+
+
+def _has_n(e) -> bool:
+    return e == "N" or (isinstance(e, _M) and "N" in e.syms)
+
+
+def _tangled(e) -> bool:
+    """Depends on the batch other than as the bare batch size ("X", or N times something)."""
+    return e == "X" or (_has_n(e) and e != "N")
+
+
+def _drop_n(e):
+    """e / N when N is a factor of e exactly once, else None."""
+    m = _as_mono(e)
+    if m is None or m[1].count("N") != 1:
+        return None
+    return _div(e, "N")
+
+
+@dataclass(frozen=True)
 class _B:
-    """A value carrying the batch: dim `axis` holds outer * N * inner elements (row-major, N in the middle)."""
+    """A value carrying the batch: dim `axis` holds outer * N * inner elements (row-major, N in the middle; outer and
+    inner are ints or _M)."""
 
     axis: int
-    outer: int = 1
-    inner: int = 1
+    outer: Any = 1
+    inner: Any = 1
 
     @property
     def plain(self) -> bool:
@@ -92,15 +186,16 @@ class _B:
 
 @dataclass(frozen=True)
 class _S:
-    """A small int tensor (rank 0 or 1) holding shape arithmetic: each element an int, "N" (the batch), "D" (not
-    known statically but independent of the batch) or "X" (depends on the batch in a way not tracked)."""
+    """A small int tensor (rank 0 or 1) holding shape arithmetic: each element an int, "N" (the batch), an _M (a
+    product of free dims, possibly with N: then the element is that multiple of the batch size), "D" (not known
+    statically but independent of the batch) or "X" (depends on the batch in a way not tracked)."""
 
     elems: tuple
     scalar: bool = False
 
     @property
     def dependent(self) -> bool:
-        return any(e in ("N", "X") for e in self.elems)
+        return any(e == "X" or _has_n(e) for e in self.elems)
 
 
 def _dependent(s) -> bool:
@@ -129,15 +224,26 @@ def _norm(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-def _prod(xs) -> int:
-    return int(np.prod([int(x) for x in xs], dtype=np.int64)) if len(xs) else 1
+def _prod(xs):
+    """The product of dims (ints and _M); None when one is "D"/"X"."""
+    out = 1
+    for x in xs:
+        out = _mul(out, x)
+        if out is None:
+            return None
+    return out
 
 
 # ---- shapes at batch 1 -------------------------------------------------------------------------------------------
-def _infer_shapes(graph: Graph) -> dict[str, list]:
-    """name -> dims (ints, str or None) at batch 1 for every value shape inference knows."""
+def _infer_shapes(graph: Graph, batched: Sequence[str] = ()) -> dict[str, list]:
+    """name -> dims (ints, str or None) at batch 1 for every value shape inference knows. The inputs named in
+    `batched` go in with dim 0 set to 1; the graph outputs go in without their declared shapes (an exporter's
+    declaration can be wrong: ddddocr's recogniser declares [1, seqlen] and returns [T, 1, 8210])."""
+    inputs = [ValueInfo(v.name, v.elem_type, [1, *v.shape[1:]]) if v.name in batched and v.shape else v
+              for v in graph.inputs]
+    outputs = [ValueInfo(v.name, v.elem_type, None) for v in graph.outputs]
     # Large initializers go in as typed inputs (shape inference needs their shapes, not their values).
-    light = Graph(graph.nodes, list(graph.inputs), list(graph.outputs),
+    light = Graph(graph.nodes, inputs, outputs,
                   {k: v for k, v in graph.initializers.items() if v.size <= 64 or v.dtype.kind in "iub"},
                   dict(graph.value_info), graph.opset, graph.other_opsets, name=graph.name)
     light.inputs += [ValueInfo(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
@@ -157,6 +263,15 @@ def _infer_shapes(graph: Graph) -> dict[str, list]:
     for k, v in graph.initializers.items():
         shapes[k] = list(v.shape)
     return shapes
+
+
+def _symbolic(name: str, dims: list | None) -> list | None:
+    """dims with every dim shape inference left free as an _M symbol: its dim_param (one name, one value, as shape
+    inference promises), else a symbol of this value and axis alone."""
+    if dims is None:
+        return None
+    return [d if isinstance(d, int) and d >= 0 else
+            _M(1, (f"${d}" if isinstance(d, str) and d else f"${name}[{k}]",)) for k, d in enumerate(dims)]
 
 
 def _shapes_from_ort(graph: Graph, names: list[str]) -> dict[str, list]:
@@ -183,7 +298,7 @@ class _Analysis:
     def __init__(self, graph: Graph, batched_inputs: list[str], shapes: dict[str, list],
                  forced: dict[str, int]):
         self.g = graph
-        self.shapes = shapes
+        self.shapes = dict(shapes)  # the Reshapes the pass follows add what they learn
         self.forced = forced  # node name -> which of its candidate batch placements to take
         self.choices: list[tuple[str, int]] = []  # (node name, number of candidates) where there was a choice
         self.state: dict[str, Any] = {name: _B(0) for name in batched_inputs}
@@ -212,11 +327,20 @@ class _Analysis:
             raise _Refuse(f"node {node.name!r} ({node.op_type}): rank of {name!r} unknown")
         return len(d)
 
-    def static(self, node: Node, name: str) -> list[int]:
+    def static(self, node: Node, name: str) -> list:
+        """The dims of `name` at batch 1: ints, and _M for dims left free (a free width)."""
         d = self.dims(name)
-        if not self._static_dims(d):
+        if d is None or any(x is None for x in d):
             raise _Refuse(f"node {node.name!r} ({node.op_type}): shape of {name!r} at batch 1 unknown")
-        return [int(x) for x in d]
+        return list(d)
+
+    def learn(self, name: str, dims: list) -> None:
+        """Record the dims a followed node computes where shape inference did not know them."""
+        have = self.shapes.get(name)
+        if have is None or len(have) != len(dims):
+            self.shapes[name] = list(dims)
+        else:
+            self.shapes[name] = [a if isinstance(a, int) else b for a, b in zip(have, dims)]
 
     def const(self, name: str) -> np.ndarray | None:
         return self.g.initializers.get(name) if name else None
@@ -286,6 +410,51 @@ class _Analysis:
             node.inputs[index] = new
         self.mark(node)
 
+    def set_elems(self, node: Node, index: int, n: int, new: dict[int, int]) -> None:
+        """Give positions `new` of input `index` of `node` (a 1-D int shape of `n` elements) new values. A constant
+        is rewritten (`set_const`); a Concat read only here gets the constant parts holding those positions
+        rewritten; any other computed shape is cut around them with Slice and joined to the new values (Concat)."""
+        name = node.input(index)
+        c = self.const(name)
+        if c is not None:
+            v = np.array(c, dtype=np.int64).reshape(-1)
+            for k, e in new.items():
+                v[k] = e
+            self.set_const(node, index, v)
+            return
+        producer = self.g.producers().get(name)
+        if producer is not None and producer.op_type == "Concat" and not producer.domain \
+                and len(self.consumers.get(name, [])) == 1 and name not in self.outputs:
+            plan: dict[int, dict[int, int]] | None = {}
+            pos = 0
+            for i, part in enumerate(producer.inputs):
+                e = self.elems(part)
+                if e is None:
+                    plan = None
+                    break
+                for k, value in new.items():
+                    if pos <= k < pos + len(e.elems):
+                        plan.setdefault(i, {})[k - pos] = value
+                pos += len(e.elems)
+            if plan is not None and pos == n and all(self.const(producer.input(i)) is not None for i in plan):
+                for i, sub in plan.items():
+                    v = np.array(self.const(producer.input(i)), dtype=np.int64)
+                    flat = v.reshape(-1)
+                    for k, value in sub.items():
+                        flat[k] = value
+                    self.set_const(producer, i, flat.reshape(v.shape))
+                return
+        parts, start = [], 0
+        for k in sorted(new) + [n]:
+            if k > start:
+                parts.append(self.add_node("Slice", [name, self.add_init(f"{name}_from", [start]),
+                                                     self.add_init(f"{name}_to", [k])], f"{name}_kept"))
+            if k < n:
+                parts.append(self.add_init(f"{name}_freebatch", [new[k]]))
+            start = k + 1
+        node.inputs[index] = self.add_node("Concat", parts, f"{name}_freebatch", axis=0)
+        self.mark(node)
+
     def add_node(self, op: str, inputs: list[str], base: str, **attrs) -> str:
         out = self.g.unique_name(base)
         name = self.g.unique_name(base + "_node")
@@ -310,6 +479,8 @@ class _Analysis:
 
     def dynamic_shape(self, dims: list[int], pos: int, ref: str, ref_axis: int) -> str:
         """dims with dims[pos] replaced by the run-time batch size of ref's axis ref_axis (a 1-D int64 value)."""
+        if not all(isinstance(d, int) for k, d in enumerate(dims) if k != pos):
+            raise _Refuse(f"a shape with dims not known statically ({dims}) would need the batch written in")
         parts = []
         if pos > 0:
             parts.append(self.add_init(f"{ref}_dims_before", dims[:pos]))
@@ -481,9 +652,9 @@ class _Analysis:
         dims = self.dims(node.input(0))
         if dims is None:
             self.refuse(node, f"rank of {node.input(0)!r} unknown")
-        elems = [d if isinstance(d, int) and d >= 0 else "D" for d in dims]
+        elems = [d if (isinstance(d, int) and d >= 0) or isinstance(d, _M) else "D" for d in dims]
         if isinstance(s, _B):
-            elems[s.axis] = "N" if s.plain else "X"
+            elems[s.axis] = _mul(_mul(s.outer, "N"), s.inner)
         r = len(dims)
         start = _norm(int(node.attrs.get("start", 0)), r)
         end = _norm(int(node.attrs.get("end", r)), r)
@@ -503,67 +674,90 @@ class _Analysis:
             self.refuse(node, "the target shape is computed at run time")
         if any(e in ("D", "X") for e in shape.elems):
             self.refuse(node, "the target shape depends on dims not known statically")
+        # The input per image, row-major: `before` elements, then the batch, then `p_after` elements (at batch 1 the
+        # batch axis holds outer * inner, whatever shape inference wrote there).
+        s = list(s)
+        s[x.axis] = _mul(x.outer, x.inner)
+        before = _mul(x.outer, _prod(s[:x.axis]))
+        p_after = _mul(x.inner, _prod(s[x.axis + 1:]))
+        total = _mul(before, p_after)
+        with_n = [k for k, e in enumerate(shape.elems) if _has_n(e)]
+        if len(with_n) > 1:
+            self.refuse(node, "the run-time target shape reads the batch size into several dims")
         # Resolve the target at batch 1 (N -> 1).
-        resolved: list[int | None] = []
+        resolved: list = []
         for k, e in enumerate(shape.elems):
-            if e == "N":
-                resolved.append(1)
+            if k in with_n:
+                m = _drop_n(e)
+                if m is None:
+                    self.refuse(node, "the run-time target shape multiplies the batch size by itself")
+                resolved.append(m)
             elif e == 0 and not allowzero:
                 if k >= len(s):
                     self.refuse(node, "copies a dim the input does not have")
                 resolved.append(s[k])
+            elif e == -1:
+                resolved.append(None)
+            elif isinstance(e, int) and e < 0:
+                self.refuse(node, f"target dim {e}")
             else:
-                resolved.append(int(e) if e != -1 else None)
-        total = _prod(s)
+                resolved.append(e)
         if resolved.count(None) > 1:
             self.refuse(node, "more than one -1 in the target shape")
         if None in resolved:
-            known = _prod([d for d in resolved if d is not None])
-            if known == 0 or total % known:
+            rest = _div(total, _prod([d for d in resolved if d is not None]))
+            if rest is None:
                 self.refuse(node, "target shape does not fit the input")
-            resolved[resolved.index(None)] = total // known
-        o = [int(d) for d in resolved]
+            resolved[resolved.index(None)] = rest
+        o = resolved
         if _prod(o) != total:
             self.refuse(node, f"target shape {o} does not fit the input {s}")
-        # Elements after the batch in the input's layout (at batch 1):
-        p_after = x.inner * _prod(s[x.axis + 1:])
-        if "N" in shape.elems:  # a run-time shape that reads the batch: it must put the batch where the input has it
-            j = shape.elems.index("N")
-            if shape.elems.count("N") > 1 or _prod(o[j + 1:]) != p_after:
+
+        def place(j: int) -> _B | None:
+            """The batch in dim j of the output: [prod(o[:j]), outer, N, inner, prod(o[j+1:])] must lay the input's
+            [before, N, p_after] out again."""
+            inner = _div(p_after, _prod(o[j + 1:]))
+            outer = None if inner is None else _div(o[j], inner)
+            if outer is None or _mul(_prod(o[:j]), outer) != before:
+                return None
+            return _B(j, outer, inner)
+
+        if with_n:  # a run-time shape that reads the batch: it must put the batch where the input has it
+            out = place(with_n[0])
+            if out is None:
                 self.refuse(node, "the run-time target shape moves the batch")
-            return _B(j)
-        # Constant target: where does the batch land?
-        cands = []
-        for j in range(len(o)):
-            after = _prod(o[j + 1:])
-            if after and p_after % after == 0 and o[j] % (p_after // after) == 0:
-                inner = p_after // after
-                cands.append(_B(j, o[j] // inner, inner))
-        if not cands:
-            self.refuse(node, "the batch cannot be found in the target shape")
-        # Several placements can fit (dims of size 1, or a merge into either neighbour). Preferred: the batch
-        # alone in a dim (on the input's axis first), then merged, leftmost first; free_batch backtracks to the
-        # next one when a later node refuses the choice.
-        cands.sort(key=lambda c: (not c.plain, c.axis != x.axis if c.plain else 0, c.axis))
-        if len(cands) > 1:
-            self.choices.append((node.name, len(cands)))
-        out = cands[min(self.forced.get(node.name, 0), len(cands) - 1)]
+        else:
+            # Several placements can fit (dims of size 1, or a merge into either neighbour). Preferred: the batch
+            # alone in a dim (on the input's axis first), then merged, leftmost first; free_batch backtracks to the
+            # next one when a later node refuses the choice.
+            cands = [c for c in (place(j) for j in range(len(o))) if c is not None]
+            if not cands:
+                self.refuse(node, "the batch cannot be found in the target shape")
+            cands.sort(key=lambda c: (not c.plain, c.axis != x.axis if c.plain else 0, c.axis))
+            if len(cands) > 1:
+                self.choices.append((node.name, len(cands)))
+            out = cands[min(self.forced.get(node.name, 0), len(cands) - 1)]
         j = out.axis
-        # Does the original target already follow the batch?  (-1 at j, or 0 copying a plain batch axis j)
         for k, e in enumerate(shape.elems):
             if k != j and e == 0 and not allowzero and k == x.axis:
                 self.refuse(node, "copies the batch axis into a dim that does not hold the batch")
         orig_j = shape.elems[j]
-        already = orig_j == -1 or (orig_j == 0 and not allowzero and x.plain and x.axis == j and out.plain)
+        # Does the target already follow the batch?  (it reads N, or -1 at j, or 0 copying a plain batch axis j)
+        already = bool(with_n) or orig_j == -1 or (orig_j == 0 and not allowzero and x.plain and x.axis == j
+                                                   and out.plain)
         if not already:
             # Keep the exporter's entries, the 1 of the batch aside: 0 (copy the input's batch dim) where that
             # is it, else -1 (any other -1 then written out).
-            new = [int(e) for e in shape.elems]
             use_zero = out.plain and x.plain and x.axis == j and not allowzero
-            new[j] = 0 if use_zero else -1
+            new = {j: 0 if use_zero else -1}
             if not use_zero:
-                new = [o[k] if e == -1 and k != j else e for k, e in enumerate(new)]
-            self.set_const(node, 1, np.asarray(new, dtype=np.int64))
+                for k, e in enumerate(shape.elems):
+                    if e == -1 and k != j:
+                        if not isinstance(o[k], int):
+                            self.refuse(node, f"the target's other -1 stands for {o[k]}, not known statically")
+                        new[k] = o[k]
+            self.set_elems(node, 1, len(shape.elems), new)
+        self.learn(node.outputs[0], o)
         return out
 
     def op_Flatten(self, node: Node, ins: list) -> _B:
@@ -571,8 +765,8 @@ class _Analysis:
         s = self.static(node, node.input(0))
         k = _norm(int(node.attrs.get("axis", 1)), len(s))
         if x.axis < k:
-            return _B(0, x.outer * _prod(s[:x.axis]), x.inner * _prod(s[x.axis + 1:k]))
-        return _B(1, x.outer * _prod(s[k:x.axis]), x.inner * _prod(s[x.axis + 1:]))
+            return _B(0, _mul(x.outer, _prod(s[:x.axis])), _mul(x.inner, _prod(s[x.axis + 1:k])))
+        return _B(1, _mul(x.outer, _prod(s[k:x.axis])), _mul(x.inner, _prod(s[x.axis + 1:])))
 
     def op_Transpose(self, node: Node, ins: list) -> _B:
         x = self.only_first_batched(node, ins)
@@ -600,6 +794,8 @@ class _Analysis:
         axes = self.axes_of(node, 1)
         if axes is None:  # squeezes every dim of size 1: at batch 1 that includes a plain batch axis
             s = self.static(node, node.input(0))
+            if not all(isinstance(d, int) for d in s):
+                self.refuse(node, "squeezes every dim of size 1, and some dims are not known statically")
             if s[x.axis] == 1:
                 self.refuse(node, "squeezes every dim of size 1, the batch axis included")
             axes = [d for d in range(r) if s[d] == 1]
@@ -697,7 +893,7 @@ class _Analysis:
         out_rank = max(rx, len(shape.elems))
         off = out_rank - len(shape.elems)
         if isinstance(x, _B):
-            if isinstance(ins[1], _S) and ins[1].dependent and "X" in shape.elems:
+            if isinstance(ins[1], _S) and ins[1].dependent and any(_tangled(e) for e in shape.elems):
                 self.refuse(node, "the target shape depends on the batch in a way it cannot follow")
             ax = x.axis + out_rank - rx
             pos = ax - off
@@ -706,7 +902,7 @@ class _Analysis:
             if "N" in shape.elems and shape.elems.index("N") != pos:
                 self.refuse(node, "the target shape puts the batch elsewhere")
             return x.at(ax)
-        if "X" in shape.elems or shape.elems.count("N") != 1:
+        if any(_tangled(e) for e in shape.elems) or shape.elems.count("N") != 1:
             self.refuse(node, "the target shape depends on the batch in a way it cannot follow")
         pos = shape.elems.index("N") + off
         d = self.dims(node.input(0))
@@ -724,7 +920,7 @@ class _Analysis:
 
     def op_ConstantOfShape(self, node: Node, ins: list):
         shape = ins[0]
-        if not isinstance(shape, _S) or "X" in shape.elems or shape.elems.count("N") != 1:
+        if not isinstance(shape, _S) or any(_tangled(e) for e in shape.elems) or shape.elems.count("N") != 1:
             self.refuse(node, "the shape depends on the batch in a way it cannot follow")
         return _B(shape.elems.index("N"))
 
@@ -760,7 +956,7 @@ class _Analysis:
                 pos = x.axis
             e = sizes.elems[pos]
             others = [v for k, v in enumerate(sizes.elems) if k != pos]
-            if e == "N" and not any(v in ("N", "X") for v in others):
+            if e == "N" and not any(v == "X" or _has_n(v) for v in others):
                 return x
             if e != 1 or not all(isinstance(v, int) for v in sizes.elems) or "axes" in node.attrs:
                 self.refuse(node, "sizes on the batch axis it cannot rewrite")
@@ -943,6 +1139,8 @@ def _is_arith(op: str) -> bool:
 
 
 def _arith(op: str, x, y):
+    """x op y on shape elements: ints, "N" and products of free dims (_M) stay exact where the result is a product
+    (Mul, exact Div, adding 0); any other sum or quotient is "D", or "X" when it involves the batch."""
     if isinstance(x, int) and isinstance(y, int):
         if op == "Add":
             return x + y
@@ -951,13 +1149,18 @@ def _arith(op: str, x, y):
         if op == "Mul":
             return x * y
         return x // y if y else "X"
-    if x == "N" and isinstance(y, int):
-        return "N" if (op in ("Add", "Sub") and y == 0) or (op in ("Mul", "Div") and y == 1) else "X"
-    if y == "N" and isinstance(x, int):
-        return "N" if (op == "Add" and x == 0) or (op == "Mul" and x == 1) else "X"
-    if "X" in (x, y) or "N" in (x, y):
-        return "X"
-    return "D"
+    dep = "X" in (x, y) or _has_n(x) or _has_n(y)
+    if op == "Mul":
+        r = _mul(x, y)
+    elif op == "Div":
+        r = _div(x, y)
+    elif op in ("Add", "Sub") and y == 0:
+        r = x if x not in ("D", "X") else None
+    elif op == "Add" and x == 0:
+        r = y if y not in ("D", "X") else None
+    else:
+        r = None
+    return r if r is not None else ("X" if dep else "D")
 
 
 # ---- the pass as a function ------------------------------------------------------------------------------------
@@ -989,6 +1192,11 @@ def _batch_symbol(graph: Graph) -> str:
     while f"N_{k}" in used:
         k += 1
     return f"N_{k}"
+
+
+def one_image_inputs(graph: Graph) -> list[str]:
+    """The inputs that declare a fixed batch of 1 (rank >= 2, dim 0 of 1): fed one image at a time."""
+    return [v.name for v in graph.inputs if v.shape and len(v.shape) >= 2 and v.shape[0] == 1]
 
 
 def _is_batch_input(v: ValueInfo) -> bool:
@@ -1041,10 +1249,11 @@ def free_batch(graph: Graph, inplace: bool = False) -> BatchResult:
         result.reason = "no input declares a batch (rank >= 2 with dim 0 of 1)"
         return result
     already_free = all(v.shape[0] != 1 for v in batched)
-    shapes = _infer_shapes(graph)
+    shapes = _infer_shapes(graph, [v.name for v in batched])
     missing = [o for n in graph.nodes for o in n.outputs if o and not _Analysis._static_dims(shapes.get(o))]
     if missing:
         shapes.update(_shapes_from_ort(graph, missing))
+    shapes = {k: _symbolic(k, d) for k, d in shapes.items()}
     forced: dict[str, int] = {}
     first: _Refuse | None = None
     axes: dict[str, int] | None = None
@@ -1069,9 +1278,18 @@ def free_batch(graph: Graph, inplace: bool = False) -> BatchResult:
     for v in work.inputs:
         if v.name in {b.name for b in batched} and v.shape[0] == 1:
             v.shape[0] = sym
+    notes = []
     for v in work.outputs:
-        if v.shape is not None and axes[v.name] < len(v.shape) and not isinstance(v.shape[axes[v.name]], str):
-            v.shape[axes[v.name]] = sym
+        ax, dims = axes[v.name], an.dims(v.name)
+        if dims is not None and (v.shape is None or len(v.shape) != len(dims) or any(
+                isinstance(a, int) and isinstance(b, int) and a != b
+                for k, (a, b) in enumerate(zip(v.shape, dims)) if k != ax)):
+            # What the graph computes wins over what the exporter declared (kept in `declared` all the same).
+            computed = [sym if k == ax else (d if isinstance(d, int) else None) for k, d in enumerate(dims)]
+            notes.append(f"output {v.name!r} declares {v.shape} but computes {computed}")
+            v.shape = computed
+        elif v.shape is not None and ax < len(v.shape) and not isinstance(v.shape[ax], str):
+            v.shape[ax] = sym
     for name, vi in list(work.value_info.items()):
         s = an.st(name)
         if isinstance(s, _B) and vi.shape is not None and s.axis < len(vi.shape):
@@ -1080,7 +1298,8 @@ def free_batch(graph: Graph, inplace: bool = False) -> BatchResult:
     work.toposort()
     result.freed, result.rewritten, result.added, result.batch_axes = True, an.rewritten, an.added, axes
     if already_free and not an.rewritten and not an.added:
-        result.note = "the inputs already declare a free batch"
+        notes.insert(0, "the inputs already declare a free batch")
+    result.note = "; ".join(notes)
     if inplace:
         graph.__dict__.update(work.__dict__)
         work = graph

@@ -21,6 +21,8 @@ here is what runs after export:
   rounds every logit of a recogniser's 6,625 classes to a step of their joint range, and a detector head's
   class logits to the step of its box logits; the ops after the last weighted layer (softmax, decoding) are
   cheap beside the network;
+- integer shape arithmetic (Shape -> Gather -> Mul -> Concat, which a model with a free batch or width computes
+  at run time) stays as it is: an Add/Mul/Concat of integers is never quantized;
 - anything else stays float; the plan says which nodes and why. The graph input is quantized by the first
   quantized op that reads it, like every other float tensor a quantized op reads.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from ..ir.graph import Graph, Node
 from ..ir.roles import read_roles, write_roles
@@ -56,6 +59,26 @@ def float_reason(op_type: str) -> str:
         return (f"onnxruntime has no QDQ kernel for a recurrent op: {op_type} runs in float between "
                 "DequantizeLinear and QuantizeLinear, its weights trained in float")
     return f"onnxruntime has no integer kernel for {op_type}"
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+# Ops whose output has the type of their first input: they carry integer shape arithmetic on.
+_SAME_TYPE = ("Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Reshape", "Identity", "Expand", "Tile", "Add",
+              "Sub", "Mul", "Div", "Neg", "Abs", "Max", "Min")
+
+
+def integer_tensors(graph: Graph) -> set[str]:
+    """Tensors known to hold integers or booleans (shape arithmetic such as Shape -> Gather -> Mul, which a model
+    with a free batch or width computes at run time): never quantized."""
+    ints = {k for k, v in graph.initializers.items() if v.dtype.kind in "iub"}
+    ints |= {v.name for v in (*graph.inputs, *graph.value_info.values())
+             if v.elem_type and v.elem_type not in _FLOAT_TYPES}
+    for node in graph.nodes:
+        if node.op_type in ("Shape", "Size", "NonZero", "ArgMax", "ArgMin") or (
+                node.op_type == "Cast" and node.attrs.get("to") not in _FLOAT_TYPES) or (
+                node.op_type in _SAME_TYPE and node.input(0) in ints):
+            ints.update(o for o in node.outputs if o)
+    return ints
 
 
 def passes_through(node: Node) -> bool:
@@ -198,6 +221,7 @@ def mark(graph: Graph, config: QuantConfig) -> Plan:
     trainable = set(read_roles(graph)[0])
     absorbed: set[int] = set()
     tail = set() if config.quantize_tail else output_tail(graph)
+    ints = integer_tensors(graph)
 
     def ensure_quantized(tensor: str) -> str:
         if tensor in plan.rescaled:  # read through its rescaled DequantizeLinear
@@ -242,6 +266,8 @@ def mark(graph: Graph, config: QuantConfig) -> Plan:
             plan.layers.append(Layer(node, bn, act, source, float_output=in_tail))
         elif in_tail:
             plan.float_nodes.append((node.name, node.op_type, TAIL_REASON))
+        elif node.op_type in ACTIVATION_QUANT and any(i in ints for i in node.inputs if i):
+            plan.float_nodes.append((node.name, node.op_type, "it computes on integers (shape arithmetic)"))
         elif (x := _rescaled_input(graph, node, plan, consumers, config)) is not None:
             plan.rescaled[node.outputs[0]] = x
         elif node.op_type in ACTIVATION_QUANT:

@@ -152,11 +152,15 @@ def step_time(session, data, tensors: list[str]) -> StepTime:
     groups = sorted(data.groups, key=lambda g: int(np.prod(data.item_shape(int(g[0])))))
     group = groups[len(groups) // 2]
     x2, _ = data.batch(group[:2] if len(group) > 1 else np.repeat(group[:1], 2))
+    fixed = getattr(session.model, "fixed_batch", None) is not None  # a batch of 1 convert could not free
     times = []
     with np.errstate(all="ignore"), _probing(session.model) as restore:
-        for x in (x2[:1], x2[:1], x2, x2):  # the first step at each input shape pays its first-use costs: not timed
+        # the first step at each input shape pays its first-use costs: not timed
+        for x in (x2[:1], x2[:1]) if fixed else (x2[:1], x2[:1], x2, x2):
             times.append(_step(session.model, session.input_name, x, tensors))
             restore()
+    if fixed:  # it trains at batch 1 only: the step's time is all there is
+        return StepTime(times[1], 0.0)
     one, two = times[1], times[3]
     per_image = max(two - one, 0.0)
     return StepTime(max(one - per_image, 0.0), per_image)
