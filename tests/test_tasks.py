@@ -225,6 +225,18 @@ def test_choose_ctc_sequence(x_shape, batch_axis):
     assert "CTC sequence of 7 classes" in task.why
 
 
+def test_choose_time_major_logits_without_softmax_as_a_ctc_sequence():
+    """PyTorch's CTC layout (ddddocr's CNN+LSTM recogniser): the only output, [T, N, C] logits, no Softmax."""
+    _, [task] = run_and_choose([helper.make_node("MatMul", ["x", "W"], ["y"])], [5, 3, 4], ["y"], {"W": w(4, 7)})
+    assert isinstance(task, Sequence) and task.batch_axis == 1 and task.loss_tensor == "y"
+    assert "time-major, the model's only output, with no Softmax: logits" in task.why
+    _, [task] = run_and_choose([helper.make_node("MatMul", ["x", "W"], ["y"])], [3, 5, 4], ["y"], {"W": w(4, 7)})
+    assert isinstance(task, Tensor)  # batch first without a Softmax: a detector's raw [N, K, C] as well
+    two = [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("MatMul", ["x", "W"], ["z"])]
+    _, tasks = run_and_choose(two, [5, 3, 4], ["y", "z"], {"W": w(4, 7)})
+    assert [type(t) for t in tasks] == [Tensor, Tensor]
+
+
 def test_choose_class_map():
     _, [task] = run_and_choose([helper.make_node("Conv", ["x", "W"], ["c"]),
                                 helper.make_node("Softmax", ["c"], ["y"], axis=1)], [3, 2, 4, 4], ["y"],

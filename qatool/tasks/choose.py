@@ -102,9 +102,12 @@ def _choose(graph, name, v, batch, meta, labels, opts, n_outputs) -> OutputTask:
     if sequence and not labels and n_outputs > 1:
         return Tensor(name, batch_axis=b, why=f"rank 3 {list(shape)} {head} over the last axis, but the model has "
                                               f"{n_outputs} outputs: class scores of a detector, not a CTC sequence")
-    if rank == 3 and b in (0, 1) and shape[2] > 1 and (sequence or labels == "text"):
+    # PyTorch's CTC layout: a recogniser's only output, time-major [T, N, C] logits with no Softmax after them
+    time_major = rank == 3 and b == 1 and shape[2] > 1 and not soft and n_outputs == 1 and shape[0] != batch
+    if rank == 3 and b in (0, 1) and shape[2] > 1 and (sequence or labels == "text" or time_major):
         chars, note = _characters(meta, shape[2])
-        reason = f"{head} over the last axis" if soft else "with text labels"
+        reason = (f"{head} over the last axis" if soft else "with text labels" if labels == "text" else
+                  "time-major, the model's only output, with no Softmax: logits")
         return Sequence(name, logits, batch_axis=b, temperature=t, loss_axis=axis if axis is not None else -1,
                         characters=chars, why=f"rank 3 {list(shape)} {reason}: a CTC sequence of {shape[2]} classes "
                                               f"over {shape[1 - b]} steps, batch axis {b} ({where}){note}")
