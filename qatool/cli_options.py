@@ -91,7 +91,7 @@ def training_options(f):
         click.option("--optimizer", type=click.Choice(["sgd", "adam"]),
                      help="Default: sgd (momentum 0.9) for a classifier with labels; adam without labels."),
         click.option("--lr", type=click.FloatRange(0, min_open=True),
-                     help="Learning rate (default: 1e-3 for a classifier with labels; 3e-5 without labels, with "
+                     help="Learning rate (default: 1e-3 for a classifier with labels; 1e-4 without labels, with "
                           "adam)."),
         click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), help="SGD momentum (default 0.9)."),
         click.option("--weight-decay", type=click.FloatRange(0), help="L2 weight decay (default 0)."),

@@ -463,4 +463,4 @@ def test_a_label_free_run_without_steps_takes_the_default_length(map_model, blob
                              quiet=True)
     assert report["steps"] == 3 and report["config"]["train"]["steps"] == 3
     assert any(ln.startswith("3 steps (a step at batch 4:") for ln in lines)
-    assert report["config"]["train"]["lr"] == 3e-5 and report["config"]["train"]["optimizer"] == "adam"
+    assert report["config"]["train"]["lr"] == 1e-4 and report["config"]["train"]["optimizer"] == "adam"
