@@ -92,6 +92,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+# the child-process helpers are scale_bench's (bench/ is this script's folder, so on sys.path)
+from scale_bench import (child_env, load_avg, maxrss_mb, median_after_first, proc_status_mb, read_metrics,
+                         run_child)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "lstm_speed.json"
 DEFAULT_QATOOL = ROOT / ".venv" / "bin" / "qatool"
@@ -213,91 +217,7 @@ def architecture(onnx_file: Path) -> dict:
             "classes": int(weights[next(n for n in m.graph.node if n.op_type == "Gemm").input[1]].shape[0])}
 
 
-# ---- small helpers (scale_bench's) -----------------------------------------------------------------------------
-def maxrss_mb(usage) -> float:
-    return round(usage.ru_maxrss / (1024**2 if sys.platform == "darwin" else 1024), 1)
 
-
-def proc_status_mb(pid: int | str, key: str) -> float | None:
-    """VmHWM / VmRSS of a process from /proc, in MB (None when unreadable)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def load_avg() -> list[float] | None:
-    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def median_after_first(ms: list[float]) -> float:
-    return round(statistics.median(ms[1:] if len(ms) > 1 else ms), 2)
-
-
-def child_env(threads: int) -> dict:
-    env = dict(os.environ)
-    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[k] = str(threads)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def last_error_line(path: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "(no output)"
-    errors = [ln for ln in lines if "error" in ln.lower()]
-    return (errors or lines or ["(no output)"])[-1]
-
-
-def line_count(path: Path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return sum(1 for line in f if line.strip())
-    except OSError:
-        return 0
-
-
-def run_child(cmd: list[str], env: dict, log_path: Path, metrics: Path | None = None, steps: int = 0) -> dict:
-    """Run `cmd` with stdout/stderr to files; reap it with os.wait4 for its rusage. While it runs, poll its
-    /proc VmHWM; with `metrics`, note the VmHWM when that file first holds `steps` lines."""
-    err_path = log_path.with_suffix(".err")
-    t0 = time.perf_counter()
-    with open(log_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        hwm_train = hwm_last = None
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            done = metrics is not None and hwm_train is None and line_count(metrics) >= steps
-            hwm = proc_status_mb(proc.pid, "VmHWM")  # read after the line count: it covers the last step
-            if hwm is not None:
-                hwm_last = hwm
-                if done:
-                    hwm_train = hwm
-            time.sleep(0.1)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    return {"returncode": proc.returncode, "wall_s": round(wall, 1), "wait4_maxrss_mb": maxrss_mb(usage),
-            "vmhwm_train_mb": hwm_train, "vmhwm_last_polled_mb": hwm_last,
-            "error": None if proc.returncode == 0 else last_error_line(err_path), "log": str(log_path),
-            "stderr": str(err_path)}
-
-
-def read_metrics(path: Path) -> list[float]:
-    ms = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            ms.append(float(json.loads(line)["ms"]))
-        except (ValueError, KeyError, TypeError):
-            continue
-    return ms
 
 
 def sqnr_db(ref, x) -> float:
