@@ -63,6 +63,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qatool.tasks.ctc import edit_distance  # Levenshtein, as the recognisers' measures count it
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import any_data as D  # noqa: E402
 
@@ -166,19 +168,10 @@ def captcha_score(truth: list[str], preds: list[str]) -> dict:
     the model does not tell c/C, s/S, x/X ... apart: it reads ~45 % of the mixed-case captchas with their case);
     `line_acc_case` is the case-sensitive share, `char_acc` 1 - the summed edit distance / summed length."""
     n = len(truth)
-    ed = sum(_edit(p.lower(), t.lower()) for p, t in zip(preds, truth))
+    ed = sum(edit_distance(p.lower(), t.lower()) for p, t in zip(preds, truth))
     return {"line_acc": round(sum(p.lower() == t.lower() for p, t in zip(preds, truth)) / n, 4),
             "line_acc_case": round(sum(p == t for p, t in zip(preds, truth)) / n, 4),
             "char_acc": round(1 - ed / max(1, sum(map(len, truth))), 4), "n": n}
-
-
-def _edit(a: str, b: str) -> int:
-    d = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, d[0] = d[0], i
-        for j, cb in enumerate(b, 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (ca != cb))
-    return d[-1]
 
 
 def box_score(truth: list[list], preds: list[list]) -> dict:
