@@ -103,7 +103,7 @@ def _resolve_batch(train_cfg, session, data, tensors, ckpt, echo, limit: int | N
 
     from .train.footprint import DEFAULT_BATCH, choose_batch
 
-    fixed = getattr(getattr(session, "model", None), "fixed_batch", None)
+    fixed = session.model.fixed_batch
     if fixed is not None:  # convert could not free the batch of 1: the engine trains one image at a time
         if (train_cfg.batch_size or 1) > 1:
             raise UsageError(f"--batch-size {train_cfg.batch_size}: the model's batch of 1 could not be freed "

@@ -177,7 +177,7 @@ def time_export(session, result: ExportResult, input_shape: list[int] | None = N
     `input_shape` (default: the model's, its free dims from the preprocessing); in place."""
     int8 = result.runnable if result.runnable is not None else result.path
     result.latency = measure_latency(_float_model(session), int8, input_shape or _input_shape(session),
-                                     fixed_batch=getattr(session.model, "fixed_batch", None) is not None)
+                                     fixed_batch=session.model.fixed_batch is not None)
     return result
 
 

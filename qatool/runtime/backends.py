@@ -65,7 +65,7 @@ def engine_batch_size(model, data, outputs: list[str] | None = None) -> int:
     the intermediate values one image needs (`Model.activation_bytes`, measured once per model and outputs),
     at most the input-sized batch (`eval_batch_size`): the size of the data set never changes peak memory.
     1 for a model whose batch of 1 could not be freed (`Model.fixed_batch`)."""
-    if getattr(model, "fixed_batch", None) is not None:
+    if model.fixed_batch is not None:
         return 1
     cache = model.__dict__.setdefault("_bytes_per_image", {})
     key = tuple(outputs or ())

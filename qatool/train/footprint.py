@@ -152,7 +152,7 @@ def step_time(session, data, tensors: list[str]) -> StepTime:
     groups = sorted(data.groups, key=lambda g: int(np.prod(data.item_shape(int(g[0])))))
     group = groups[len(groups) // 2]
     x2, _ = data.batch(group[:2] if len(group) > 1 else np.repeat(group[:1], 2))
-    fixed = getattr(session.model, "fixed_batch", None) is not None  # a batch of 1 convert could not free
+    fixed = session.model.fixed_batch is not None  # a batch of 1 convert could not free
     times = []
     with np.errstate(all="ignore"), _probing(session.model) as restore:
         # the first step at each input shape pays its first-use costs: not timed
