@@ -54,6 +54,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -417,12 +418,12 @@ def row_ort(b: Bench, bits: int, limit, threads) -> dict:
     return r
 
 
-def row_calibrate(b: Bench, bits: int, limit, threads) -> dict:
+def row_calibrate(b: Bench, bits: int, limit, threads, extra: list[str]) -> dict:
     d = RUNS / b.name / f"calibrate_w{bits}a8"
     out = d / "model_int8.onnx"
     out.unlink(missing_ok=True)
     cmd = [qatool_bin(), "calibrate", str(b.pipe.float_path), "--data", str(D.npy_dir(b.name, "train")),
-           "-o", str(out), "--weight-bits", str(bits), "--activation-bits", "8"]
+           "-o", str(out), "--weight-bits", str(bits), "--activation-bits", "8", *extra]
     rc, err, wall = run_cmd(cmd, d, threads)
     r = {"cmd": " ".join(cmd[1:]), "wall_seconds": round(wall, 1), "returncode": rc}
     if rc != 0 or not out.exists():
@@ -432,13 +433,13 @@ def row_calibrate(b: Bench, bits: int, limit, threads) -> dict:
     return r
 
 
-def row_qat(b: Bench, bits: int, seed: int, limit, threads) -> dict:
+def row_qat(b: Bench, bits: int, seed: int, limit, threads, extra: list[str]) -> dict:
     d = RUNS / b.name / f"qat_w{bits}a8_s{seed}"
     out = d / "model_int8.onnx"
     out.unlink(missing_ok=True)
     cmd = [qatool_bin(), "train-quant", str(b.pipe.float_path), "--train-data", str(D.npy_dir(b.name, "train")),
            "--val-data", str(D.npy_dir(b.name, "val")), "-o", str(d), "--weight-bits", str(bits),
-           "--activation-bits", "8", "--seed", str(seed)]
+           "--activation-bits", "8", "--seed", str(seed), *extra]
     rc, err, wall = run_cmd(cmd, d / "logs", threads)
     r = {"cmd": " ".join(cmd[1:]), "wall_seconds": round(wall, 1), "returncode": rc}
     if rc != 0 or not out.exists():
@@ -510,6 +511,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads of the evaluation")
     ap.add_argument("--limit", type=int, default=None, help="smoke: only the first N test items")
     ap.add_argument("--out", type=Path, default=OUT_JSON, help="results file (rows merged into it)")
+    ap.add_argument("--calibrate-args", default="", help="experiments: more `qatool calibrate` options "
+                    "(recorded in the row's cmd; give --out so the default rows stay as they are)")
+    ap.add_argument("--qat-args", default="", help="experiments: more `qatool train-quant` options (as above)")
     a = ap.parse_args(argv)
     models = [m for m in a.only.split(",") if m]
     rows = [r for r in a.rows.split(",") if r]
@@ -548,9 +552,9 @@ def main(argv=None):
             elif r == "ort":
                 res = row_ort(b, bt, a.limit, a.threads)
             elif r == "calibrate":
-                res = row_calibrate(b, bt, a.limit, a.threads)
+                res = row_calibrate(b, bt, a.limit, a.threads, shlex.split(a.calibrate_args))
             else:
-                res = row_qat(b, bt, s, a.limit, a.threads)
+                res = row_qat(b, bt, s, a.limit, a.threads, shlex.split(a.qat_args))
             row = {"model": m, "row": r, "bits": bt, "seed": s, "status": res.pop("status", "ok"), **res,
                    "row_seconds": round(time.time() - t1, 1), "n_test": len(b.items),
                    "date": time.strftime("%Y-%m-%d %H:%M")}

@@ -10,6 +10,7 @@ from . import __version__
 from .cli_options import (BITS, DATA_HELP, export_summary, preprocess_overrides, preprocessing_options,
                           quantization_options, training_options)
 from .errors import QatoolError
+from .quant.calibrate import METHODS as CALIBRATION_METHODS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -91,8 +92,8 @@ def convert(model: str, output: str, for_training: bool) -> None:
 @click.option("--init", "init", type=click.Choice(["observe", "calibrate"]),
               help="calibrate (default): activation ranges start from post-training calibration on the training "
                    "images, and the run measures that start's int8 accuracy; observe: from the first batches.")
-@click.option("--init-method", type=click.Choice(["minmax", "percentile", "entropy"]),
-              help="Calibration method for --init calibrate (default minmax).")
+@click.option("--init-method", type=click.Choice(CALIBRATION_METHODS),
+              help="Calibration method for --init calibrate (default minmax; average for a run without labels).")
 @click.option("--init-images", type=click.IntRange(1), help="Images calibrated on for --init calibrate (512).")
 @click.option("--mixed-precision", metavar="SIZE_BUDGET",
               help="Weight-size budget (e.g. 120KB, 0.3MB, 30%% of the float weights): the most sensitive layers "

@@ -29,8 +29,9 @@ def _quant_config(weight_bits, activation_bits, per_tensor, symmetric_activation
 @click.option("--val-data", type=click.Path(),
               help="Images to verify on and report top-1 for (default: --data).")
 @click.option("--method", type=click.Choice(METHODS), default="minmax", show_default=True,
-              help="minmax: observed range; percentile: leave out the --percentile tails; entropy: the range "
-                   "of least KL divergence (TensorRT's calibration).")
+              help="minmax: observed range; average: the mean of the ranges of groups of 32 images (what a "
+                   "moving-average observer settles at); percentile: leave out the --percentile tails; entropy: "
+                   "the range of least KL divergence (TensorRT's calibration).")
 @click.option("--images", type=click.IntRange(1), default=DEFAULT_IMAGES, show_default=True,
               help="Calibrate on this many images (a seeded random subset of --data).")
 @click.option("--percentile", type=click.FloatRange(50, 100, min_open=True), default=DEFAULT_PERCENTILE,

@@ -1,6 +1,8 @@
 """Post-training calibration on real digits: the int8 model, the ranges of each method, QAT from calibrated
 ranges, the KL search against a plain loop, the calibrate command."""
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import pytest
@@ -11,7 +13,8 @@ from qatool.errors import DataError, UsageError
 from qatool.export.deploy import export_session
 from qatool.ir.io import load_proto
 from qatool.api import calibrate
-from qatool.quant.calibrate import calibrate_session, collect_ranges, entropy_window
+from qatool.quant.calibrate import (AVERAGE_GROUP, calibrate_session, calibration_indices, collect_ranges,
+                                    entropy_window)
 from qatool.cli_quant import calibrate_command
 from qatool.quant.config import QuantConfig
 from qatool.quant.qparams import activation_grid, activation_qparams
@@ -63,6 +66,31 @@ def test_percentile_and_entropy_ranges_lie_within_min_max(lenet_setup, symmetric
     # the 100th percentile is the observed range itself
     full = collect_ranges(graph, tensors, images, "percentile", 160, grid, percentile=100.0)
     assert all((r.lo, r.hi) == (r.min, r.max) for r in full.values())
+
+
+def test_average_ranges_are_the_mean_of_32_image_groups_whatever_the_batch(lenet_setup):
+    """--method average: the mean over consecutive groups of 32 chosen images of each group's own min / max
+    (weighted by the group's images: 150 images are four groups of 32 and one of 22), the same at any engine
+    batch; the observed min / max are kept beside it."""
+    graph, tensors, images = lenet_setup
+    chosen = calibration_indices(len(images), 150, seed=3)
+    groups = [chosen[i:i + AVERAGE_GROUP] for i in range(0, len(chosen), AVERAGE_GROUP)]
+    assert [len(g) for g in groups] == [32, 32, 32, 32, 22]
+    per_group = [collect_ranges(graph, tensors, replace(images, images=images.images[g], labels=None), "minmax", None)
+                 for g in groups]
+    weights = np.array([len(g) for g in groups], float)
+    minmax = collect_ranges(graph, tensors, images, "minmax", 150, seed=3)
+    for batch in (8, 32, 64):
+        ranges = collect_ranges(graph, tensors, images, "average", 150, seed=3, batch_size=batch)
+        for t, r in ranges.items():
+            want_lo = np.dot(weights, [g[t].lo for g in per_group]) / weights.sum()
+            want_hi = np.dot(weights, [g[t].hi for g in per_group]) / weights.sum()
+            assert r.lo == pytest.approx(want_lo, rel=1e-6, abs=1e-7), (batch, t)
+            assert r.hi == pytest.approx(want_hi, rel=1e-6, abs=1e-7), (batch, t)
+            assert (r.min, r.max) == (minmax[t].min, minmax[t].max)
+            assert r.min <= r.lo <= r.hi <= r.max
+    # a tail that only some images reach is averaged down: some range is narrower than the observed one
+    assert any(r.hi < r.max for r in ranges.values())
 
 
 def _kl_loop(h, zero_bin, levels, eps=1e-6):

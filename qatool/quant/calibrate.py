@@ -8,6 +8,12 @@ What is observed
 
 Methods (per tensor)
     minmax      the smallest and largest value over the calibration images (one pass).
+    average     the mean, over groups of AVERAGE_GROUP (32) images, of each group's smallest and largest value
+                (one pass): what a moving-average observer settles at when it trains at batch 32 (MNN's and
+                TensorFlow's QAT observers; onnxruntime's MinMax calibrator with `moving_average`). A value
+                that only a few images reach widens one group's range, not the whole range. The groups are
+                consecutive images of the seeded subset, whatever the engine's batch (a divisor of 32).
+                Observed min/max are kept too (TensorRange.min/max).
     percentile  from a histogram of the values: the range that keeps p% of them, leaving out (100 - p) / 2 %
                 at each end (default p = 99.99: 0.005% below `lo`, 0.005% above `hi`); with symmetric
                 activations the range [-t, t], t the p-th percentile of |x|. Both as onnxruntime's percentile
@@ -63,11 +69,12 @@ from ..errors import ConfigError, DataError, ModelError, UsageError
 from ..ir.graph import Graph
 from .qparams import Grid, activation_grid, activation_qparams
 
-METHODS = ("minmax", "percentile", "entropy")
+METHODS = ("minmax", "average", "percentile", "entropy")
 DEFAULT_IMAGES = 512
 DEFAULT_PERCENTILE = 99.99
 DEFAULT_BINS = 2048
 DEFAULT_BATCH_SIZE = 64
+AVERAGE_GROUP = 32  # images per observed range that --method average averages
 HEAVY_CLIP = 0.5  # `qatool.api.calibrate` names the tensors whose range keeps less than this share of the observed one
 
 
@@ -117,10 +124,10 @@ def _batches(data, indices: np.ndarray, batch_size: int):
 
 
 def _observe(model, tensors: list[str], data, indices: np.ndarray, batch_size: int):
-    """Yield, per batch, the float values of `tensors` (eval mode)."""
+    """Yield, per batch, its number of images and the float values of `tensors` (eval mode)."""
     name = model.input_names[0]
     for x in _batches(data, indices, batch_size):
-        yield model.forward({name: x}, training=False, outputs=tensors)
+        yield len(x), model.forward({name: x}, training=False, outputs=tensors)
 
 
 # ---- histogram maths ----------------------------------------------------------------------------------------------
@@ -269,7 +276,7 @@ def collect_ranges(float_graph: Graph, tensors: list[str], data, method: str = "
         raise UsageError(f"the percentile must be in (50, 100], got {percentile}")
     grid = grid or activation_grid(8, False)
     levels = grid.qmax - grid.qmin + 1
-    if method != "minmax" and bins < levels:
+    if method in ("percentile", "entropy") and bins < levels:
         raise ConfigError(f"the histogram needs at least as many bins as the grid has levels ({levels}), got {bins}")
     tensors = list(dict.fromkeys(tensors))
     # a constant operand (hard-swish's + 3) has the range of its values, whatever the method
@@ -284,25 +291,36 @@ def collect_ranges(float_graph: Graph, tensors: list[str], data, method: str = "
         raise ModelError(f"internal: tensors {missing[:3]} to calibrate are not in the float model")
     indices = calibration_indices(len(data), max_images, seed)
     batch_size = batch_size or min(DEFAULT_BATCH_SIZE, engine_batch_size(model, data, tensors))
+    if method == "average":
+        batch_size = _divisor_at_most(AVERAGE_GROUP, batch_size)
 
     lo = {t: np.inf for t in tensors}
     hi = {t: -np.inf for t in tensors}
-    for values in _observe(model, tensors, data, indices, batch_size):
+    averaged = _GroupAverage(tensors) if method == "average" else None
+    for n, values in _observe(model, tensors, data, indices, batch_size):
+        mins, maxs = [], []
         for t, v in zip(tensors, values):
             vmin, vmax = float(v.min()), float(v.max())
             if not (np.isfinite(vmin) and np.isfinite(vmax)):
                 raise DataError(f"the float model's tensor {t!r} holds non-finite values on the calibration data")
             lo[t], hi[t] = min(lo[t], vmin), max(hi[t], vmax)
+            mins.append(vmin)
+            maxs.append(vmax)
+        if averaged is not None:
+            averaged.add(mins, maxs, n)
     ranges = {t: TensorRange(lo[t], hi[t], lo[t], hi[t]) for t in tensors}
+    if averaged is not None:
+        for t, (a, b) in averaged.ranges().items():
+            ranges[t].lo, ranges[t].hi = a, b
     ranges.update(constants)
-    if method == "minmax":
+    if method in ("minmax", "average"):
         return ranges
 
     symmetric = grid.signed
     hists = {t: _Histogram.for_range(lo[t], hi[t], bins, symmetric) for t in tensors}
     live = [t for t in tensors if hists[t] is not None]  # all-zero tensors keep [0, 0]
     if live:
-        for values in _observe(model, live, data, indices, batch_size):
+        for _, values in _observe(model, live, data, indices, batch_size):
             for t, v in zip(live, values):
                 hists[t].add(v)
     p = float(percentile) / 100.0
@@ -312,6 +330,48 @@ def collect_ranges(float_graph: Graph, tensors: list[str], data, method: str = "
         r = ranges[t]
         r.lo, r.hi = min(max(a, r.min), r.max), max(min(b, r.max), r.min)
     return ranges
+
+
+def _divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of `n` that is at most `limit` (at least 1)."""
+    return max(d for d in range(1, min(n, max(limit, 1)) + 1) if n % d == 0)
+
+
+class _GroupAverage:
+    """Per tensor, the mean over groups of AVERAGE_GROUP consecutive images of each group's [min, max], each
+    group weighted by its images. A group closes once it holds AVERAGE_GROUP images or more (a shape's last,
+    short batch carries into the next group); the last group may hold fewer."""
+
+    def __init__(self, tensors: list[str]):
+        self.tensors = tensors
+        self.sum_lo = np.zeros(len(tensors))
+        self.sum_hi = np.zeros(len(tensors))
+        self.weight = 0
+        self._open()
+
+    def _open(self) -> None:
+        self.lo = np.full(len(self.tensors), np.inf)
+        self.hi = np.full(len(self.tensors), -np.inf)
+        self.count = 0
+
+    def _close(self) -> None:
+        if self.count:
+            self.sum_lo += self.count * self.lo
+            self.sum_hi += self.count * self.hi
+            self.weight += self.count
+        self._open()
+
+    def add(self, mins: list[float], maxs: list[float], images: int) -> None:
+        np.minimum(self.lo, mins, out=self.lo)
+        np.maximum(self.hi, maxs, out=self.hi)
+        self.count += images
+        if self.count >= AVERAGE_GROUP:
+            self._close()
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        self._close()
+        lo, hi = self.sum_lo / self.weight, self.sum_hi / self.weight
+        return {t: (float(a), float(b)) for t, a, b in zip(self.tensors, lo, hi)}
 
 
 def _constant_range(value: np.ndarray) -> TensorRange:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..quant.calibrate import METHODS as CALIBRATION_METHODS
 from ..quant.config import QuantConfig
 from .optim import OPTIMIZERS, SCHEDULES
 
@@ -74,8 +75,8 @@ class TrainConfig:
             raise ConfigError(f"scale_lr must be > 0, got {self.scale_lr}")
         if self.init not in ("observe", "calibrate"):
             raise ConfigError(f"init must be observe or calibrate, got {self.init!r}")
-        if self.init_method not in ("minmax", "percentile", "entropy"):
-            raise ConfigError(f"init_method must be minmax, percentile or entropy, got {self.init_method!r}")
+        if self.init_method not in CALIBRATION_METHODS:
+            raise ConfigError(f"init_method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.init_method!r}")
         if self.keep not in ("best", "last"):
             raise ConfigError(f"keep must be best or last, got {self.keep!r}")
         if self.validate_every is not None and self.validate_every < 1:
