@@ -187,15 +187,16 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     """
     from .runtime.backends import top1
     from .tasks.choose import recipe_reason
-    from .train.config import CLASSIFIER_RECIPE, DISTILL_RECIPE, TrainConfig
+    from .train.config import CLASSIFIER_RECIPE, DISTILL_RECIPE, Recipe, TrainConfig
 
     out = _output_folder(out_dir)
     train_cfg = train or TrainConfig()
     model_path, labels = _float_warmup(model_path, train_data, out, val_data, train_cfg, preprocess, labels,
                                        resume, new_head, features, float_steps, freeze_backbone, quiet, echo)
     float_graph, ckpt, quant_cfg = _training_model(model_path, resume, quant)
-    if ckpt is not None:  # a resumed run keeps its optimizer and lr unless they are given again
-        train_cfg = train_cfg.with_recipe((ckpt.train.get("optimizer"), ckpt.train.get("lr")))
+    if ckpt is not None:  # a resumed run keeps its optimizer, lr and start unless they are given again
+        train_cfg = train_cfg.with_recipe(Recipe(ckpt.train.get("optimizer"), ckpt.train.get("lr"),
+                                                 ckpt.train.get("init_method")))
     if train_cfg.scale_lr is not None and quant_cfg.scale_learning != "lsq":
         raise UsageError("--scale-lr sets the learning rate of learned step sizes: it needs --scale-learning lsq")
     labelled, why = recipe_reason(float_graph, train_data)

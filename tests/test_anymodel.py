@@ -349,7 +349,8 @@ def test_export_int8_of_a_label_free_checkpoint(capsys, ctc_model, npy_inputs, t
 
 def test_the_run_says_which_path_it_took_and_why(lenet, digits, tmp_path):
     """A classifier with class folders keeps the classifier recipe; the same model on a flat folder of the same
-    images trains without labels; each run says so first."""
+    images trains without labels; each run says so first. Each recipe calibrates its start its own way (min/max
+    with labels, the mean of 32-image ranges without), unless --init-method is given."""
     import shutil
 
     train, _ = digits
@@ -357,6 +358,7 @@ def test_the_run_says_which_path_it_took_and_why(lenet, digits, tmp_path):
     api.train_quant(lenet, train, tmp_path / "a", train=TrainConfig(steps=1), echo=said.append, quiet=True)
     assert said[0].startswith("classifier QAT with labels (cross-entropy, top-1), because") and "class sub-folders" \
         in said[0]
+    assert any("activation ranges calibrated (minmax)" in s for s in said)
     flat = tmp_path / "flat"
     flat.mkdir()
     for i, f in enumerate(sorted(train.rglob("*.png"))[:40]):
@@ -365,6 +367,12 @@ def test_the_run_says_which_path_it_took_and_why(lenet, digits, tmp_path):
     api.train_quant(lenet, flat, tmp_path / "b", train=TrainConfig(steps=1), echo=said.append, quiet=True)
     assert said[0] == f"label-free QAT: the model learns to reproduce its float model, because {flat} has no class " \
                       "sub-folders (no labels)"
+    assert any("activation ranges calibrated (average)" in s for s in said)
+    said.clear()
+    report = api.train_quant(lenet, flat, tmp_path / "c", train=TrainConfig(steps=1, init_method="percentile"),
+                             echo=said.append, quiet=True)
+    assert any("activation ranges calibrated (percentile)" in s for s in said)
+    assert report["config"]["train"]["init_method"] == "percentile"
 
 
 @pytest.mark.parametrize("fixed, seconds_per_image, steps, said", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import ConfigError
 from ..quant.calibrate import METHODS as CALIBRATION_METHODS
@@ -15,14 +16,25 @@ SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "qat-config.sche
 DEFAULT_STEPS = 200
 
 
-# (optimizer, lr) by default. A classifier trained with labels: SGD (momentum 0.9) at 1e-3 (docs/benchmarks.md
-# sections 2 and 4). Without labels, reproducing the float model: Adam — on PP-OCRv4's recogniser SGD 1e-3 fell to
-# 14 % of the lines float reads (SGD 1e-4: 43 %); with its logits kept float (the output tail) and the default
-# 800 steps (qatool.train.footprint.DISTILL_STEPS) at batch <= 8, Adam 1e-4 reads 92.67 / 93.67 / 92.33 % of the
-# test lines (seeds 0-2, mean 92.89) where 3e-5 read 93.00 / 90.67 / 89.00 (mean 90.89; docs/benchmarks.md
-# section 8, session 14).
-CLASSIFIER_RECIPE = ("sgd", 1e-3)
-DISTILL_RECIPE = ("adam", 1e-4)
+class Recipe(NamedTuple):
+    """What a run takes by default where its config leaves it unset: the optimizer, its lr, and how the start's
+    activation ranges are calibrated (`qatool.quant.calibrate.METHODS`)."""
+
+    optimizer: str | None
+    lr: float | None
+    init_method: str | None = None
+
+
+# A classifier trained with labels: SGD (momentum 0.9) at 1e-3 from min/max ranges (docs/benchmarks.md sections 2
+# and 4). Without labels, reproducing the float model: Adam — on PP-OCRv4's recogniser SGD 1e-3 fell to 14 % of
+# the lines float reads (SGD 1e-4: 43 %); with its logits kept float (the output tail) and the default 800 steps
+# (qatool.train.footprint.DISTILL_STEPS) at batch <= 8, Adam 1e-4 reads 92.67 / 93.67 / 92.33 % of the test lines
+# (seeds 0-2, mean 92.89) where 3e-5 read 93.00 / 90.67 / 89.00 (mean 90.89; docs/benchmarks.md section 8, session
+# 14). Its start is calibrated by `average` (the mean of 32-image ranges): as post-training quantization it read
+# 83.3 % of rec's test lines where min/max read 74.3 %, layout F1 0.618 where min/max gave 0.288, the CNN+LSTM
+# recogniser 92.0 % where min/max read 90.3 % (session 15).
+CLASSIFIER_RECIPE = Recipe("sgd", 1e-3, "minmax")
+DISTILL_RECIPE = Recipe("adam", 1e-4, "average")
 
 
 @dataclass
@@ -46,7 +58,7 @@ class TrainConfig:
     distill_temperature: float = 4.0
     distill_alpha: float = 0.5
     init: str = "calibrate"  # activation ranges from post-training calibration (the measured start); "observe"
-    init_method: str = "minmax"
+    init_method: str | None = None  # None: the recipe's (minmax for a classifier with labels, else average)
     init_images: int = 512
     mixed_precision: str | None = None  # a weight-size budget: per-layer bits from the layers' sensitivity
     mixed_low_bits: int = 4
@@ -75,7 +87,7 @@ class TrainConfig:
             raise ConfigError(f"scale_lr must be > 0, got {self.scale_lr}")
         if self.init not in ("observe", "calibrate"):
             raise ConfigError(f"init must be observe or calibrate, got {self.init!r}")
-        if self.init_method not in CALIBRATION_METHODS:
+        if self.init_method is not None and self.init_method not in CALIBRATION_METHODS:
             raise ConfigError(f"init_method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.init_method!r}")
         if self.keep not in ("best", "last"):
             raise ConfigError(f"keep must be best or last, got {self.keep!r}")
@@ -92,11 +104,13 @@ class TrainConfig:
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ConfigError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
 
-    def with_recipe(self, recipe: tuple[str, float]) -> TrainConfig:
-        """This config with the recipe's (optimizer, lr) where it leaves them unset."""
+    def with_recipe(self, recipe: Recipe) -> TrainConfig:
+        """This config with the recipe's optimizer, lr and calibration method where it leaves them unset."""
         from dataclasses import replace
 
-        return replace(self, optimizer=self.optimizer or recipe[0], lr=self.lr if self.lr is not None else recipe[1])
+        return replace(self, optimizer=self.optimizer or recipe.optimizer,
+                       lr=self.lr if self.lr is not None else recipe.lr,
+                       init_method=self.init_method or recipe.init_method)
 
     def total_steps(self, n_images: int) -> int:
         if self.steps is not None:
