@@ -899,7 +899,7 @@ def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, pre
 
 
 # ---- calibrate ---------------------------------------------------------------------------------------------------
-def calibrate(model_path, data, output, method: str = "minmax", quant=None,
+def calibrate(model_path, data, output, method: str | None = None, quant=None,
               images: int | None = CALIBRATION_IMAGES, preprocess: dict | None = None, verify: bool = True,
               val_data=None, percentile: float = DEFAULT_PERCENTILE, bins: int = DEFAULT_BINS,
               seed: int = 0, echo=None, labels=None) -> dict:
@@ -911,7 +911,8 @@ def calibrate(model_path, data, output, method: str = "minmax", quant=None,
     int8 model to `output` atomically and, if `verify`, checks on onnxruntime which quantized nodes fuse into
     integer kernels (report["export"]["fusion"]) and compares simulation and onnxruntime on `val_data`
     (default: `data`). Top-1 of the float model, the simulation and the int8 model are reported when the
-    data's labels fit the model's outputs. Returns the report dict.
+    data's labels fit the model's outputs. `method` None: the recipe's, as train-quant calibrates its start
+    (minmax for a classifier with labels, average without). Returns the report dict.
     """
     from .data.images import ImageDataset
     from .data.preprocess import METADATA_KEY, resolve_preprocess
@@ -920,18 +921,20 @@ def calibrate(model_path, data, output, method: str = "minmax", quant=None,
     from .runtime.backends import float_outputs, top1
     from .tasks.choose import is_labelled_classifier
     from .tasks.heads import check_class_order, folder_class_names, store_class_names
+    from .train.config import CLASSIFIER_RECIPE, DISTILL_RECIPE
     from .train.session import QatSession
 
     say = echo or (lambda s: None)
     if Path(output).resolve() == Path(model_path).resolve():
         raise UsageError(f"the output {output} is the input file; choose another output path")
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         raise UsageError(f"the calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     quant = quant or QuantConfig()
     float_graph = normalize_proto(load_proto(model_path), for_training=True, free_batch=True).graph
     if not is_labelled_classifier(float_graph, data):
-        return _calibrate_any(model_path, float_graph, data, output, method, quant, images, preprocess, verify,
-                              val_data, percentile, bins, seed, say)
+        return _calibrate_any(model_path, float_graph, data, output, method or DISTILL_RECIPE.init_method, quant,
+                              images, preprocess, verify, val_data, percentile, bins, seed, say)
+    method = method or CLASSIFIER_RECIPE.init_method
     pre = resolve_preprocess(float_graph, preprocess)
     float_graph.metadata[METADATA_KEY] = pre.to_json()
     session = QatSession.create(float_graph, quant)  # a model the engine cannot run fails before any image is read

@@ -28,8 +28,9 @@ def _quant_config(weight_bits, activation_bits, per_tensor, symmetric_activation
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the int8 model.")
 @click.option("--val-data", type=click.Path(),
               help="Images to verify on and report top-1 for (default: --data).")
-@click.option("--method", type=click.Choice(METHODS), default="minmax", show_default=True,
-              help="minmax: observed range; average: the mean of the ranges of groups of 32 images (what a "
+@click.option("--method", type=click.Choice(METHODS),
+              help="Default: minmax for a classifier with labels, average for any other model or data without "
+                   "labels (as train-quant calibrates its start). minmax: observed range; average: the mean of the ranges of groups of 32 images (what a "
                    "moving-average observer settles at); percentile: leave out the --percentile tails; entropy: "
                    "the range of least KL divergence (TensorRT's calibration).")
 @click.option("--images", type=click.IntRange(1), default=DEFAULT_IMAGES, show_default=True,

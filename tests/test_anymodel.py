@@ -229,6 +229,7 @@ def test_calibrate_and_eval_without_labels(capsys, map_model, blob_images, tmp_p
                              "-o", tmp_path / "ptq.onnx")
     assert code == 0, err
     assert "int8 (onnxruntime) against float on" in out and "map: map_iou" in out and "no top-1" not in out
+    assert "calibrating (average)" in out  # without labels, the label-free recipe's method
     report = tmp_path / "eval.json"
     code, out, err = run_cli(capsys, "eval", map_model, tmp_path / "ptq.onnx", "--data", val, "--json", report,
                              "--no-latency")
