@@ -196,7 +196,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     float_graph, ckpt, quant_cfg = _training_model(model_path, resume, quant)
     if ckpt is not None:  # a resumed run keeps its optimizer, lr and start unless they are given again
         train_cfg = train_cfg.with_recipe(Recipe(ckpt.train.get("optimizer"), ckpt.train.get("lr"),
-                                                 ckpt.train.get("init_method")))
+                                                 ckpt.train.get("init_method"), ckpt.train.get("retreat")))
     if train_cfg.scale_lr is not None and quant_cfg.scale_learning != "lsq":
         raise UsageError("--scale-lr sets the learning rate of learned step sizes: it needs --scale-learning lsq")
     labelled, why = recipe_reason(float_graph, train_data)
@@ -538,16 +538,23 @@ def _run_training(run: _Run, start_chance: bool = False):
     """The QAT steps from the run's start to its last (qatool.train.loop), validating at checkpoints; returns the
     loop's result."""
     from .train.loop import TrainingDiverged, train as run_train
+    from .train.retreat import Retreat
 
     cfg = run.train_cfg
     metrics = run.out / "metrics.jsonl"
     if run.ckpt is None:  # a fresh run in a used folder starts a fresh log
         metrics.unlink(missing_ok=True)
+    retreat = None
+    if cfg.retreat and run.validator is not None:
+        retreat = Retreat(run.validator, run.session.model, list(run.ckpt.info.get("retreats", [])) if run.ckpt
+                          else [], run.echo)
+        run.info["retreats"] = retreat.events
     try:
         return run_train(run.session, run.train_set, cfg, run.phases, run.start, run.total,
                          run.ckpt.arrays if run.ckpt else None, run.save, metrics, run.quiet, run.objective,
                          run.validator, cfg.validation_interval(run.total),
-                         _length_reviser(run) if run.probe_seconds is not None and run.start == 0 else None)
+                         _length_reviser(run) if run.probe_seconds is not None and run.start == 0 else None,
+                         retreat)
     except TrainingDiverged as e:
         if start_chance:
             raise TrainingDiverged(f"{e}; its quantized start was at chance: more bits, activations first "
@@ -664,7 +671,8 @@ def _any_val(run: _Run, exported, kept_step: int, images: int) -> dict:
     if validator is None:
         return val
     keep_best = run.train_cfg.keep == "best"
-    val.update(**validator.summary(), ended_below_start=validator.ended_below_start())
+    val.update(**validator.summary(), ended_below_start=validator.ended_below_start(),
+               retreats=run.info.get("retreats", []))
     selected = (f"; the int8 model is step {kept_step}'s, the best of {len(validator.history)} validated "
                 f"checkpoints by {val['measure']}, selected on these validation inputs" if keep_best else "")
     echo(f"{val['measure']}: int8 {val['score_int8']:.4f}, simulation {val['score_simulation']:.4f} "

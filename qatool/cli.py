@@ -103,6 +103,10 @@ def convert(model: str, output: str, for_training: bool) -> None:
 @click.option("--keep", type=click.Choice(["best", "last"]),
               help="best (default): model_int8.onnx is the validated checkpoint of best int8 top-1, the start "
                    "(post-training quantization) included, selected on --val-data; last: the final step.")
+@click.option("--retreat/--no-retreat", default=None,
+              help="When a validation scores below the start (post-training quantization), go back to the best "
+                   "state validated so far and continue at a tenth of the lr (at most twice). Default: on for a "
+                   "run without labels, off for a classifier with labels.")
 @click.option("--validate-every", type=click.IntRange(1),
               help="Steps between int8 validations on --val-data (default: a quarter of the run).")
 @click.option("--logits", metavar="TENSOR",
@@ -146,7 +150,7 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                 observer_momentum, freeze_bn_after, freeze_observers_after, exclude, reduce_range, quantize_tail,
                 scale_learning,
                 optimizer, lr, scale_lr, momentum, weight_decay, schedule, warmup_steps, steps, epochs, batch_size,
-                seed, init, init_method, init_images, mixed_precision, mixed_low_bits, save_every, keep,
+                seed, init, init_method, init_images, mixed_precision, mixed_low_bits, save_every, keep, retreat,
                 validate_every, logits, teacher, distill_temperature, distill_alpha, new_head, features, float_steps,
                 freeze_backbone, map_threshold, distill_features, pad_multiple, metric, distill_outputs, resume, quiet):
     """Quantization-aware training of MODEL on an image folder.
@@ -176,7 +180,7 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                "epochs": epochs, "batch_size": batch_size, "seed": seed, "save_every": save_every, "augment": augment,
                "teacher": teacher, "distill_temperature": distill_temperature, "distill_alpha": distill_alpha,
                "init": init, "init_method": init_method, "init_images": init_images,
-               "mixed_precision": mixed_precision, "mixed_low_bits": mixed_low_bits, "keep": keep,
+               "mixed_precision": mixed_precision, "mixed_low_bits": mixed_low_bits, "keep": keep, "retreat": retreat,
                "validate_every": validate_every, "logits": logits, "map_threshold": map_threshold,
                "distill_features": distill_features, "pad_multiple": pad_multiple}
     quant = {**q_file, **{k: v for k, v in q_flags.items() if v is not None}}

@@ -86,14 +86,17 @@ def train(session: QatSession, data, cfg: TrainConfig, phases: Phases, start: in
           optimizer_state: dict[str, np.ndarray] | None, save: Callable[[int, dict], None],
           metrics_path: Path | None = None, quiet: bool = False, objective=None,
           validate: Callable[[int], float] | None = None, validate_every: int | None = None,
-          revise: Callable[[int, float], tuple[int, Phases, int] | None] | None = None) -> TrainResult:
+          revise: Callable[[int, float], tuple[int, Phases, int] | None] | None = None,
+          retreat=None) -> TrainResult:
     """Run steps [start, total). `save(step, optimizer_arrays)` writes a checkpoint at `step`. `objective`
     (qatool.train.objective: the tensors a step computes, their loss and its gradients; default: cross-entropy
     on the session's logits) is what the step trains. `validate(step)` (see qatool.eval.validation) runs
     every `validate_every` steps before the last one (the last step is measured by the export that follows).
     `revise(done, seconds)`, for a run whose length a time budget chose, is called once after the first
     REVISE_AFTER steps with their median time (the first one's warm-up left out) and may return the run's new
-    (total, phases, validate_every)."""
+    (total, phases, validate_every). `retreat` (qatool.train.retreat.Retreat, watching `validate`): after a
+    validation below the start, the best state so far comes back, the lr is scaled down and the optimizer starts
+    afresh."""
     from .objective import LabelledClasses
 
     from .config import CLASSIFIER_RECIPE
@@ -104,8 +107,12 @@ def train(session: QatSession, data, cfg: TrainConfig, phases: Phases, start: in
     # --scale-lr: the LSQ step sizes get their own learning rate, scheduled as lr is; under Adam it is relative
     # (a step moves a step size by about that fraction of itself)
     multipliers = {k: cfg.scale_lr / cfg.lr for k in session.learned_scales} if cfg.scale_lr is not None else None
-    opt = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.momentum, cfg.weight_decay, multipliers,
-                         relative=session.learned_scales)
+
+    def fresh_optimizer():
+        return make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.momentum, cfg.weight_decay, multipliers,
+                              relative=session.learned_scales)
+
+    opt = fresh_optimizer()
     if optimizer_state:
         opt.load_state_arrays({k.removeprefix("optim/"): v for k, v in optimizer_state.items()
                                if k.startswith("optim/")})
@@ -135,6 +142,8 @@ def train(session: QatSession, data, cfg: TrainConfig, phases: Phases, start: in
     loss = float("nan")
     correct = seen = 0
     step = start
+    if retreat is not None:
+        retreat.begin(start)
     pending = data.prefetch(batch_indices(data.groups, cfg.batch_size, start, cfg.seed)) if start < total else None
     try:
         with _StopFlag() as stop:
@@ -152,7 +161,7 @@ def train(session: QatSession, data, cfg: TrainConfig, phases: Phases, start: in
                 y = data.labels_of(idx)
                 model.ctx.rng = np.random.default_rng([cfg.seed, step, 2])
                 lr = learning_rate(step, total, cfg.lr, cfg.schedule, cfg.warmup_steps, cfg.step_size,
-                                   cfg.step_gamma)
+                                   cfg.step_gamma) * (retreat.lr_scale if retreat is not None else 1.0)
                 with np.errstate(over="ignore", invalid="ignore"):  # divergence is detected, not warned about
                     try:
                         outs = model.forward({session.input_name: x}, training=True, outputs=objective.tensors)
@@ -186,6 +195,8 @@ def train(session: QatSession, data, cfg: TrainConfig, phases: Phases, start: in
                         validate(step + 1)
                     except DivergedError as e:
                         raise diverged(step + 1, str(e)) from None
+                    if retreat is not None and retreat.after_validation(step + 1):
+                        opt = fresh_optimizer()
                 step += 1
                 if revise and step - start == footprint.REVISE_AFTER and step < total:
                     revised = revise(step, float(np.median(times[1:])))
