@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..runtime.backends import ort_logits, ort_run_all, ort_session, top1
 from ..export.int8 import session_int8
 from ..ir.graph import to_onnx
@@ -55,11 +57,18 @@ def int8_measures(session, judge) -> dict:
 @dataclass
 class Validator:
     """Measures the int8 model at the steps it is called for and keeps the best checkpoint: the latest one within
-    `margin` of the highest score measured. For a classifier with labels the score is int8 top-1 and the margin
-    one validation image: a difference of one image is noise, and the later step has trained longer (measured on
+    `margin` of the highest score measured, since a difference that small is noise and the later step has
+    trained longer.
+
+    For a classifier with labels the score is int8 top-1 and the margin one validation image (measured on
     PaddleOCR's text direction, 500 validation images: the start at 491 right beat step 150 at 490, and on the
     held-out test set the start was 1.2 points the worse). With `judge` (any model, no labels) the score is the
-    judge's (qatool.tasks.judge: the task measure against the float model) under `key`."""
+    judge's (qatool.tasks.judge: the task measure against the float model) under `key`; when it is a share of the
+    validation inputs (agreement, IoU) the margin is its standard error at the highest score h over n inputs,
+    sqrt(h (1 - h) / n). Measured on PP-OCRv4 rec (300 validation lines, test lines read as float reads them):
+    a zero margin kept step 200 at 94.3 % over step 800 at 93.7 % (test: 88.0 % against 94.7 %), and step 400 at
+    96.0 % over step 800 at 95.3 % (test: 92.3 % against 94.3 %). A score of another scale (SQNR in dB, a user's
+    metric) has no margin beyond float error."""
 
     session: object
     data: object
@@ -75,11 +84,16 @@ class Validator:
     def start(self) -> float | None:
         return self.history[0][self.key] if self.history and self.history[0]["step"] == 0 else None
 
-    @property
-    def margin(self) -> float:
-        """One validation image, as a share of top-1 (a float error's worth more, so equal counts compare equal);
-        with a judge, no margin beyond float error."""
-        return (1.0 / max(len(self.data), 1) if self.judge is None else 0.0) + 1e-9
+    def margin(self, highest: float) -> float:
+        """How far below `highest` a later score still counts as as good (see the class notes); 1e-9 is float
+        error, so equal counts compare equal."""
+        n = max(len(self.data), 1)
+        if self.judge is None:
+            return 1.0 / n + 1e-9
+        if not self.judge.score_is_share:
+            return 1e-9
+        h = min(max(highest, 0.0), 1.0)
+        return float(np.sqrt(h * (1.0 - h) / n)) + 1e-9
 
     @property
     def best(self) -> dict | None:
@@ -101,7 +115,7 @@ class Validator:
             return self.history[-1][self.key]
         highest = max((r[self.key] for r in self.history), default=None)
         self.history.append({"step": step, self.key: acc, **({"measures": measures} if measures else {})})
-        if highest is None or acc >= highest - self.margin:
+        if highest is None or acc >= highest - self.margin(highest):
             self.kept = self.history[-1]
             if self.keep == "best":
                 self.save_best(best_path(self.qat_path), step)

@@ -33,6 +33,12 @@ class Judge:
         self.tasks, self.float_run, self.data, self.batch_size = list(tasks), float_run, data, batch_size
         self.metric = metric
 
+    @property
+    def score_is_share(self) -> bool:
+        """The score is a share of the inputs in [0, 1] (a decoding task's agreement or IoU), not a user's metric or
+        a mean SQNR in dB."""
+        return self.metric is None and any(t.kind != "tensor" for t in self.tasks)
+
     def measure(self, run: Run) -> dict:
         """`run` against the float model: {"score", "score_name", "outputs": {output: measures}}."""
         return self.measure_pairs({"model": run}, [("model", "float")])[("model", "float")]
