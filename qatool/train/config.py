@@ -17,8 +17,8 @@ DEFAULT_STEPS = 200
 
 
 class Recipe(NamedTuple):
-    """What a run takes by default where its config leaves it unset: the optimizer, its lr, and how the start's
-    activation ranges are calibrated (`qatool.quant.calibrate.METHODS`)."""
+    """What a run takes by default where its config leaves it unset: the optimizer, its lr, how the start's
+    activation ranges are calibrated (`qatool.quant.calibrate.METHODS`), and whether it retreats."""
 
     optimizer: str | None
     lr: float | None
@@ -29,13 +29,13 @@ class Recipe(NamedTuple):
 # A classifier trained with labels: SGD (momentum 0.9) at 1e-3 from min/max ranges (docs/benchmarks.md sections 2
 # and 4). Without labels, reproducing the float model: Adam — on PP-OCRv4's recogniser SGD 1e-3 fell to 14 % of
 # the lines float reads (SGD 1e-4: 43 %); with its logits kept float (the output tail) and the default 800 steps
-# (qatool.train.footprint.DISTILL_STEPS) at batch <= 8, Adam 1e-4 reads 92.67 / 93.67 / 92.33 % of the test lines
-# (seeds 0-2, mean 92.89) where 3e-5 read 93.00 / 90.67 / 89.00 (mean 90.89; docs/benchmarks.md section 8, session
-# 14). Its start is calibrated by `average` (the mean of 32-image ranges): as post-training quantization it read
-# 83.3 % of rec's test lines where min/max read 74.3 %, layout F1 0.618 where min/max gave 0.288, the CNN+LSTM
-# recogniser 92.0 % where min/max read 90.3 % (session 15). It retreats when a validation falls below the start
-# (qatool.train.retreat): on that CNN+LSTM recogniser Adam 1e-4 took the int8 model far below it. Classifiers
-# do not: their benchmark rows were measured without it.
+# (qatool.train.footprint.DISTILL_STEPS) at batch <= 8, Adam 1e-4 read 92.67 / 93.67 / 92.33 % of the test lines
+# where 3e-5 read 93.00 / 90.67 / 89.00 (session 14). Its start is calibrated by `average` (the mean of 32-image
+# ranges): as post-training quantization it read 83.3 % of rec's test lines where min/max read 74.3 %, layout F1
+# 0.618 where min/max gave 0.288. It retreats when a validation falls below the start (qatool.train.retreat): on
+# ddddocr's CNN+LSTM recogniser Adam 1e-4 took the int8 model far below it. With both, and keep-best's
+# standard-error margin, rec reads 95.00 / 94.67 / 96.00 % (float 93.67 %; docs/benchmarks.md section 8, session
+# 15). Classifiers keep min/max and no retreat: their benchmark rows were measured so.
 CLASSIFIER_RECIPE = Recipe("sgd", 1e-3, "minmax", False)
 DISTILL_RECIPE = Recipe("adam", 1e-4, "average", True)
 
