@@ -93,8 +93,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 # the child-process helpers are scale_bench's (bench/ is this script's folder, so on sys.path)
-from scale_bench import (child_env, load_avg, maxrss_mb, median_after_first, proc_status_mb, read_metrics,
-                         run_child)
+from scale_bench import (child_env, finish_run, load_avg, log, maxrss_mb, median_after_first, proc_status_mb,
+                         read_metrics, run_child)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "lstm_speed.json"
@@ -106,10 +106,6 @@ RATIO_TARGET = 2.0
 DEFAULTS = {"batch": 32, "width": 160, "steps": 10, "threads": 2, "repeats": 2}
 SMOKE = {"batch": 4, "width": 160, "steps": 3, "threads": 1, "repeats": 1}
 LSTM_ROUNDS, LSTM_ROUNDS_SMOKE = 10, 3
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def model_path() -> Path:
@@ -754,16 +750,7 @@ def main(argv=None) -> int:
                 log(f"the LSTM-alone measurement failed: {lc['error']}")
                 rc = 1
     finally:
-        res["wall_s"] = round(time.perf_counter() - t_start, 1)
-        import resource
-
-        res["harness_peak_rss_mb"] = maxrss_mb(resource.getrusage(resource.RUSAGE_SELF))
-        if out_path is not None:
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            out_path.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-            log(f"wrote {out_path}")
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+        finish_run(res, t_start, out_path, work, keep_work=bool(args.workdir))
     log(f"done in {res['wall_s']} s")
     if args.render:
         print(render(res))

@@ -418,6 +418,21 @@ def torch_child(args) -> None:
 
 
 # ---- the harness ---------------------------------------------------------------------------------------------
+def finish_run(res: dict, t_start: float, out_path: Path | None, work: Path, keep_work: bool) -> None:
+    """A harness's last words, whatever happened: the wall time and its own peak RSS into `res`, `res` written to
+    `out_path` (if any), the work folder removed unless the user gave it."""
+    import resource
+
+    res["wall_s"] = round(time.perf_counter() - t_start, 1)
+    res["harness_peak_rss_mb"] = maxrss_mb(resource.getrusage(resource.RUSAGE_SELF))
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+        log(f"wrote {out_path}")
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def read_metrics(path: Path) -> list[float]:
     ms = []
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -617,16 +632,7 @@ def main(argv=None) -> int:
         for name in models:
             res["models"].append(run_model(name, args, work, work / "data" / "train.txt", env))
     finally:
-        res["wall_s"] = round(time.perf_counter() - t_start, 1)
-        import resource
-
-        res["harness_peak_rss_mb"] = maxrss_mb(resource.getrusage(resource.RUSAGE_SELF))
-        if out_path is not None:
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            out_path.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-            log(f"wrote {out_path}")
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+        finish_run(res, t_start, out_path, work, keep_work=bool(args.workdir))
     log(f"done in {res['wall_s']} s")
     if args.render:
         print(render(res))
