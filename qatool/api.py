@@ -445,8 +445,9 @@ def _validator(run: _Run, **judged):
 
     run.validator = Validator(run.session, run.val_set, lambda path, step: run.save(step, {}, path), run.qat_path,
                               run.train_cfg.keep, list(run.ckpt.info.get("validations", [])) if run.ckpt else [],
-                              **judged)
+                              retreats=list(run.ckpt.info.get("retreats", [])) if run.ckpt else [], **judged)
     run.info["validations"] = run.validator.history
+    run.info["retreats"] = run.validator.retreats
     return run.validator
 
 
@@ -546,9 +547,7 @@ def _run_training(run: _Run, start_chance: bool = False):
         metrics.unlink(missing_ok=True)
     retreat = None
     if cfg.retreat and run.validator is not None:
-        retreat = Retreat(run.validator, run.session.model, list(run.ckpt.info.get("retreats", [])) if run.ckpt
-                          else [], run.echo)
-        run.info["retreats"] = retreat.events
+        retreat = Retreat(run.validator, run.session.model, run.validator.retreats, run.echo)
     try:
         return run_train(run.session, run.train_set, cfg, run.phases, run.start, run.total,
                          run.ckpt.arrays if run.ckpt else None, run.save, metrics, run.quiet, run.objective,
@@ -671,8 +670,7 @@ def _any_val(run: _Run, exported, kept_step: int, images: int) -> dict:
     if validator is None:
         return val
     keep_best = run.train_cfg.keep == "best"
-    val.update(**validator.summary(), ended_below_start=validator.ended_below_start(),
-               retreats=run.info.get("retreats", []))
+    val.update(**validator.summary(), ended_below_start=validator.ended_below_start())
     selected = (f"; the int8 model is step {kept_step}'s, the best of {len(validator.history)} validated "
                 f"checkpoints by {val['measure']}, selected on these validation inputs" if keep_best else "")
     echo(f"{val['measure']}: int8 {val['score_int8']:.4f}, simulation {val['score_simulation']:.4f} "

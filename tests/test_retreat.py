@@ -109,3 +109,16 @@ def test_a_label_free_run_with_a_ruinous_lr_retreats(map_model, blob_images, tmp
                           train=TrainConfig(steps=8, batch_size=4, lr=1.0, schedule="constant", validate_every=2,
                                             retreat=False), echo=lambda s: None, quiet=True)
     assert off["val"]["retreats"] == []
+
+
+def test_a_classifier_retreats_when_asked_and_reports_it(lenet, digits, tmp_path):
+    """--retreat on a classifier with labels (off by default there): the retreats are recorded beside the
+    validations, in report.json's `val` as in a label-free run's."""
+    train, val = digits
+    cfg = TrainConfig(steps=8, lr=1.0, schedule="constant", validate_every=2, retreat=True)
+    report = api.train_quant(lenet, train, tmp_path, val_data=val, train=cfg, echo=lambda s: None, quiet=True)
+    retreats = report["val"]["retreats"]
+    assert retreats and retreats[0]["back_to"] == 0 and retreats[0]["score"] < retreats[0]["start"]
+    plain = api.train_quant(lenet, train, tmp_path / "plain", val_data=val,
+                            train=TrainConfig(steps=2, validate_every=1), echo=lambda s: None, quiet=True)
+    assert plain["val"]["retreats"] == [] and plain["config"]["train"]["retreat"] is False

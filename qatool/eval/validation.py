@@ -79,6 +79,7 @@ class Validator:
     kept: dict | None = None
     judge: object = None
     key: str = "top1_int8"
+    retreats: list[dict] = field(default_factory=list)  # qatool.train.retreat's, recorded with the validations
 
     @property
     def start(self) -> float | None:
@@ -127,7 +128,7 @@ class Validator:
                 f"start_{self.key}": self.start,
                 "best_step": best["step"] if best else None,
                 f"best_{self.key}": best[self.key] if best else None,
-                "selected_on": "validation data"}
+                "selected_on": "validation data", "retreats": list(self.retreats)}
 
     def kept_step(self, last: int) -> int:
         """The step whose state becomes the int8 model."""

@@ -13,9 +13,9 @@ seeds went back twice (to step 0, then at 1e-5 and 1e-6) and ended above its sta
 validation (starts 87.0 / 88.3 / 89.0 %), 91.3 / 91.0 / 91.7 % of the test strings read as float reads them. On
 PP-OCRv4 rec every validation lay above the start, so nothing changes there.
 
-The best state is a copy in memory, taken when a validation becomes the kept one (Validator.best); a resumed run
-takes its lr scale from the retreats its checkpoint records, and can go back only to a best it validated
-itself.
+The best state is a copy in memory, taken when a validation becomes the kept one (Validator.best). The retreats
+are recorded beside the validations (Validator.retreats, which every checkpoint and report.json's `val` carry):
+a resumed run takes its lr scale from them, and can go back only to a best it validated itself.
 """
 
 from __future__ import annotations
