@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qatool.errors import ModelError, UsageError
 from qatool.ir.graph import from_onnx
-from qatool.tasks import (ClassMap, Classes, ProbabilityMap, Sequence, Tensor, choose_tasks, ctc_characters,
+from qatool.tasks import (ClassMap, Classes, ProbabilityMap, Rows, Sequence, Tensor, choose_tasks, ctc_characters,
                           ctc_greedy_decode, ctc_text, edit_distance, kl_divergence, pre_softmax)
 
 RNG = np.random.default_rng(0)
@@ -39,6 +39,8 @@ CASES = [
     ("class map", ClassMap("y", temperature=1.5), (2, 3, 2, 2), None),
     ("probability map", ProbabilityMap("y"), (2, 1, 3, 3), None),
     ("tensor", Tensor("y"), (2, 3, 4), None),
+    ("rows [N,A,K]", Rows("y"), (2, 5, 3), None),
+    ("rows [N,K,A]", Rows("y", field_axis=1), (2, 3, 5), None),
 ]
 
 
@@ -93,6 +95,39 @@ def test_normalised_mse_is_inverse_sqnr():
 # ---- CTC -------------------------------------------------------------------------------------------------------
 def onehot(seq, c=4):
     return np.eye(c)[seq]
+
+
+def test_rows_loss_normalises_each_field_on_its_own():
+    """The mean over fields of each field's normalised MSE: scaling one field (box pixels beside probabilities)
+    leaves the loss as it was, where one NMSE over the tensor would be that field's alone."""
+    from qatool.tasks.losses import normalised_mse
+
+    s, t = RNG.normal(0, 1, (2, 7, 3)), RNG.normal(0, 1, (2, 7, 3))
+    task = Rows("y")
+    loss, _ = task.loss(s, t)
+    assert loss == pytest.approx(np.mean([normalised_mse(s[..., k], t[..., k])[0] for k in range(3)]), rel=1e-12)
+    big = np.array([1000.0, 1.0, 1.0])
+    assert task.loss(s * big, t * big)[0] == pytest.approx(loss, rel=1e-5)  # up to the eps floor
+    assert normalised_mse(s * big, t * big)[0] == pytest.approx(normalised_mse(s[..., 0], t[..., 0])[0], rel=1e-5)
+    moved = Rows("y", field_axis=1).loss(np.swapaxes(s, 1, 2), np.swapaxes(t, 1, 2))[0]
+    assert moved == pytest.approx(loss, rel=1e-12)
+
+
+def test_rows_meter_reports_each_fields_sqnr():
+    from qatool.tasks.judge import Judge, score_of
+
+    f = np.ones((2, 4, 3)) * np.array([100.0, 1.0, 0.5])
+    q = f + np.array([1.0, 0.1, 0.0])  # 40 dB, 20 dB and an exact field (capped at 100 dB)
+    m = Rows("y").meter()
+    m.update(q[:1], f[:1])
+    m.update(q[1:], f[1:])
+    r = m.result()
+    assert r["field_sqnr_dbs"] == [40.0, 20.0, 100.0] and r["worst_field_sqnr_db"] == pytest.approx(20.0)
+    assert r["primary"] == "field_sqnr_db" and r["field_sqnr_db"] == pytest.approx(160 / 3)
+    assert r["sqnr_db"] == pytest.approx(40.0, abs=0.05)  # the whole tensor's SQNR: the large field's, nearly
+    task = Rows("y")
+    assert score_of([task], {"y": r}) == ("mean SQNR (dB)", pytest.approx(160 / 3))
+    assert not Judge([task], None, None, 1).score_is_share and Judge([Classes("c")], None, None, 1).score_is_share
 
 
 def test_ctc_greedy_decode():
@@ -282,6 +317,30 @@ def test_choose_detector_with_two_outputs():
     assert [type(t) for t in tasks] == [Tensor, Tensor] and [t.batch_axis for t in tasks] == [0, 0]
     assert "detector" in tasks[1].why
     assert pre_softmax(g, "scores") == "sc2" and pre_softmax(g, "boxes") is None  # per output, not only the first
+
+
+@pytest.mark.parametrize("fields_last", [True, False])
+def test_choose_rows_of_boxes_joined_with_scores(fields_last):
+    """YOLOX's (and YOLOv5's) one output [N, anchors, 4 + 1 + C], or YOLOv8's [N, 4 + C, anchors]: box values
+    beside Sigmoid probabilities in one tensor are Rows; probabilities alone, or values alone, stay a Tensor."""
+    nodes = [helper.make_node("Conv", ["x", "Wb"], ["box"]), helper.make_node("Conv", ["x", "Ws"], ["logit"]),
+             helper.make_node("Sigmoid", ["logit"], ["score"]),
+             helper.make_node("Concat", ["box", "score"], ["joined"], axis=1),
+             helper.make_node("Reshape", ["joined", "shape"], ["y" if not fields_last else "r"])]
+    if fields_last:
+        nodes.append(helper.make_node("Transpose", ["r"], ["y"], perm=[0, 2, 1]))
+    inits = {"Wb": w(4, 2, 1, 1) * 10, "Ws": w(2, 2, 1, 1), "shape": np.array([3, 6, 16])}
+    _, [task] = run_and_choose(nodes, [3, 2, 4, 4], ["y"], inits)
+    assert isinstance(task, Rows) and task.field_axis == (2 if fields_last else 1) and task.loss_tensor == "y"
+    assert "2 in [0, 1] (fields 4, 5) and 4 not" in task.why
+    scores_only = [helper.make_node("Conv", ["x", "Ws"], ["logit"]), helper.make_node("Sigmoid", ["logit"], ["s"]),
+                   helper.make_node("Reshape", ["s", "shape"], ["y"])]
+    _, [task] = run_and_choose(scores_only, [3, 2, 4, 4], ["y"], {"Ws": w(2, 2, 1, 1), "shape": np.array([3, 2, 16])})
+    assert isinstance(task, Tensor)
+    boxes_only = [helper.make_node("Conv", ["x", "Wb"], ["b"]), helper.make_node("Reshape", ["b", "shape"], ["y"])]
+    _, [task] = run_and_choose(boxes_only, [3, 2, 4, 4], ["y"], {"Wb": w(4, 2, 1, 1) * 10,
+                                                                  "shape": np.array([3, 4, 16])})
+    assert isinstance(task, Tensor)
 
 
 def test_choose_integer_output():

@@ -107,6 +107,7 @@ class OutputTask:
 
     kind = "tensor"
     loss_name = ""
+    measures_share = True  # the meter's primary measure is a share of the inputs in [0, 1] (agreement, IoU), not dB
 
     def __init__(self, output: str, loss_tensor: str | None = None, *, batch_axis: int | None = 0, why: str = ""):
         self.output = output

@@ -14,10 +14,14 @@ output, the first rule that holds:
 3. ProbabilityMap: [N, 1, H, W] whose values all lie in [0, 1] (give or take float error: onnxruntime's Sigmoid
    returns 1.0000001).
 4. ClassMap: [N, C, H, W], C > 1, read from a Softmax/LogSoftmax, distributions over axis 1.
-5. Tensor: anything else.
+5. Rows: [N, rows, fields] (or [N, fields, rows]: the fields on the shorter axis) where some fields lie in
+   [0, 1] and others do not: a detector's one output joining box offsets or pixels with objectness and class
+   probabilities (YOLOX, YOLOv5's [N, anchors, 4 + 1 + C], YOLOv8's [N, 4 + C, anchors]). Each field gets its own
+   normalised MSE and SQNR: as one tensor its loss and measure would be the boxes' alone.
+6. Tensor: anything else.
 
 The loss of Classes, Sequence and ClassMap is taken on the Softmax's input (the logits), over the Softmax's axis;
-ProbabilityMap and Tensor take it on the output itself.
+ProbabilityMap, Rows and Tensor take it on the output itself.
 
 `choose_output_tasks` makes that choice from the float model's outputs on a probe batch. Before it, one choice
 per run (`is_labelled_classifier`): a classifier whose data has labels keeps the classifier recipe
@@ -37,7 +41,7 @@ from ..errors import ModelError, UsageError
 from ..ir.graph import Graph
 from .base import LOSS_HEADS, OutputTask, head_node, softmax_axis
 from .ctc import ctc_characters
-from .kinds import ClassMap, Classes, ProbabilityMap, Sequence, Tensor
+from .kinds import ClassMap, Classes, ProbabilityMap, Rows, Sequence, Tensor, probability_fields
 
 LOGITS_KEY = "qatool.logits"
 CHARACTER_KEY = "character"
@@ -118,8 +122,27 @@ def _choose(graph, name, v, batch, meta, labels, opts, n_outputs) -> OutputTask:
     if rank == 4 and b == 0 and shape[1] > 1 and soft and _distributions(v, 1, log):
         return ClassMap(name, logits, temperature=t, loss_axis=axis if axis is not None else 1,
                         why=f"{list(shape)} {head} over axis 1: per-pixel scores of {shape[1]} classes ({where})")
+    if rank == 3 and b == 0 and v.size:
+        rows = _joined_rows(name, v, head)
+        if rows is not None:
+            return rows
     batch_note = f"batch axis {b}" if b is not None else f"no axis of size {batch}: one image per update"
     return Tensor(name, batch_axis=b, why=f"rank {rank} {list(shape)} {head}: a plain tensor ({batch_note})")
+
+
+def _joined_rows(name: str, v: np.ndarray, head: str) -> Rows | None:
+    """A Rows task when [N, A, B]'s shorter axis (the fields; ties: the last) holds some fields in [0, 1] and some
+    not, else None."""
+    axis = 1 if v.shape[1] < v.shape[2] else 2
+    probs = probability_fields(v, axis)
+    if probs.all() or not probs.any():
+        return None
+    which = np.flatnonzero(probs)
+    listed = ", ".join(str(i) for i in which[:8]) + (", ..." if len(which) > 8 else "")
+    return Rows(name, field_axis=axis,
+                why=f"rank 3 {list(v.shape)} {head}: rows of {v.shape[axis]} fields on axis {axis}, {len(which)} in "
+                    f"[0, 1] (fields {listed}) and {v.shape[axis] - len(which)} not: a detector's joined boxes and "
+                    "scores, each field normalised on its own")
 
 
 def _characters(meta: dict, num_classes: int) -> tuple[list[str] | None, str]:

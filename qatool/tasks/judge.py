@@ -3,8 +3,9 @@ on the same inputs (and against labels when there are any), streamed batch by ba
 
 `Judge.measure(run)` takes any runner (onnxruntime on the int8 model, the engine's simulation, ...) and returns
 every output's measures and one score that chooses checkpoints: the headline measure of the first output whose
-task decodes something (top-1 agreement, sequence agreement, map IoU, pixel agreement), else the mean SQNR of
-the outputs in dB. A user's own metric (`UserMetric`) replaces that score when given.
+task decodes something (top-1 agreement, sequence agreement, map IoU, pixel agreement: `measures_share`), else
+the mean of the outputs' SQNR in dB (a joined output's: the mean of its fields' SQNR). A user's own metric
+(`UserMetric`) replaces that score when given.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ def score_of(tasks, results: dict) -> tuple[str, float]:
     """(name, value) of the measure that chooses checkpoints (see the module notes)."""
     for t in tasks:
         r = results[t.output]
-        if t.kind != "tensor":
+        if t.measures_share:
             return f"{t.output}: {r['primary']}", float(r[r["primary"]])
-    sqnr = [min(float(results[t.output]["sqnr_db"]), 100.0) for t in tasks]
+    sqnr = [min(float(results[t.output][results[t.output]["primary"]]), 100.0) for t in tasks]
     return "mean SQNR (dB)", float(np.mean(sqnr))
 
 
@@ -37,7 +38,7 @@ class Judge:
     def score_is_share(self) -> bool:
         """The score is a share of the inputs in [0, 1] (a decoding task's agreement or IoU), not a user's metric or
         a mean SQNR in dB."""
-        return self.metric is None and any(t.kind != "tensor" for t in self.tasks)
+        return self.metric is None and any(t.measures_share for t in self.tasks)
 
     def measure(self, run: Run) -> dict:
         """`run` against the float model: {"score", "score_name", "outputs": {output: measures}}."""

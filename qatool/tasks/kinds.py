@@ -10,10 +10,12 @@ classes that never win. T^2 keeps the gradient's scale independent of T, so `tem
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..errors import UsageError
-from .base import Meter, OutputTask
+from .base import Meter, OutputTask, sqnr_db
 from .ctc import ctc_greedy_decode, ctc_text, similarity
 from .losses import NMSE_EPS, class_distillation, kl_divergence, normalised_mse
 
@@ -233,6 +235,7 @@ class Tensor(OutputTask):
 
     kind = "tensor"
     loss_name = "nmse"
+    measures_share = False
 
     def __init__(self, output, *, batch_axis=0, eps=NMSE_EPS, why=""):
         super().__init__(output, None, batch_axis=batch_axis, why=why)
@@ -245,4 +248,73 @@ class Tensor(OutputTask):
         return {"batch_axis": self.batch_axis, "eps": self.eps}
 
 
-KINDS = {cls.kind: cls for cls in (Classes, Sequence, ProbabilityMap, ClassMap, Tensor)}
+# ---- Rows (fields of different kinds joined in one tensor) -----------------------------------------------------
+def per_field(x: np.ndarray, field_axis: int) -> np.ndarray:
+    """[fields, values]: the field axis first, the rest flattened."""
+    return np.moveaxis(x, field_axis, 0).reshape(x.shape[field_axis], -1)
+
+
+class RowsMeter(Meter):
+    """SQNR per field (each field's own signal against its own noise, over the whole set): field_sqnr_db = their
+    mean in dB (each capped to +-100 dB), worst_field_sqnr_db = the lowest, field_sqnr_dbs = each."""
+
+    primary = "field_sqnr_db"
+
+    def __init__(self, field_axis):
+        super().__init__(0)
+        self.field_axis = field_axis
+        self.field_signal = self.field_noise = 0.0
+
+    def _update(self, q, f, labels):
+        fq, ff = per_field(q, self.field_axis), per_field(f, self.field_axis)
+        self.field_signal = self.field_signal + np.sum(ff * ff, axis=1)
+        self.field_noise = self.field_noise + np.sum((fq - ff) ** 2, axis=1)
+
+    def _result(self):
+        dbs = [min(max(sqnr_db(float(s), float(n)), -100.0), 100.0)
+               for s, n in zip(np.atleast_1d(self.field_signal), np.atleast_1d(self.field_noise))]
+        return {"field_sqnr_db": float(np.mean(dbs)) if dbs else math.nan,
+                "worst_field_sqnr_db": min(dbs) if dbs else math.nan, "field_sqnr_dbs": [round(d, 2) for d in dbs]}
+
+
+class Rows(OutputTask):
+    """Rows of fields [N, rows, fields] (or [N, fields, rows]: `field_axis` 1) that join values of different kinds
+    in one tensor: a detector's box offsets or pixels beside its objectness and class probabilities. The fields'
+    scales differ by orders of magnitude (yolox: box offsets' mean square 1.8, objectness' 0.007), so one
+    normalised MSE over the whole tensor is the boxes' error alone; here each field is normalised by its own
+    energy. Loss: the mean over fields of each field's normalised MSE. Measure: each field's SQNR, their mean."""
+
+    kind = "rows"
+    loss_name = "nmse per field"
+    measures_share = False
+
+    def __init__(self, output, *, field_axis=2, eps=NMSE_EPS, why=""):
+        super().__init__(output, None, batch_axis=0, why=why)
+        self.field_axis, self.eps = int(field_axis), float(eps)
+
+    def loss(self, student, teacher, labels=None):
+        d = np.asarray(student, np.float64) - np.asarray(teacher, np.float64)
+        t = per_field(np.asarray(teacher, np.float64), self.field_axis)
+        k, count = t.shape
+        denom = np.sum(t * t, axis=1) + self.eps * max(count, 1)
+        dk = per_field(d, self.field_axis)
+        loss = float(np.mean(np.sum(dk * dk, axis=1) / denom))
+        shape = [1] * d.ndim
+        shape[self.field_axis] = k
+        grad = d * (2.0 / (k * denom)).reshape(shape)
+        return loss, grad.astype(student.dtype, copy=False)
+
+    def meter(self):
+        return RowsMeter(self.field_axis)
+
+    def options(self):
+        return {"field_axis": self.field_axis, "eps": self.eps}
+
+
+def probability_fields(v: np.ndarray, field_axis: int) -> np.ndarray:
+    """Per field along `field_axis`: all its values lie in [0, 1] (give or take float error)."""
+    f = per_field(np.asarray(v, np.float64), field_axis)
+    return (f.min(axis=1) >= -1e-5) & (f.max(axis=1) <= 1 + 1e-5)
+
+
+KINDS = {cls.kind: cls for cls in (Classes, Sequence, ProbabilityMap, ClassMap, Rows, Tensor)}
