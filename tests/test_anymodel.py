@@ -220,6 +220,48 @@ def test_a_model_exported_at_batch_one_trains_at_batch_eight_and_keeps_its_decla
     assert ort_run(int8, {"x": x})[0].shape == (1, 1, 16, 16)  # the user's pipeline calls it as before
 
 
+def test_a_detectors_joined_boxes_and_scores_train_per_field(capsys, blob_images, tmp_path):
+    """YOLOX's one output, small: box values beside Sigmoid scores in [N, anchors, 6]. Each field is normalised on
+    its own (the loss and the checkpoint measure), the int8 model matches the simulation, and eval reports the
+    fields' SQNR."""
+    from test_errors import run_cli
+
+    rng = np.random.default_rng(7)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "wb", "bb"], ["box"]),
+             helper.make_node("Conv", ["r", "ws", "bs"], ["logit"]),
+             helper.make_node("Sigmoid", ["logit"], ["score"]),
+             helper.make_node("Concat", ["box", "score"], ["joined"], axis=1),
+             helper.make_node("Reshape", ["joined", "shape"], ["flat"]),
+             helper.make_node("Transpose", ["flat"], ["rows"], perm=[0, 2, 1])]
+    path = _save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 16, 16])],
+                 [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["N", 256, 6])],
+                 {"w1": rng.standard_normal((4, 1, 3, 3)) * 0.5, "b1": np.zeros(4),
+                  "wb": rng.standard_normal((4, 4, 1, 1)) * 20, "bb": np.full(4, 30.0),
+                  "ws": rng.standard_normal((2, 4, 1, 1)), "bs": np.full(2, -2.0)}, tmp_path / "det.onnx")
+    model = onnx.load(path)
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0, 6, -1], np.int64), "shape"))
+    onnx.save(model, path)
+    train, val = blob_images
+    report = api.train_quant(path, train, tmp_path / "out", val_data=val, train=TrainConfig(steps=4, batch_size=8),
+                             **QUIET)
+    jsonschema.validate(report, SCHEMA)
+    [task] = report["tasks"]
+    assert task["kind"] == "rows" and task["loss"] == "nmse per field" and task["options"]["field_axis"] == 2
+    v = report["val"]
+    assert v["measure"] == "mean SQNR (dB)"
+    rows = v["measures"]["int8"]["outputs"]["rows"]
+    assert rows["primary"] == "field_sqnr_db" and len(rows["field_sqnr_dbs"]) == 6
+    assert v["score_int8"] == pytest.approx(rows["field_sqnr_db"])
+    assert v["measures"]["int8_vs_simulation"]["outputs"]["rows"]["worst_field_sqnr_db"] >= 30
+    assert v["score_int8"] >= v["start_score"] - 1e-9
+    code, out, err = run_cli(capsys, "eval", path, tmp_path / "out" / "model_int8.onnx", "--data", val,
+                             "--no-latency")
+    assert code == 0, err
+    assert "rows" in out and "field_sqnr_db" in out
+
+
 def test_calibrate_and_eval_without_labels(capsys, map_model, blob_images, tmp_path):
     """`calibrate` and `eval` take the same unlabelled data and print the task measures instead of top-1."""
     from test_errors import run_cli
