@@ -41,6 +41,7 @@ CASES = [
     ("tensor", Tensor("y"), (2, 3, 4), None),
     ("rows [N,A,K]", Rows("y"), (2, 5, 3), None),
     ("rows [N,K,A]", Rows("y", field_axis=1), (2, 3, 5), None),
+    ("rows weighted", Rows("y", probabilities=[2, 3], confidence=[2]), (2, 5, 4), None),
 ]
 
 
@@ -49,6 +50,8 @@ def test_loss_gradient_matches_finite_differences(name, task, shape, labels):
     s, t = RNG.normal(0, 2, shape), RNG.normal(0, 2, shape)
     if task.kind == "probability_map":
         s, t = 1 / (1 + np.exp(-s)), 1 / (1 + np.exp(-t))
+    if task.kind == "rows" and task.probabilities:  # the teacher's scores in [0, 1]: weights of its boxes' rows
+        t[..., task.probabilities] = 1 / (1 + np.exp(-t[..., task.probabilities]))
     loss, grad = task.loss(s, t, labels)
     assert grad.shape == s.shape and grad.dtype == np.float64 and loss > 0
     np.testing.assert_allclose(grad, numeric_grad(lambda x: task.loss(x, t, labels)[0], s), rtol=1e-5, atol=1e-9)
@@ -111,6 +114,32 @@ def test_rows_loss_normalises_each_field_on_its_own():
     assert normalised_mse(s * big, t * big)[0] == pytest.approx(normalised_mse(s[..., 0], t[..., 0])[0], rel=1e-5)
     moved = Rows("y", field_axis=1).loss(np.swapaxes(s, 1, 2), np.swapaxes(t, 1, 2))[0]
     assert moved == pytest.approx(loss, rel=1e-12)
+
+
+def test_rows_box_values_count_by_the_teachers_confidence():
+    """YOLOX's rows [x, objectness, class]: objectness is sparse (a confidence), class is not (conditioned on an
+    object, high on background too). An error in a background row's box value costs nothing, in a confident row's
+    it does; a background row's scores always count."""
+    from qatool.tasks.kinds import confidence_fields
+
+    t = np.zeros((1, 10, 3))
+    t[0, :, 0] = np.arange(10) + 1.0
+    t[0, 0, 1] = 0.9  # one confident row
+    t[0, :, 2] = 0.6
+    assert confidence_fields(t, 2) == [1]
+    task = Rows("y", probabilities=[1, 2], confidence=[1])
+    background, confident, score = t.copy(), t.copy(), t.copy()
+    background[0, 5, 0] += 3
+    confident[0, 0, 0] += 3
+    score[0, 5, 1] += 0.3  # a background row lights up
+    assert task.loss(background, t)[0] == 0 and task.loss(confident, t)[0] > 0 and task.loss(score, t)[0] > 0
+    m = task.meter()
+    m.update(background, t)
+    assert m.result()["field_sqnr_dbs"] == [100.0, 100.0, 100.0]
+    m = task.meter()
+    m.update(confident, t)
+    assert m.result()["field_sqnr_dbs"][0] == pytest.approx(10 * np.log10(0.9 * 1 / (0.9 * 9)), abs=0.005)  # 2 places
+    assert Rows("y", probabilities=[1, 2]).loss(background, t)[0] > 0  # without a confidence every row counts
 
 
 def test_rows_meter_reports_each_fields_sqnr():
@@ -332,7 +361,7 @@ def test_choose_rows_of_boxes_joined_with_scores(fields_last):
     inits = {"Wb": w(4, 2, 1, 1) * 10, "Ws": w(2, 2, 1, 1), "shape": np.array([3, 6, 16])}
     _, [task] = run_and_choose(nodes, [3, 2, 4, 4], ["y"], inits)
     assert isinstance(task, Rows) and task.field_axis == (2 if fields_last else 1) and task.loss_tensor == "y"
-    assert "2 in [0, 1] (fields 4, 5) and 4 not" in task.why
+    assert "2 in [0, 1] (fields 4, 5) and 4 not" in task.why and task.probabilities == [4, 5]
     scores_only = [helper.make_node("Conv", ["x", "Ws"], ["logit"]), helper.make_node("Sigmoid", ["logit"], ["s"]),
                    helper.make_node("Reshape", ["s", "shape"], ["y"])]
     _, [task] = run_and_choose(scores_only, [3, 2, 4, 4], ["y"], {"Ws": w(2, 2, 1, 1), "shape": np.array([3, 2, 16])})

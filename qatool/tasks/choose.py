@@ -41,7 +41,7 @@ from ..errors import ModelError, UsageError
 from ..ir.graph import Graph
 from .base import LOSS_HEADS, OutputTask, head_node, softmax_axis
 from .ctc import ctc_characters
-from .kinds import ClassMap, Classes, ProbabilityMap, Rows, Sequence, Tensor, probability_fields
+from .kinds import ClassMap, Classes, ProbabilityMap, Rows, Sequence, Tensor, confidence_fields, probability_fields
 
 LOGITS_KEY = "qatool.logits"
 CHARACTER_KEY = "character"
@@ -137,12 +137,18 @@ def _joined_rows(name: str, v: np.ndarray, head: str) -> Rows | None:
     probs = probability_fields(v, axis)
     if probs.all() or not probs.any():
         return None
-    which = np.flatnonzero(probs)
-    listed = ", ".join(str(i) for i in which[:8]) + (", ..." if len(which) > 8 else "")
-    return Rows(name, field_axis=axis,
+    which, confidence = np.flatnonzero(probs), confidence_fields(v, axis)
+    weighted = (f"the others' rows weighted by the largest of field{'s' if len(confidence) > 1 else ''} "
+                f"{_listed(confidence)} (near zero on average: a confidence)" if confidence else
+                "no probability field is near zero on average, so every row counts alike")
+    return Rows(name, field_axis=axis, probabilities=which, confidence=confidence,
                 why=f"rank 3 {list(v.shape)} {head}: rows of {v.shape[axis]} fields on axis {axis}, {len(which)} in "
-                    f"[0, 1] (fields {listed}) and {v.shape[axis] - len(which)} not: a detector's joined boxes and "
-                    "scores, each field normalised on its own")
+                    f"[0, 1] (fields {_listed(which)}) and {v.shape[axis] - len(which)} not: a detector's joined "
+                    f"boxes and scores, each field normalised on its own, {weighted}")
+
+
+def _listed(fields) -> str:
+    return ", ".join(str(i) for i in fields[:8]) + (", ..." if len(fields) > 8 else "")
 
 
 def _characters(meta: dict, num_classes: int) -> tuple[list[str] | None, str]:

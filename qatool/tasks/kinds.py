@@ -249,26 +249,57 @@ class Tensor(OutputTask):
 
 
 # ---- Rows (fields of different kinds joined in one tensor) -----------------------------------------------------
+SPARSE_MEAN = 0.1  # a probability field whose mean is below this is near zero away from objects: a confidence
+
+
 def per_field(x: np.ndarray, field_axis: int) -> np.ndarray:
     """[fields, values]: the field axis first, the rest flattened."""
     return np.moveaxis(x, field_axis, 0).reshape(x.shape[field_axis], -1)
 
 
+def probability_fields(v: np.ndarray, field_axis: int) -> np.ndarray:
+    """Per field along `field_axis`: all its values lie in [0, 1] (give or take float error)."""
+    f = per_field(np.asarray(v, np.float64), field_axis)
+    return (f.min(axis=1) >= -1e-5) & (f.max(axis=1) <= 1 + 1e-5)
+
+
+def confidence_fields(v: np.ndarray, field_axis: int) -> list[int]:
+    """The probability fields whose mean is below SPARSE_MEAN: objectness (YOLOX, YOLOv5), or every class score
+    where no objectness is (YOLOv8); not class scores conditioned on an object (YOLOX's: 0.26 on average)."""
+    f = per_field(np.asarray(v, np.float64), field_axis)
+    return [int(k) for k in np.flatnonzero(probability_fields(v, field_axis) & (f.mean(axis=1) < SPARSE_MEAN))]
+
+
+def field_weights(t: np.ndarray, probabilities, confidence) -> np.ndarray:
+    """[fields, values] weights of the teacher's `t` [fields, values]: 1 for the probability fields (every row's
+    scores count: a background row that lights up is a false detection); for the other fields (box values) the
+    row's confidence, the largest of its `confidence` fields (a background row's boxes are never decoded). All 1
+    without confidence fields."""
+    w = np.ones_like(t)
+    if len(confidence):
+        values = np.ones(len(t), bool)
+        values[list(probabilities)] = False
+        w[values] = t[list(confidence)].max(axis=0)
+    return w
+
+
 class RowsMeter(Meter):
-    """SQNR per field (each field's own signal against its own noise, over the whole set): field_sqnr_db = their
-    mean in dB (each capped to +-100 dB), worst_field_sqnr_db = the lowest, field_sqnr_dbs = each."""
+    """SQNR per field over the whole set, each field's rows weighted as the loss weights them (`field_weights`):
+    field_sqnr_db = their mean in dB (each capped to +-100 dB), worst_field_sqnr_db = the lowest, field_sqnr_dbs =
+    each."""
 
     primary = "field_sqnr_db"
 
-    def __init__(self, field_axis):
+    def __init__(self, field_axis, probabilities=(), confidence=()):
         super().__init__(0)
-        self.field_axis = field_axis
+        self.field_axis, self.probabilities, self.confidence = field_axis, probabilities, confidence
         self.field_signal = self.field_noise = 0.0
 
     def _update(self, q, f, labels):
         fq, ff = per_field(q, self.field_axis), per_field(f, self.field_axis)
-        self.field_signal = self.field_signal + np.sum(ff * ff, axis=1)
-        self.field_noise = self.field_noise + np.sum((fq - ff) ** 2, axis=1)
+        w = field_weights(ff, self.probabilities, self.confidence)
+        self.field_signal = self.field_signal + np.sum(w * ff * ff, axis=1)
+        self.field_noise = self.field_noise + np.sum(w * (fq - ff) ** 2, axis=1)
 
     def _result(self):
         dbs = [min(max(sqnr_db(float(s), float(n)), -100.0), 100.0)
@@ -280,41 +311,39 @@ class RowsMeter(Meter):
 class Rows(OutputTask):
     """Rows of fields [N, rows, fields] (or [N, fields, rows]: `field_axis` 1) that join values of different kinds
     in one tensor: a detector's box offsets or pixels beside its objectness and class probabilities. The fields'
-    scales differ by orders of magnitude (yolox: box offsets' mean square 1.8, objectness' 0.007), so one
-    normalised MSE over the whole tensor is the boxes' error alone; here each field is normalised by its own
-    energy. Loss: the mean over fields of each field's normalised MSE. Measure: each field's SQNR, their mean."""
+    scales differ by orders of magnitude (yolox: box offsets' mean square 1.8, objectness' 0.007), and 99 % of the
+    rows are background, whose box values the detector's decoding throws away: one normalised MSE over the whole
+    tensor is the background boxes' error alone. Here each field is normalised by its own energy, and the box
+    values of each row count by the teacher's confidence in it (`field_weights`; `confidence` holds the sparse
+    probability fields, `probabilities` all of them). Loss: the mean over fields of each field's weighted
+    normalised MSE. Measure: each field's weighted SQNR, their mean."""
 
     kind = "rows"
     loss_name = "nmse per field"
     measures_share = False
 
-    def __init__(self, output, *, field_axis=2, eps=NMSE_EPS, why=""):
+    def __init__(self, output, *, field_axis=2, probabilities=(), confidence=(), eps=NMSE_EPS, why=""):
         super().__init__(output, None, batch_axis=0, why=why)
         self.field_axis, self.eps = int(field_axis), float(eps)
+        self.probabilities, self.confidence = [int(k) for k in probabilities], [int(k) for k in confidence]
 
     def loss(self, student, teacher, labels=None):
         d = np.asarray(student, np.float64) - np.asarray(teacher, np.float64)
         t = per_field(np.asarray(teacher, np.float64), self.field_axis)
-        k, count = t.shape
-        denom = np.sum(t * t, axis=1) + self.eps * max(count, 1)
         dk = per_field(d, self.field_axis)
-        loss = float(np.mean(np.sum(dk * dk, axis=1) / denom))
-        shape = [1] * d.ndim
-        shape[self.field_axis] = k
-        grad = d * (2.0 / (k * denom)).reshape(shape)
+        w = field_weights(t, self.probabilities, self.confidence)
+        denom = np.sum(w * t * t, axis=1) + self.eps * max(t.shape[1], 1)
+        loss = float(np.mean(np.sum(w * dk * dk, axis=1) / denom))
+        g = dk * w * (2.0 / (len(t) * denom))[:, None]
+        grad = np.moveaxis(g.reshape(np.moveaxis(d, self.field_axis, 0).shape), 0, self.field_axis)
         return loss, grad.astype(student.dtype, copy=False)
 
     def meter(self):
-        return RowsMeter(self.field_axis)
+        return RowsMeter(self.field_axis, self.probabilities, self.confidence)
 
     def options(self):
-        return {"field_axis": self.field_axis, "eps": self.eps}
-
-
-def probability_fields(v: np.ndarray, field_axis: int) -> np.ndarray:
-    """Per field along `field_axis`: all its values lie in [0, 1] (give or take float error)."""
-    f = per_field(np.asarray(v, np.float64), field_axis)
-    return (f.min(axis=1) >= -1e-5) & (f.max(axis=1) <= 1 + 1e-5)
+        return {"field_axis": self.field_axis, "probabilities": self.probabilities, "confidence": self.confidence,
+                "eps": self.eps}
 
 
 KINDS = {cls.kind: cls for cls in (Classes, Sequence, ProbabilityMap, ClassMap, Rows, Tensor)}
