@@ -111,27 +111,6 @@ def test_a_label_free_run_with_a_ruinous_lr_retreats(map_model, blob_images, tmp
     assert off["val"]["retreats"] == []
 
 
-def test_early_checks_come_at_a_fortieth_and_two_fortieths_of_the_run():
-    checks = lambda total: [s for s in range(1, total + 1) if Retreat.early_check(s, total)]  # noqa: E731
-    assert checks(800) == [20, 40] and checks(697) == [17, 34] and checks(100) == [10, 20]
-    assert checks(15) == [10] and checks(10) == []  # never the last step: the export measures that
-
-
-def test_early_checks_find_a_ruinous_lr_before_the_first_regular_validation(map_model, blob_images,
-                                                                            tmp_path):  # noqa: F811
-    """Adam at lr 1, 24 steps validated every 22: the early checks at steps 10 and 20 go back twice, to lr 0.01,
-    before step 22's validation would have seen anything."""
-    train, val = blob_images
-    report = api.train_quant(map_model, train, tmp_path, val_data=val,
-                             train=TrainConfig(steps=24, batch_size=4, lr=1.0, schedule="constant",
-                                               validate_every=22), echo=lambda s: None, quiet=True)
-    v = report["val"]
-    assert [c["step"] for c in v["checkpoints"]] == [0, 10, 20, 22, 24]
-    assert [r["step"] for r in v["retreats"]] == [10, 20]
-    lrs = [json.loads(ln)["lr"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lrs[9] == 1.0 and lrs[10] == pytest.approx(0.1) and lrs[20] == pytest.approx(0.01)
-
-
 def test_a_classifier_retreats_when_asked_and_reports_it(lenet, digits, tmp_path):
     """--retreat on a classifier with labels (off by default there): the retreats are recorded beside the
     validations, in report.json's `val` as in a label-free run's."""

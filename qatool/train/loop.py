@@ -96,7 +96,7 @@ def train(session: QatSession, data, cfg: TrainConfig, phases: Phases, start: in
     REVISE_AFTER steps with their median time (the first one's warm-up left out) and may return the run's new
     (total, phases, validate_every). `retreat` (qatool.train.retreat.Retreat, watching `validate`): after a
     validation below the start, the best state so far comes back, the lr is scaled down and the optimizer starts
-    afresh; it also asks for two early validations (`Retreat.early_check`)."""
+    afresh."""
     from .objective import LabelledClasses
 
     from .config import CLASSIFIER_RECIPE
@@ -190,8 +190,7 @@ def train(session: QatSession, data, cfg: TrainConfig, phases: Phases, start: in
                 progress.update(step, loss=loss, acc=running, lr=lr)
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
                     checkpoint(step + 1)
-                scheduled = validate_every and (step + 1) % validate_every == 0 and step + 1 < total
-                if validate and (scheduled or (retreat is not None and retreat.early_check(step + 1, total))):
+                if validate and validate_every and (step + 1) % validate_every == 0 and step + 1 < total:
                     try:
                         validate(step + 1)
                     except DivergedError as e:

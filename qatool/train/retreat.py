@@ -13,13 +13,6 @@ seeds went back twice (to step 0, then at 1e-5 and 1e-6) and ended above its sta
 validation (starts 87.0 / 88.3 / 89.0 %), 91.3 / 91.0 / 91.7 % of the test strings read as float reads them. On
 PP-OCRv4 rec every validation lay above the start, so nothing changes there.
 
-Early checks: the run also validates at steps k and 2k (k = a fortieth of the run, at least EARLY_MIN), so a
-learning rate that wrecks a good start is found in its first steps, not at the first regular validation a
-quarter of the way in. On the CNN + BiLSTM recogniser the loss rose from 0.002 to ~0.7 within 10 steps of Adam
-1e-4 (a 50-step warm-up only delayed it to step 18); validated every 20 steps, the run went back at steps 20 and
-40 and reached 91.7 % validation agreement by step 180 (start 87.0 %), where the regular schedule spent 400
-steps at the two rates that failed.
-
 The best state is a copy in memory, taken when a validation becomes the kept one (Validator.best). The retreats
 are recorded beside the validations (Validator.retreats, which every checkpoint and report.json's `val` carry):
 a resumed run takes its lr scale from them, and can go back only to a best it validated itself.
@@ -31,8 +24,6 @@ import numpy as np
 
 RETREAT_FACTOR = 0.1
 RETREAT_LIMIT = 2
-EARLY_FRACTION = 40  # the early checks come at a 1/40 and 2/40 of the run
-EARLY_MIN = 10
 
 
 class Retreat:
@@ -53,12 +44,6 @@ class Retreat:
     @property
     def lr_scale(self) -> float:
         return self.factor ** len(self.events)
-
-    @staticmethod
-    def early_check(step: int, total: int) -> bool:
-        """Validate at `step` (1-based, steps done) of a `total`-step run as an early check (see the module notes)."""
-        k = max(EARLY_MIN, total // EARLY_FRACTION)
-        return step in (k, 2 * k) and step < total
 
     def begin(self, step: int) -> None:
         """The loop starts at `step`: keep its state if it is the best validated (a fresh run's start)."""
