@@ -17,7 +17,8 @@ output, the first rule that holds:
 5. Rows: [N, rows, fields] (or [N, fields, rows]: the fields on the shorter axis) where some fields lie in
    [0, 1] and others do not: a detector's one output joining box offsets or pixels with objectness and class
    probabilities (YOLOX, YOLOv5's [N, anchors, 4 + 1 + C], YOLOv8's [N, 4 + C, anchors]). Each field gets its own
-   normalised MSE and SQNR: as one tensor its loss and measure would be the boxes' alone.
+   normalised MSE and SQNR (as one tensor its loss and measure would be the boxes' alone), and a row's box values
+   count by float's confidence in it: the largest of its probability fields that are near zero on average.
 6. Tensor: anything else.
 
 The loss of Classes, Sequence and ClassMap is taken on the Softmax's input (the logits), over the Softmax's axis;
@@ -41,7 +42,8 @@ from ..errors import ModelError, UsageError
 from ..ir.graph import Graph
 from .base import LOSS_HEADS, OutputTask, head_node, softmax_axis
 from .ctc import ctc_characters
-from .kinds import ClassMap, Classes, ProbabilityMap, Rows, Sequence, Tensor, confidence_fields, probability_fields
+from .kinds import (ClassMap, Classes, ProbabilityMap, Rows, Sequence, Tensor, confidence_fields,
+                    probability_fields)
 
 LOGITS_KEY = "qatool.logits"
 CHARACTER_KEY = "character"
