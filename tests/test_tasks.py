@@ -145,14 +145,15 @@ def test_rows_box_values_count_by_the_teachers_confidence():
 def test_yolov8s_class_scores_are_all_confidences():
     """YOLOv8's [N, 4 + C, anchors]: no objectness; every class score is near zero away from objects, so a row's
     confidence is its best class score."""
-    from qatool.tasks.kinds import confidence_fields, field_weights, per_field
+    from qatool.tasks.base import rows_along
+    from qatool.tasks.kinds import confidence_fields, field_weights
 
     v = np.zeros((2, 7, 50))
     v[:, :4] = RNG.uniform(0, 640, (2, 4, 50))  # box pixels
     v[:, 4:] = RNG.uniform(0, 0.02, (2, 3, 50))
     v[0, 5, 7] = 0.9  # one object of class 1
     assert confidence_fields(v, 1) == [4, 5, 6]
-    w = field_weights(per_field(v, 1), [4, 5, 6], [4, 5, 6])
+    w = field_weights(rows_along(v, 1), [4, 5, 6], [4, 5, 6])
     assert w[0, 7] == pytest.approx(0.9) and w[0, 8] <= 0.02 and (w[4:] == 1).all()
 
 

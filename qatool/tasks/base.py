@@ -56,9 +56,10 @@ def sqnr_db(signal: float, noise: float) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-def per_image(x: np.ndarray, batch_axis: int | None) -> np.ndarray:
-    """[images, values]: the batch axis first, the rest flattened (one row when there is no batch axis)."""
-    return x.reshape(1, -1) if batch_axis is None else np.moveaxis(x, batch_axis, 0).reshape(x.shape[batch_axis], -1)
+def rows_along(x: np.ndarray, axis: int | None) -> np.ndarray:
+    """[x.shape[axis], values]: `axis` first, the rest flattened (one row when `axis` is None): per image along
+    the batch axis, per field along a Rows output's field axis."""
+    return x.reshape(1, -1) if axis is None else np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
 
 
 def cosines(q: np.ndarray, f: np.ndarray) -> np.ndarray:
@@ -85,7 +86,7 @@ class Meter:
             raise ValueError(f"int8 output of shape {q.shape} against float output of shape {f.shape}")
         self.signal += float(np.sum(f * f))
         self.noise += float(np.sum((q - f) ** 2))
-        c = cosines(per_image(q, self.batch_axis), per_image(f, self.batch_axis))
+        c = cosines(rows_along(q, self.batch_axis), rows_along(f, self.batch_axis))
         self.cosine_sum += float(c.sum())
         self.images += len(c)
         self._update(q, f, labels)

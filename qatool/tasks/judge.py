@@ -23,7 +23,7 @@ def score_of(tasks, results: dict) -> tuple[str, float]:
         r = results[t.output]
         if t.measures_share:
             return f"{t.output}: {r['primary']}", float(r[r["primary"]])
-    sqnr = [min(float(results[t.output][results[t.output]["primary"]]), 100.0) for t in tasks]
+    sqnr = [min(float(r[r["primary"]]), 100.0) for r in (results[t.output] for t in tasks)]
     return "mean SQNR (dB)", float(np.mean(sqnr))
 
 

@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from ..errors import UsageError
-from .base import Meter, OutputTask, sqnr_db
+from .base import Meter, OutputTask, rows_along, sqnr_db
 from .ctc import ctc_greedy_decode, ctc_text, similarity
 from .losses import NMSE_EPS, class_distillation, kl_divergence, normalised_mse
 
@@ -252,22 +252,21 @@ class Tensor(OutputTask):
 SPARSE_MEAN = 0.1  # a probability field whose mean is below this is near zero away from objects: a confidence
 
 
-def per_field(x: np.ndarray, field_axis: int) -> np.ndarray:
-    """[fields, values]: the field axis first, the rest flattened."""
-    return np.moveaxis(x, field_axis, 0).reshape(x.shape[field_axis], -1)
+def _in_unit_range(fields: np.ndarray) -> np.ndarray:
+    """Per row of [fields, values]: all its values lie in [0, 1] (give or take float error)."""
+    return (fields.min(axis=1) >= -1e-5) & (fields.max(axis=1) <= 1 + 1e-5)
 
 
 def probability_fields(v: np.ndarray, field_axis: int) -> np.ndarray:
     """Per field along `field_axis`: all its values lie in [0, 1] (give or take float error)."""
-    f = per_field(np.asarray(v, np.float64), field_axis)
-    return (f.min(axis=1) >= -1e-5) & (f.max(axis=1) <= 1 + 1e-5)
+    return _in_unit_range(rows_along(np.asarray(v, np.float64), field_axis))
 
 
 def confidence_fields(v: np.ndarray, field_axis: int) -> list[int]:
     """The probability fields whose mean is below SPARSE_MEAN: objectness (YOLOX, YOLOv5), or every class score
     where no objectness is (YOLOv8); not class scores conditioned on an object (YOLOX's: 0.26 on average)."""
-    f = per_field(np.asarray(v, np.float64), field_axis)
-    return [int(k) for k in np.flatnonzero(probability_fields(v, field_axis) & (f.mean(axis=1) < SPARSE_MEAN))]
+    f = rows_along(np.asarray(v, np.float64), field_axis)
+    return [int(k) for k in np.flatnonzero(_in_unit_range(f) & (f.mean(axis=1) < SPARSE_MEAN))]
 
 
 def field_weights(t: np.ndarray, probabilities, confidence) -> np.ndarray:
@@ -296,7 +295,7 @@ class RowsMeter(Meter):
         self.field_signal = self.field_noise = 0.0
 
     def _update(self, q, f, labels):
-        fq, ff = per_field(q, self.field_axis), per_field(f, self.field_axis)
+        fq, ff = rows_along(q, self.field_axis), rows_along(f, self.field_axis)
         w = field_weights(ff, self.probabilities, self.confidence)
         self.field_signal = self.field_signal + np.sum(w * ff * ff, axis=1)
         self.field_noise = self.field_noise + np.sum(w * (fq - ff) ** 2, axis=1)
@@ -329,8 +328,8 @@ class Rows(OutputTask):
 
     def loss(self, student, teacher, labels=None):
         d = np.asarray(student, np.float64) - np.asarray(teacher, np.float64)
-        t = per_field(np.asarray(teacher, np.float64), self.field_axis)
-        dk = per_field(d, self.field_axis)
+        t = rows_along(np.asarray(teacher, np.float64), self.field_axis)
+        dk = rows_along(d, self.field_axis)
         w = field_weights(t, self.probabilities, self.confidence)
         denom = np.sum(w * t * t, axis=1) + self.eps * max(t.shape[1], 1)
         loss = float(np.mean(np.sum(w * dk * dk, axis=1) / denom))
