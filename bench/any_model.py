@@ -370,9 +370,12 @@ def run_cmd(cmd: list[str], logdir: Path, threads: int) -> tuple[int, str, float
 
 # ---- rows ---------------------------------------------------------------------------------------------------
 def float_preds(b: Bench, limit) -> dict:
+    """Float's predictions on the test items, cached; computed again when the split's size changed."""
     cache = D.CACHE / b.name / f"float_preds_test{'_' + str(limit) if limit else ''}.json"
     if cache.exists():
-        return json.loads(cache.read_text())
+        p = json.loads(cache.read_text())
+        if len(next(v for k, v in p.items() if k != "seconds")) == len(b.items):
+            return p
     p = b.predict(b.pipe.float_path)
     cache.write_text(json.dumps(p))
     return p
@@ -453,6 +456,23 @@ def row_qat(b: Bench, bits: int, seed: int, limit, threads, extra: list[str]) ->
     return r
 
 
+def row_rejudge(b: Bench, row: str, bits: int, seed, limit, threads, out: Path) -> dict:
+    """A calibrate or qat row judged again from the int8 file its run left, without running it again (after the test
+    split changed): the run's own fields (command, wall time, ms/step, peak RSS, note) are kept from the row saved
+    in `out`, the judging fields are new."""
+    d = RUNS / b.name / (f"calibrate_w{bits}a8" if row == "calibrate" else f"qat_w{bits}a8_s{seed}")
+    f = d / "model_int8.onnx"
+    if not f.exists():
+        return {"status": "failed", "error": f"--rejudge: no {f} (run the row first)"}
+    key = (b.name, row, bits, seed)
+    old = next((r for r in (json.loads(out.read_text())["rows"] if out.exists() else []) if _key(r) == key), {})
+    r = {k: v for k, v in old.items() if k in ("cmd", "wall_seconds", "returncode", "ms_per_step", "peak_rss_mb",
+                                                "note", "ptq_steps", "quantize_seconds")}
+    r["rejudged"] = time.strftime("%Y-%m-%d %H:%M") + f" on {len(b.items)} test items, from {f.relative_to(ROOT)}"
+    r.update(judge(b, f, float_preds(b, limit), threads))
+    return r
+
+
 # ---- results ------------------------------------------------------------------------------------------------
 def _key(r):
     return (r["model"], r["row"], r.get("bits"), r.get("seed"))
@@ -514,6 +534,8 @@ def main(argv=None):
     ap.add_argument("--calibrate-args", default="", help="experiments: more `qatool calibrate` options "
                     "(recorded in the row's cmd; give --out so the default rows stay as they are)")
     ap.add_argument("--qat-args", default="", help="experiments: more `qatool train-quant` options (as above)")
+    ap.add_argument("--rejudge", action="store_true", help="calibrate / qat rows: judge the int8 file the row's "
+                    "last run left on the current test split, without running it again")
     a = ap.parse_args(argv)
     models = [m for m in a.only.split(",") if m]
     rows = [r for r in a.rows.split(",") if r]
@@ -551,6 +573,8 @@ def main(argv=None):
                 res = row_float(b, a.limit, a.threads)
             elif r == "ort":
                 res = row_ort(b, bt, a.limit, a.threads)
+            elif a.rejudge and r in ("calibrate", "qat"):
+                res = row_rejudge(b, r, bt, s, a.limit, a.threads, a.out)
             elif r == "calibrate":
                 res = row_calibrate(b, bt, a.limit, a.threads, shlex.split(a.calibrate_args))
             else:
