@@ -196,7 +196,8 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     float_graph, ckpt, quant_cfg = _training_model(model_path, resume, quant)
     if ckpt is not None:  # a resumed run keeps its optimizer, lr and start unless they are given again
         train_cfg = train_cfg.with_recipe(Recipe(ckpt.train.get("optimizer"), ckpt.train.get("lr"),
-                                                 ckpt.train.get("init_method"), ckpt.train.get("retreat")))
+                                                 ckpt.train.get("init_method"), ckpt.train.get("retreat"),
+                                                 ckpt.train.get("update_scale")))
     if train_cfg.scale_lr is not None and quant_cfg.scale_learning != "lsq":
         raise UsageError("--scale-lr sets the learning rate of learned step sizes: it needs --scale-learning lsq")
     labelled, why = recipe_reason(float_graph, train_data)
@@ -502,7 +503,8 @@ def _measure_start_classifier(run: _Run) -> bool:
                  "(five times the steps, learned step sizes, batch statistics: docs/benchmarks.md section 4); "
                  "try more bits first, activations first (--activation-bits 8)")
     scale_lr = f" (step sizes {cfg.scale_lr})" if cfg.scale_lr is not None else ""
-    echo(f"QAT: steps {run.start}..{run.total}, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr}"
+    per_tensor = " x each tensor's RMS" if cfg.update_scale == "tensor" else ""
+    echo(f"QAT: steps {run.start}..{run.total}, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr}{per_tensor}"
          f"{scale_lr}; BN freezes at step {run.phases.freeze_bn_after}, observers at "
          f"{run.phases.freeze_observers_after}")
     if run.objective.teacher is not None:

@@ -11,6 +11,7 @@ from .cli_options import (BITS, DATA_HELP, export_summary, preprocess_overrides,
                           quantization_options, training_options)
 from .errors import QatoolError
 from .quant.calibrate import METHODS as CALIBRATION_METHODS
+from .train.config import UPDATE_SCALES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -89,6 +90,10 @@ def convert(model: str, output: str, for_training: bool) -> None:
               help="Learning rate of the LSQ step sizes (--scale-learning lsq), same optimizer and schedule "
                    "(default: --lr). With adam it is relative: a step moves a step size by about that fraction "
                    "of itself.")
+@click.option("--update-scale", type=click.Choice(UPDATE_SCALES),
+              help="absolute (default): an optimizer step moves every parameter by about --lr (adam); tensor: each "
+                   "parameter tensor's lr is also multiplied by its RMS at the start, so a step moves every tensor "
+                   "by about the same fraction of its size.")
 @click.option("--init", "init", type=click.Choice(["observe", "calibrate"]),
               help="calibrate (default): activation ranges start from post-training calibration on the training "
                    "images, and the run measures that start's int8 accuracy; observe: from the first batches.")
@@ -149,7 +154,7 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                 bits, weight_bits, activation_bits, per_tensor, symmetric_activations, scale_update,
                 observer_momentum, freeze_bn_after, freeze_observers_after, exclude, reduce_range, quantize_tail,
                 scale_learning,
-                optimizer, lr, scale_lr, momentum, weight_decay, schedule, warmup_steps, steps, epochs, batch_size,
+                optimizer, lr, scale_lr, update_scale, momentum, weight_decay, schedule, warmup_steps, steps, epochs, batch_size,
                 seed, init, init_method, init_images, mixed_precision, mixed_low_bits, save_every, keep, retreat,
                 validate_every, logits, teacher, distill_temperature, distill_alpha, new_head, features, float_steps,
                 freeze_backbone, map_threshold, distill_features, pad_multiple, metric, distill_outputs, resume, quiet):
@@ -175,7 +180,8 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                "freeze_bn_after": freeze_bn_after, "freeze_observers_after": freeze_observers_after,
                "exclude": list(exclude) or None, "reduce_range": reduce_range, "quantize_tail": quantize_tail,
                "scale_learning": scale_learning}
-    t_flags = {"optimizer": optimizer, "lr": lr, "scale_lr": scale_lr, "momentum": momentum,
+    t_flags = {"optimizer": optimizer, "lr": lr, "scale_lr": scale_lr, "update_scale": update_scale,
+               "momentum": momentum,
                "weight_decay": weight_decay, "schedule": schedule, "warmup_steps": warmup_steps, "steps": steps,
                "epochs": epochs, "batch_size": batch_size, "seed": seed, "save_every": save_every, "augment": augment,
                "teacher": teacher, "distill_temperature": distill_temperature, "distill_alpha": distill_alpha,

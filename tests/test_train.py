@@ -270,6 +270,46 @@ def test_scale_lr_is_the_learning_rate_of_the_lsq_step_sizes_only(lenet, digits)
             np.testing.assert_array_equal(mixed[k], slow[k], err_msg=k)
 
 
+def test_tensor_sizes_are_each_tensors_rms_and_a_zero_tensor_takes_the_median():
+    from qatool.train.optim import tensor_sizes
+
+    sizes = tensor_sizes({"w": np.float32([3.0, -4.0]), "v": np.float32([[0.1, 0.1], [-0.1, 0.1]]),
+                          "u": np.float32([2.0]), "b": np.zeros(3, np.float32)})
+    assert sizes["w"] == pytest.approx(np.sqrt(12.5)) and sizes["v"] == pytest.approx(0.1)
+    assert sizes["u"] == pytest.approx(2.0) and sizes["b"] == pytest.approx(2.0)   # median of 3.54, 0.1, 2
+
+
+def test_update_scale_tensor_moves_each_tensor_by_lr_times_its_rms(lenet, digits):
+    """Adam's first step moves every element by about lr * sign(g) (absolute); with update_scale tensor, by that
+    times the RMS its tensor had at the start (same batch, so the same gradients)."""
+    from qatool.convert import normalize_proto
+    from qatool.data.images import ImageDataset
+    from qatool.data.preprocess import resolve_preprocess
+    from qatool.ir.io import load_proto
+    from qatool.train.loop import Phases, train
+    from qatool.train.session import QatSession
+
+    graph = normalize_proto(load_proto(lenet), for_training=True).graph
+    images = ImageDataset.open(digits[0]).load(resolve_preprocess(graph))
+
+    def moved(scale):
+        session = QatSession.create(graph, QuantConfig())
+        before = {k: v.copy() for k, v in session.model.params.items()}
+        train(session, images, TrainConfig(steps=1, batch_size=16, optimizer="adam", lr=1e-3, update_scale=scale),
+              Phases(1, 1), 0, 1, None, lambda step, arrays: None, quiet=True)
+        return before, {k: np.abs(session.model.params[k] - before[k]) for k in before}
+
+    before, step = moved("tensor")
+    _, plain = moved("absolute")
+    trained = [k for k in step if plain[k].any()]     # a parameter with no gradient (a bias before BN) stays
+    assert len(trained) >= 4
+    for k in trained:
+        rms = np.sqrt(np.mean(before[k].astype(np.float64) ** 2))
+        hit = plain[k] > 0.5e-3      # ~lr; not where |g| is near Adam's eps (a unit no image reached)
+        assert hit.mean() > 0.5, k
+        np.testing.assert_allclose(step[k][hit] / plain[k][hit], rms, rtol=1e-3, err_msg=k)
+
+
 def test_scale_lr_flag(lenet, digits, tmp_path):
     from click.testing import CliRunner
 
@@ -285,6 +325,21 @@ def test_scale_lr_flag(lenet, digits, tmp_path):
     assert "sgd lr 0.001 (step sizes 0.05)" in res.output
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["config"]["train"]["scale_lr"] == 0.05
+
+
+def test_update_scale_flag(lenet, digits, tmp_path):
+    from click.testing import CliRunner
+
+    from qatool.cli import cli
+
+    res = CliRunner().invoke(cli, ["train-quant", str(lenet), "--train-data", str(digits[0]), "--steps", "1",
+                                   "--batch-size", "8", "-q", "--update-scale", "tensor", "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "sgd lr 0.001 x each tensor's RMS" in res.output
+    assert json.loads((tmp_path / "report.json").read_text())["config"]["train"]["update_scale"] == "tensor"
+    res = CliRunner().invoke(cli, ["train-quant", str(lenet), "--train-data", str(digits[0]), "--update-scale",
+                                   "layer", "-o", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "'layer' is not one of 'absolute', 'tensor'" in res.output
 
 
 def test_a_step_size_pushed_below_zero_stops_training_with_advice(lenet, digits, tmp_path):

@@ -24,6 +24,7 @@ class Recipe(NamedTuple):
     lr: float | None
     init_method: str | None = None
     retreat: bool | None = None  # qatool.train.retreat: back to the best state, lr x0.1, below the start
+    update_scale: str = "absolute"  # UPDATE_SCALES: an optimizer step of lr, or of lr times each tensor's RMS
 
 
 # A classifier trained with labels: SGD (momentum 0.9) at 1e-3 from min/max ranges (docs/benchmarks.md sections 2
@@ -38,6 +39,10 @@ class Recipe(NamedTuple):
 # 15). Classifiers keep min/max and no retreat: their benchmark rows were measured so.
 CLASSIFIER_RECIPE = Recipe("sgd", 1e-3, "minmax", False)
 DISTILL_RECIPE = Recipe("adam", 1e-4, "average", True)
+# absolute: every parameter's step is about lr (Adam) or lr times its gradient (SGD); tensor: each parameter
+# tensor's lr is also multiplied by that tensor's RMS at the start of the run, so one step moves every tensor by
+# about the same fraction of its size, whatever the size
+UPDATE_SCALES = ("absolute", "tensor")
 
 
 @dataclass
@@ -63,6 +68,7 @@ class TrainConfig:
     init: str = "calibrate"  # activation ranges from post-training calibration (the measured start); "observe"
     init_method: str | None = None  # None: the recipe's (minmax for a classifier with labels, else average)
     retreat: bool | None = None  # None: the recipe's (off for a classifier with labels, on without)
+    update_scale: str | None = None  # UPDATE_SCALES; None: the recipe's (absolute)
     init_images: int = 512
     mixed_precision: str | None = None  # a weight-size budget: per-layer bits from the layers' sensitivity
     mixed_low_bits: int = 4
@@ -93,6 +99,8 @@ class TrainConfig:
             raise ConfigError(f"init must be observe or calibrate, got {self.init!r}")
         if self.init_method is not None and self.init_method not in CALIBRATION_METHODS:
             raise ConfigError(f"init_method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.init_method!r}")
+        if self.update_scale is not None and self.update_scale not in UPDATE_SCALES:
+            raise ConfigError(f"update_scale must be one of {', '.join(UPDATE_SCALES)}, got {self.update_scale!r}")
         if self.keep not in ("best", "last"):
             raise ConfigError(f"keep must be best or last, got {self.keep!r}")
         if self.validate_every is not None and self.validate_every < 1:
@@ -109,14 +117,15 @@ class TrainConfig:
             raise ConfigError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
 
     def with_recipe(self, recipe: Recipe) -> TrainConfig:
-        """This config with the recipe's optimizer, lr, calibration method and retreat where it leaves them
-        unset."""
+        """This config with the recipe's optimizer, lr, calibration method, retreat and update scale where it leaves
+        them unset."""
         from dataclasses import replace
 
         return replace(self, optimizer=self.optimizer or recipe.optimizer,
                        lr=self.lr if self.lr is not None else recipe.lr,
                        init_method=self.init_method or recipe.init_method,
-                       retreat=self.retreat if self.retreat is not None else recipe.retreat)
+                       retreat=self.retreat if self.retreat is not None else recipe.retreat,
+                       update_scale=self.update_scale or recipe.update_scale)
 
     def total_steps(self, n_images: int) -> int:
         if self.steps is not None:

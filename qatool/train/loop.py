@@ -19,7 +19,7 @@ from ..errors import DivergedError, QatoolError
 from .config import TrainConfig
 from ..data.images import batch_indices
 from . import footprint
-from .optim import learning_rate, make_optimizer
+from .optim import learning_rate, make_optimizer, tensor_sizes
 from .progress import Progress
 from .session import QatSession
 
@@ -106,7 +106,9 @@ def train(session: QatSession, data, cfg: TrainConfig, phases: Phases, start: in
     cfg = cfg.with_recipe(CLASSIFIER_RECIPE)  # what is left unset (the pipelines set their recipe's first)
     # --scale-lr: the LSQ step sizes get their own learning rate, scheduled as lr is; under Adam it is relative
     # (a step moves a step size by about that fraction of itself)
-    multipliers = {k: cfg.scale_lr / cfg.lr for k in session.learned_scales} if cfg.scale_lr is not None else None
+    multipliers = {k: cfg.scale_lr / cfg.lr for k in session.learned_scales} if cfg.scale_lr is not None else {}
+    if cfg.update_scale == "tensor":
+        multipliers.update(tensor_sizes({k: v for k, v in model.params.items() if k not in session.learned_scales}))
 
     def fresh_optimizer():
         return make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.momentum, cfg.weight_decay, multipliers,

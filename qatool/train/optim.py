@@ -113,6 +113,15 @@ def _check_multipliers(params: dict[str, np.ndarray], multipliers: dict[str, flo
     return multipliers
 
 
+def tensor_sizes(params: dict[str, np.ndarray]) -> dict[str, float]:
+    """Each parameter tensor's RMS, as lr multipliers (`--update-scale tensor`). An all-zero tensor (a bias that
+    starts at 0) takes the median of the others, so that it can move at all."""
+    rms = {k: float(np.sqrt(np.mean(np.square(v, dtype=np.float64)))) if v.size else 0.0 for k, v in params.items()}
+    moving = [r for r in rms.values() if r > 0]
+    fallback = float(np.median(moving)) if moving else 1.0
+    return {k: r if r > 0 else fallback for k, r in rms.items()}
+
+
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 
