@@ -421,8 +421,14 @@ def row_ort(b: Bench, bits: int, limit, threads) -> dict:
     return r
 
 
-def row_calibrate(b: Bench, bits: int, limit, threads, extra: list[str]) -> dict:
-    d = RUNS / b.name / f"calibrate_w{bits}a8"
+def run_dir(name: str, row: str, bits: int, seed=None, tag: str = "") -> Path:
+    """Where a calibrate / qat row's run writes (an experiment's --tag keeps it apart from the default rows')."""
+    return RUNS / name / ((f"calibrate_w{bits}a8" if row == "calibrate" else f"qat_w{bits}a8_s{seed}")
+                          + (f"_{tag}" if tag else ""))
+
+
+def row_calibrate(b: Bench, bits: int, limit, threads, extra: list[str], tag: str = "") -> dict:
+    d = run_dir(b.name, "calibrate", bits, tag=tag)
     out = d / "model_int8.onnx"
     out.unlink(missing_ok=True)
     cmd = [qatool_bin(), "calibrate", str(b.pipe.float_path), "--data", str(D.npy_dir(b.name, "train")),
@@ -436,8 +442,8 @@ def row_calibrate(b: Bench, bits: int, limit, threads, extra: list[str]) -> dict
     return r
 
 
-def row_qat(b: Bench, bits: int, seed: int, limit, threads, extra: list[str]) -> dict:
-    d = RUNS / b.name / f"qat_w{bits}a8_s{seed}"
+def row_qat(b: Bench, bits: int, seed: int, limit, threads, extra: list[str], tag: str = "") -> dict:
+    d = run_dir(b.name, "qat", bits, seed, tag)
     out = d / "model_int8.onnx"
     out.unlink(missing_ok=True)
     cmd = [qatool_bin(), "train-quant", str(b.pipe.float_path), "--train-data", str(D.npy_dir(b.name, "train")),
@@ -456,12 +462,11 @@ def row_qat(b: Bench, bits: int, seed: int, limit, threads, extra: list[str]) ->
     return r
 
 
-def row_rejudge(b: Bench, row: str, bits: int, seed, limit, threads, out: Path) -> dict:
+def row_rejudge(b: Bench, row: str, bits: int, seed, limit, threads, out: Path, tag: str = "") -> dict:
     """A calibrate or qat row judged again from the int8 file its run left, without running it again (after the test
     split changed): the run's own fields (command, wall time, ms/step, peak RSS, note) are kept from the row saved
     in `out`, the judging fields are new."""
-    d = RUNS / b.name / (f"calibrate_w{bits}a8" if row == "calibrate" else f"qat_w{bits}a8_s{seed}")
-    f = d / "model_int8.onnx"
+    f = run_dir(b.name, row, bits, seed, tag) / "model_int8.onnx"
     if not f.exists():
         return {"status": "failed", "error": f"--rejudge: no {f} (run the row first)"}
     key = (b.name, row, bits, seed)
@@ -534,6 +539,8 @@ def main(argv=None):
     ap.add_argument("--calibrate-args", default="", help="experiments: more `qatool calibrate` options "
                     "(recorded in the row's cmd; give --out so the default rows stay as they are)")
     ap.add_argument("--qat-args", default="", help="experiments: more `qatool train-quant` options (as above)")
+    ap.add_argument("--tag", default="", help="experiments: calibrate / qat runs write to <run dir>_TAG, so the "
+                    "default rows' files stay")
     ap.add_argument("--rejudge", action="store_true", help="calibrate / qat rows: judge the int8 file the row's "
                     "last run left on the current test split, without running it again")
     a = ap.parse_args(argv)
@@ -574,16 +581,18 @@ def main(argv=None):
             elif r == "ort":
                 res = row_ort(b, bt, a.limit, a.threads)
             elif a.rejudge and r in ("calibrate", "qat"):
-                res = row_rejudge(b, r, bt, s, a.limit, a.threads, a.out)
+                res = row_rejudge(b, r, bt, s, a.limit, a.threads, a.out, a.tag)
             elif r == "calibrate":
-                res = row_calibrate(b, bt, a.limit, a.threads, shlex.split(a.calibrate_args))
+                res = row_calibrate(b, bt, a.limit, a.threads, shlex.split(a.calibrate_args), a.tag)
             else:
-                res = row_qat(b, bt, s, a.limit, a.threads, shlex.split(a.qat_args))
+                res = row_qat(b, bt, s, a.limit, a.threads, shlex.split(a.qat_args), a.tag)
             row = {"model": m, "row": r, "bits": bt, "seed": s, "status": res.pop("status", "ok"), **res,
                    "row_seconds": round(time.time() - t1, 1), "n_test": len(b.items),
                    "date": time.strftime("%Y-%m-%d %H:%M")}
             if a.limit:
                 row["limit"] = a.limit
+            if a.tag and r in ("calibrate", "qat"):
+                row["tag"] = a.tag
             save_row(row, settings, a.out)
             done.append(row)
             log(table([row]).splitlines()[-1])
