@@ -502,10 +502,7 @@ def _measure_start_classifier(run: _Run) -> bool:
                  "signal does not survive quantization, and QAT from chance did not recover on the models measured "
                  "(five times the steps, learned step sizes, batch statistics: docs/benchmarks.md section 4); "
                  "try more bits first, activations first (--activation-bits 8)")
-    scale_lr = f" (step sizes {cfg.scale_lr})" if cfg.scale_lr is not None else ""
-    per_tensor = " x each tensor's RMS" if cfg.update_scale == "tensor" else ""
-    echo(f"QAT: steps {run.start}..{run.total}, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr}{per_tensor}"
-         f"{scale_lr}; BN freezes at step {run.phases.freeze_bn_after}, observers at "
+    echo(f"{_qat_steps(run)}; BN freezes at step {run.phases.freeze_bn_after}, observers at "
          f"{run.phases.freeze_observers_after}")
     if run.objective.teacher is not None:
         echo(run.objective.describe())
@@ -533,8 +530,17 @@ def _measure_start_any(run: _Run) -> None:
             run.echo(f"start (post-training quantization, same placement), int8 against float: "
                      f"{describe({'outputs': first['measures']})}")
     bn = "frozen from the start" if phases.freeze_bn_after == 0 else f"freezes at step {phases.freeze_bn_after}"
-    run.echo(f"QAT: steps {run.start}..{run.total}, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr}; "
-             f"{run.objective.describe()}; BN {bn}, observers freeze at {phases.freeze_observers_after}")
+    run.echo(f"{_qat_steps(run)}; {run.objective.describe()}; BN {bn}, observers freeze at "
+             f"{phases.freeze_observers_after}")
+
+
+def _qat_steps(run: _Run) -> str:
+    """The run's steps, batch, optimizer and lr, as the run announces them."""
+    cfg = run.train_cfg
+    per_tensor = " x each tensor's RMS" if cfg.update_scale == "tensor" else ""
+    scale_lr = f" (step sizes {cfg.scale_lr})" if cfg.scale_lr is not None else ""
+    return (f"QAT: steps {run.start}..{run.total}, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr}{per_tensor}"
+            f"{scale_lr}")
 
 
 def _run_training(run: _Run, start_chance: bool = False):

@@ -337,6 +337,11 @@ def test_update_scale_flag(lenet, digits, tmp_path):
     assert res.exit_code == 0, res.output
     assert "sgd lr 0.001 x each tensor's RMS" in res.output
     assert json.loads((tmp_path / "report.json").read_text())["config"]["train"]["update_scale"] == "tensor"
+    res = CliRunner().invoke(cli, ["train-quant", str(lenet), "--train-data", str(digits[0]), "--steps", "1",
+                                   "--batch-size", "8", "-q", "--update-scale", "tensor", "--distill-outputs",
+                                   "logits", "-o", str(tmp_path / "free")])     # the label-free path says so too
+    assert res.exit_code == 0, res.output
+    assert "adam lr 0.0001 x each tensor's RMS; distillation" in res.output
     res = CliRunner().invoke(cli, ["train-quant", str(lenet), "--train-data", str(digits[0]), "--update-scale",
                                    "layer", "-o", str(tmp_path / "b")])
     assert res.exit_code == 2 and "'layer' is not one of 'absolute', 'tensor'" in res.output
