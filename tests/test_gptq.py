@@ -75,3 +75,92 @@ def test_matmul_and_gemm_columns(rng):
     wt = np.ascontiguousarray(w.T)  # Gemm transB: [N, K], rows on axis 0
     X = layer_columns(Node("Gemm", ["x", "w"], ["y"], "g", {"transB": 1}), x[0], wt.shape)
     np.testing.assert_allclose((weight_rows(wt, 0) @ X[0]).T, x[0] @ w, rtol=1e-5, atol=1e-5)
+
+
+# ---- end to end: calibrate --weight-rounding gptq on LeNet and the digits ----------------------------------------
+@pytest.fixture(scope="module")
+def lenet_w4(lenet, digits, tmp_path_factory):
+    """{rounding: (int8 model path, calibrate report)} of LeNet at W4A8, nearest and GPTQ."""
+    from qatool.api import calibrate
+    from qatool.quant.config import QuantConfig
+
+    out = {}
+    for rounding in ("nearest", "gptq"):
+        path = tmp_path_factory.mktemp("gptq") / f"lenet_w4a8_{rounding}.onnx"
+        r = calibrate(lenet, digits[0], path, method="minmax", images=200, val_data=digits[1],
+                      quant=QuantConfig(weight_bits=4, activation_bits=8, weight_rounding=rounding))
+        out[rounding] = path, r
+    return out
+
+
+def test_calibrate_gptq_writes_gptqs_integers(lenet, digits, lenet_w4):
+    """Each int4 weight of the exported model is GPTQ's integer for the folded float weight, the exported scale and
+    H from the float model's inputs on the calibration subset; onnxruntime computes what the simulation does."""
+    import onnx
+    from onnx import numpy_helper
+
+    from qatool.convert import normalize_proto
+    from qatool.data.images import ImageDataset
+    from qatool.data.preprocess import resolve_preprocess
+    from qatool.ir.io import load_proto
+    from qatool.quant.calibrate import calibration_indices
+    from qatool.quant.config import QuantConfig
+    from qatool.quant.gptq import GPTQ_IMAGES, collect_grams
+    from qatool.quant.ops import bn_fold_factor
+    from qatool.quant.prepare import mark, weight_axes
+    from qatool.quant.qparams import channel_shape
+
+    path, r = lenet_w4["gptq"]
+    g = r["gptq"]
+    assert g["layers"] == 4 and g["mismatches"] == 0 and g["rounded_to_nearest"] == [] and g["changed"] > 0.05
+    assert lenet_w4["nearest"][1]["gptq"] is None
+    fusion = r["export"]["fusion"]
+    assert fusion["unfused"] == [] and fusion["fused"] == fusion["expected"]
+    assert r["agreement_top1"] >= 0.99 and abs(r["top1_sim"] - r["top1_int8"]) <= 0.01
+    assert r["export"]["agreement"]["max_abs_diff"] < 1e-3  # LeNet's logits stay float (the output tail)
+
+    graph = normalize_proto(load_proto(lenet), for_training=True, free_batch=True).graph
+    images = ImageDataset.open(digits[0]).load(resolve_preprocess(graph))
+    layers = mark(graph, QuantConfig(weight_bits=4)).layers
+    grams = collect_grams(graph, layers, images, calibration_indices(len(images), GPTQ_IMAGES, 0))
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+    grid = weight_grid(4)
+    for layer in layers:
+        w_name = layer.node.input(1)
+        axis, _ = weight_axes(layer.node)
+        w = graph.initializers[w_name].astype(np.float32)
+        if layer.bn is not None:
+            k = bn_fold_factor(*(graph.initializers[layer.bn.input(i)].astype(np.float32) for i in (1, 4)),
+                               float(layer.bn.attrs.get("epsilon", 1e-5)))
+            w = w * k.reshape(channel_shape(w.ndim, axis))
+        q_int8 = inits.get(f"{w_name}_quantized_int4", inits.get(f"{w_name}_quantized"))  # packed as INT4
+        scale = inits[f"{w_name}_scale"]
+        assert q_int8.min() >= -8 and q_int8.max() <= 7
+        q_int8 = q_int8.astype(np.int32)
+        H = grams[layer.node.name]
+        want = gptq_round(weight_rows(w, axis), H[0], scale, grid)
+        assert (weight_rows(q_int8, axis) == want).mean() > 0.999, layer.node.name  # float64 sums: a rare tie
+        nearest = np.clip(np.rint(weight_rows(w, axis) / scale[:, None]), grid.qmin, grid.qmax)
+        assert (weight_rows(q_int8, axis) != nearest).any()
+
+
+def test_calibrate_gptq_output_is_closer_to_float_than_nearest(lenet, digits, lenet_w4):
+    """On held-out images (the val split, not calibrated on) the int8 model's logits are closer to the float
+    model's with GPTQ than with round-to-nearest, on onnxruntime."""
+    from qatool.convert import normalize_proto
+    from qatool.data.images import ImageDataset
+    from qatool.data.preprocess import resolve_preprocess
+    from qatool.ir.io import load_proto
+    from tests.helpers import ort_run
+
+    graph = normalize_proto(load_proto(lenet), for_training=True, free_batch=True).graph
+    val = ImageDataset.open(digits[1]).load(resolve_preprocess(graph))
+    x, _ = val.batch(np.arange(len(val)))
+    import onnx
+    name = onnx.load(lenet_w4["gptq"][0]).graph.input[0].name
+    float_out = ort_run(str(lenet), {onnx.load(str(lenet)).graph.input[0].name: x})[0]
+    err = {}
+    for rounding, (path, _) in lenet_w4.items():
+        out = ort_run(path, {name: x})[0]
+        err[rounding] = float(np.mean((out - float_out) ** 2) / np.mean(float_out ** 2))
+    assert err["gptq"] < err["nearest"], err
