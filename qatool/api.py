@@ -438,21 +438,22 @@ def _calibrated_start(run: _Run, what: str) -> bool:
     calibrate_session(run.session, run.train_set, cfg.init_method, cfg.init_images, seed=cfg.seed)
     run.echo(f"activation ranges calibrated ({cfg.init_method}) on {min(cfg.init_images, len(run.train_set))} "
              f"training {what}")
-    gptq = _rounded(run.session, run.train_set, cfg.seed, run.echo)
+    gptq = _rounded(run.session, run.train_set, cfg.seed, run.echo, cfg.init_images)
     if gptq is not None:
         run.info["gptq"] = gptq
     return True
 
 
-def _rounded(session, calib, seed: int, say) -> dict | None:
-    """With weight_rounding gptq: the session's weights rounded by GPTQ on `calib` (qatool.quant.gptq), said
-    and returned as the report's dict; else None."""
+def _rounded(session, calib, seed: int, say, images: int | None) -> dict | None:
+    """With weight_rounding gptq: the session's weights rounded by GPTQ (qatool.quant.gptq) on a seeded subset
+    of min(GPTQ_IMAGES, `images`) inputs of `calib`, said and returned as the report's dict; else None."""
     from .quant.gptq import GPTQ_IMAGES, round_session
 
     if session.config.weight_rounding != "gptq":
         return None
-    say(f"rounding the weights with GPTQ on {min(GPTQ_IMAGES, len(calib))} inputs ...")
-    report = round_session(session, calib, GPTQ_IMAGES, seed=seed)
+    n = min(GPTQ_IMAGES, images or len(calib), len(calib))
+    say(f"rounding the weights with GPTQ on {n} inputs ...")
+    report = round_session(session, calib, n, seed=seed)
     say(report.summary())
     for name, why in report.rounded_to_nearest:
         say(f"  {name}: rounded to nearest ({why})")
@@ -1056,7 +1057,7 @@ def _calibrated(session, calib, method, images, percentile, bins, seed, what: st
     say(f"quantizing {session.plan.summary()}")
     say(f"calibrating ({method}) on {n_calib} {what}")
     ranges = calibrate_session(session, calib, method, images, percentile, bins, seed=seed)
-    return n_calib, plan, ranges, _rounded(session, calib, seed, say)
+    return n_calib, plan, ranges, _rounded(session, calib, seed, say, images)
 
 
 def _export_calibrated(session, output, evaluated, verify: bool, source: str, judge, input_shape):

@@ -164,3 +164,44 @@ def test_calibrate_gptq_output_is_closer_to_float_than_nearest(lenet, digits, le
         out = ort_run(path, {name: x})[0]
         err[rounding] = float(np.mean((out - float_out) ** 2) / np.mean(float_out ** 2))
     assert err["gptq"] < err["nearest"], err
+
+
+def test_train_quant_starts_from_gptq_and_its_checkpoint_keeps_the_scales(lenet, digits, tmp_path):
+    """train-quant --weight-rounding gptq rounds its calibrated start; the fixed scales are state, saved with the
+    checkpoint and restored from it; without --init calibrate the option is refused in one line."""
+    from qatool.api import train_quant
+    from qatool.errors import UsageError
+    from qatool.quant.config import QuantConfig
+    from qatool.train.checkpoint import load_checkpoint
+    from qatool.train.config import TrainConfig
+    from qatool.train.session import QatSession
+
+    quant = QuantConfig(weight_bits=4, weight_rounding="gptq")
+    train_quant(lenet, digits[0], tmp_path / "run", val_data=digits[1], quant=quant,
+                train=TrainConfig(steps=2, batch_size=16, init_images=64), quiet=True)
+    ckpt = load_checkpoint(tmp_path / "run" / "qat.onnx")
+    assert ckpt.quant.weight_rounding == "gptq" and ckpt.info["gptq"]["layers"] == 4
+    stored = {k: v for k, v in ckpt.arrays.items() if k.startswith("weight_scale/")}
+    assert len(stored) == 4
+    session = QatSession.from_checkpoint(ckpt)
+    assert sorted(session.fixed_weight_scales) == sorted(k[len("weight_scale/"):] for k in stored)
+    assert session.learned_scales == []  # fixed, not trained
+    for k, v in stored.items():
+        np.testing.assert_array_equal(session.model.state[k[len("weight_scale/"):]], v)
+    with pytest.raises(UsageError, match="needs --init calibrate"):
+        train_quant(lenet, digits[0], tmp_path / "run2", quant=quant, train=TrainConfig(steps=1, init="observe"),
+                    quiet=True)
+    with pytest.raises(Exception, match="weight_rounding must be one of"):
+        QuantConfig(weight_rounding="best")
+
+
+def test_cli_calibrate_weight_rounding(lenet, digits, tmp_path):
+    from click.testing import CliRunner
+
+    from qatool.cli_quant import calibrate_command
+
+    out = tmp_path / "m.onnx"
+    r = CliRunner().invoke(calibrate_command, [str(lenet), "--data", str(digits[0]), "-o", str(out), "--images", "64",
+                                               "--weight-bits", "4", "--weight-rounding", "gptq", "--no-verify"])
+    assert r.exit_code == 0, r.output
+    assert "GPTQ rounded the weights of 4 layers on 64 inputs" in r.output and out.is_file()

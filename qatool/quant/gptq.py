@@ -88,11 +88,13 @@ def from_rows(rows: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray
     return np.moveaxis(rows.reshape(moved), 0, axis)
 
 
-def why_not(node: Node) -> str | None:
+def why_not(node: Node, w_shape: tuple[int, ...]) -> str | None:
     """Why GPTQ cannot build this layer's columns (it is then rounded to nearest), or None."""
     if node.op_type == "Conv":
         if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
             return "Conv with auto_pad"
+        if len(w_shape) > 4:
+            return "a Conv of more than 2 spatial dimensions"
     return None
 
 
@@ -198,7 +200,7 @@ def round_session(session, data, max_images: int | None = GPTQ_IMAGES, seed: int
     qat = session.model.graph
     todo, skipped = [], []
     for layer in session.plan.layers:
-        why = why_not(layer.node)
+        why = why_not(layer.node, tuple(session.float_graph.initializers[layer.node.input(1)].shape))
         (skipped.append((layer.node.name, why)) if why else todo.append(layer))
     indices = calibration_indices(len(data), max_images, seed)
     report.images = len(indices)
