@@ -199,8 +199,10 @@ def round_session(session, data, max_images: int | None = GPTQ_IMAGES, seed: int
     t0 = time.time()
     qat = session.model.graph
     todo, skipped = [], []
+    float_nodes = {n.name: n for n in session.float_graph.nodes}  # the plan's nodes now read the WeightQuant
     for layer in session.plan.layers:
-        why = why_not(layer.node, tuple(session.float_graph.initializers[layer.node.input(1)].shape))
+        node = float_nodes[layer.node.name]
+        why = why_not(node, tuple(session.float_graph.initializers[node.input(1)].shape))
         (skipped.append((layer.node.name, why)) if why else todo.append(layer))
     indices = calibration_indices(len(data), max_images, seed)
     report.images = len(indices)
