@@ -200,8 +200,9 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
                                                  ckpt.train.get("update_scale")))
     if train_cfg.scale_lr is not None and quant_cfg.scale_learning != "lsq":
         raise UsageError("--scale-lr sets the learning rate of learned step sizes: it needs --scale-learning lsq")
-    if quant_cfg.weight_rounding == "gptq" and ckpt is None and train_cfg.init != "calibrate":
-        raise UsageError("--weight-rounding gptq rounds the calibrated start's weights: it needs --init calibrate")
+    if quant_cfg.weight_rounding != "nearest" and ckpt is None and train_cfg.init != "calibrate":
+        raise UsageError(f"--weight-rounding {quant_cfg.weight_rounding} rounds the calibrated start's weights: it "
+                         "needs --init calibrate")
     labelled, why = recipe_reason(float_graph, train_data)
     if not labelled or distill_outputs or metric:
         option = "--metric" if metric else "--distill-outputs"
@@ -449,11 +450,13 @@ def _rounded(session, calib, seed: int, say, images: int | None) -> dict | None:
     of min(GPTQ_IMAGES, `images`) inputs of `calib`, said and returned as the report's dict; else None."""
     from .quant.gptq import GPTQ_IMAGES, round_session
 
-    if session.config.weight_rounding != "gptq":
+    rounding = session.config.weight_rounding
+    if rounding == "nearest":
         return None
     n = min(GPTQ_IMAGES, images or len(calib), len(calib))
-    say(f"rounding the weights with GPTQ on {n} inputs ...")
-    report = round_session(session, calib, n, seed=seed)
+    sequential = rounding == "gptq-sequential"
+    say(f"rounding the weights with GPTQ{' layer by layer' if sequential else ''} on {n} inputs ...")
+    report = round_session(session, calib, n, seed=seed, sequential=sequential)
     say(report.summary())
     for name, why in report.rounded_to_nearest:
         say(f"  {name}: rounded to nearest ({why})")

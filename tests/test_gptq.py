@@ -241,3 +241,29 @@ def test_session_rounding_survives_the_simulation_and_the_export(lenet, digits, 
         sim = np.rint(w_q / (scale.reshape([-1 if i == axis else 1 for i in range(w_q.ndim)]) if per_channel
                              else scale))
         np.testing.assert_array_equal(sim, g.initializers[f"{node.input(0)}_quantized"])
+
+
+def test_sequential_rounds_the_first_layer_as_one_pass_and_later_layers_on_rounded_inputs(lenet, digits):
+    """gptq-sequential: layer 1 sees the float input either way (same integers); later layers see the outputs of
+    the already-rounded layers, so some of their integers differ from the one-pass rounding."""
+    from qatool.convert import normalize_proto
+    from qatool.data.images import ImageDataset
+    from qatool.data.preprocess import resolve_preprocess
+    from qatool.ir.io import load_proto
+    from qatool.quant.config import QuantConfig
+    from qatool.quant.gptq import round_session
+    from qatool.train.session import QatSession
+
+    graph = normalize_proto(load_proto(lenet), for_training=True, free_batch=True).graph
+    images = ImageDataset.open(digits[0]).load(resolve_preprocess(graph))
+    weights = {}
+    for rounding in ("gptq", "gptq-sequential"):
+        session = QatSession.create(graph, QuantConfig(weight_bits=4, weight_rounding=rounding))
+        report = round_session(session, images, 64, sequential=rounding == "gptq-sequential")
+        assert report.layers == 4 and report.mismatches == 0
+        weights[rounding] = [session.model.params[n.input(0)].copy()
+                             for layer in session.plan.layers
+                             for n in session.model.graph.nodes if n.name == f"{layer.node.name}.weightquant"]
+    one, seq = weights["gptq"], weights["gptq-sequential"]
+    np.testing.assert_array_equal(one[0], seq[0])
+    assert any(not np.array_equal(a, b) for a, b in zip(one[1:], seq[1:]))

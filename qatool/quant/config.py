@@ -8,7 +8,7 @@ from ..errors import ConfigError
 
 SCALE_UPDATES = ("moving-average", "maximum")
 SCALE_LEARNING = ("none", "lsq")
-WEIGHT_ROUNDING = ("nearest", "gptq")
+WEIGHT_ROUNDING = ("nearest", "gptq", "gptq-sequential")
 
 
 @dataclass
@@ -26,7 +26,8 @@ class QuantConfig:
     layer_weight_bits: dict[str, int] = field(default_factory=dict)  # node name -> weight bits (mixed precision)
     scale_learning: str = "none"  # "lsq": step sizes trained by gradient, initialised from the observers
     quantize_tail: bool = False  # also quantize the output tail (after the last weighted layer); default float
-    # "gptq": the start's weights rounded by GPTQ on calibration inputs (qatool.quant.gptq), on stored scales
+    # "gptq": the start's weights rounded by GPTQ on calibration inputs (qatool.quant.gptq), on stored scales;
+    # "gptq-sequential": each layer's inputs from the float model whose earlier layers are already rounded
     weight_rounding: str = "nearest"
 
     def __post_init__(self):
@@ -58,7 +59,7 @@ class QuantConfig:
     def stores_weight_scales(self) -> bool:
         """Whether each WeightQuant reads a stored scale (learned by LSQ, or fixed for GPTQ's rounding) instead
         of recomputing it from the weight every step."""
-        return self.scale_learning == "lsq" or self.weight_rounding == "gptq"
+        return self.scale_learning == "lsq" or self.weight_rounding != "nearest"
 
     def weight_bits_of(self, node_name: str) -> int:
         """The weight bits of one layer: its own setting (mixed precision) or the global one; capped at 7 with

@@ -168,15 +168,21 @@ def stored_weight_scale(qat_graph: Graph, node_name: str) -> tuple[Node, str]:
 
 def collect_grams(float_graph: Graph, layers: list, data, indices: np.ndarray,
                   batch_size: int = GPTQ_BATCH) -> dict[str, np.ndarray]:
-    """{layer name: H [G, K, K]} from the float model's inputs to each layer (eval mode, qatool's engine)."""
+    """{layer name: H [G, K, K]} from the float model's inputs to each layer (`layers`: the plan's, looked up
+    by node name) on the inputs `indices` of `data`, in eval mode on qatool's engine; only the part of the graph
+    that computes those inputs runs."""
     from ..engine.model import Model
+    from ..ir.graph import ValueInfo
     from .calibrate import _batches
 
-    model = Model(copy.deepcopy(float_graph))
-    by_name = {n.name: n for n in model.graph.nodes}
+    g = copy.deepcopy(float_graph)
+    by_name = {n.name: n for n in g.nodes}
     nodes = [by_name[layer.node.name] for layer in layers]
+    shapes = {n.name: tuple(g.initializers[n.input(1)].shape) for n in nodes}
     inputs = list(dict.fromkeys(n.input(0) for n in nodes))
-    shapes = {n.name: tuple(float_graph.initializers[n.input(1)].shape) for n in nodes}
+    g.outputs = [ValueInfo(t) for t in inputs]
+    g.cleanup()
+    model = Model(g)
     grams: dict[str, np.ndarray | None] = {n.name: None for n in nodes}
     name = model.input_names[0]
     for x in _batches(data, indices, batch_size):
@@ -187,17 +193,14 @@ def collect_grams(float_graph: Graph, layers: list, data, indices: np.ndarray,
 
 
 def round_session(session, data, max_images: int | None = GPTQ_IMAGES, seed: int = 0, damp: float = DAMP,
-                  act_order: bool = True, batch_size: int = GPTQ_BATCH) -> GptqReport:
+                  act_order: bool = True, batch_size: int = GPTQ_BATCH, sequential: bool = False) -> GptqReport:
     """GPTQ-round every quantized layer's weight of a session whose WeightQuants have stored scales: the
     session's weights become q s / k (q GPTQ's integers), its scales stay. H comes from the float model's inputs
-    to each layer on a seeded subset of `data`."""
+    to each layer on a seeded subset of `data`: all at once, or (`sequential`) layer by layer in graph order from
+    the float model whose earlier layers already hold their rounded weights (one pass per layer)."""
     from .calibrate import calibration_indices
-    from .ops import bn_fold_factor, folded_step
-    from .qparams import quantize, weight_grid
 
     report = GptqReport()
-    t0 = time.time()
-    qat = session.model.graph
     todo, skipped = [], []
     float_nodes = {n.name: n for n in session.float_graph.nodes}  # the plan's nodes now read the WeightQuant
     for layer in session.plan.layers:
@@ -206,50 +209,65 @@ def round_session(session, data, max_images: int | None = GPTQ_IMAGES, seed: int
         (skipped.append((layer.node.name, why)) if why else todo.append(layer))
     indices = calibration_indices(len(data), max_images, seed)
     report.images = len(indices)
-    grams = collect_grams(session.float_graph, todo, data, indices, batch_size)
-    report.seconds_collect = time.time() - t0
-    t1 = time.time()
-    params, state = session.model.params, session.model.state
     changed = total = 0
-    for layer in todo:
-        wq, scale_name = stored_weight_scale(qat, layer.node.name)
-        axis, per = int(wq.attrs["axis"]), bool(wq.attrs.get("per_channel", 1))
-        grid = weight_grid(int(wq.attrs["bits"]))
-        w_arr = params[wq.input(0)]
-        w = w_arr.astype(np.float32)
-        k = None
-        if wq.input(1):
-            k = bn_fold_factor(_value(session, wq.input(1)), _value(session, wq.input(2)),
-                               float(wq.attrs.get("epsilon", 1e-5))).astype(np.float32)
-            w = w * k.reshape(channel_shape(w.ndim, axis))
-        stored = params[scale_name] if scale_name in params else state[scale_name]
-        s = folded_step(stored.astype(np.float32), k, per)  # what WeightQuant and the export use
-        rows = weight_rows(w, axis)
-        s_rows = np.broadcast_to(s.reshape(-1), (rows.shape[0],))
-        H = grams[layer.node.name]
-        G = H.shape[0]
-        R = rows.shape[0] // G
-        q = np.concatenate([gptq_round(rows[g * R:(g + 1) * R], H[g], s_rows[g * R:(g + 1) * R], grid, damp,
-                                       act_order) for g in range(G)])
-        nearest = np.clip(np.rint(rows / s_rows[:, None]), grid.qmin, grid.qmax)
+    work = copy.deepcopy(session.float_graph) if sequential else session.float_graph
+    grams = {}
+    for i, layer in enumerate(todo):
+        t0 = time.time()
+        if sequential:
+            grams = collect_grams(work, [layer], data, indices, batch_size)
+        elif i == 0:
+            grams = collect_grams(work, todo, data, indices, batch_size)
+        t1 = time.time()
+        new, q, nearest, mismatches = _round_layer(session, layer, grams.pop(layer.node.name), damp, act_order)
+        if sequential:
+            work.initializers[float_nodes[layer.node.name].input(1)] = new.copy()
         changed += int((q != nearest).sum())
         total += q.size
-        folded = (q * s_rows[:, None]).astype(np.float32)
-        new = from_rows(folded, w.shape, axis)
-        if k is not None:
-            kk = k.reshape(channel_shape(w.ndim, axis))
-            new = np.where(kk != 0, new / np.where(kk != 0, kk, 1), w_arr).astype(np.float32)
-            refolded = new * kk
-        else:
-            refolded = new
-        back = weight_rows(quantize(refolded, s, 0, grid, axis if per else None), axis)
-        report.mismatches += int((back != q).sum())
-        w_arr[...] = new
+        report.mismatches += mismatches
+        report.seconds_collect += t1 - t0
+        report.seconds_round += time.time() - t1
     report.layers = len(todo)
     report.rounded_to_nearest = skipped
     report.changed = changed / max(total, 1)
-    report.seconds_round = time.time() - t1
     return report
+
+
+def _round_layer(session, layer, H: np.ndarray, damp: float, act_order: bool):
+    """Round one layer's weight in place (the session's parameter becomes q s / k); returns (the new unfolded
+    weight, GPTQ's q and round-to-nearest's integers as rows, weights whose fold does not round back to q)."""
+    from .ops import bn_fold_factor, folded_step
+    from .qparams import quantize, weight_grid
+
+    params, state = session.model.params, session.model.state
+    wq, scale_name = stored_weight_scale(session.model.graph, layer.node.name)
+    axis, per = int(wq.attrs["axis"]), bool(wq.attrs.get("per_channel", 1))
+    grid = weight_grid(int(wq.attrs["bits"]))
+    w_arr = params[wq.input(0)]
+    w = w_arr.astype(np.float32)
+    k = None
+    if wq.input(1):
+        k = bn_fold_factor(_value(session, wq.input(1)), _value(session, wq.input(2)),
+                           float(wq.attrs.get("epsilon", 1e-5))).astype(np.float32)
+        w = w * k.reshape(channel_shape(w.ndim, axis))
+    stored = params[scale_name] if scale_name in params else state[scale_name]
+    s = folded_step(stored.astype(np.float32), k, per)  # what WeightQuant and the export use
+    rows = weight_rows(w, axis)
+    s_rows = np.broadcast_to(s.reshape(-1), (rows.shape[0],))
+    G = H.shape[0]
+    R = rows.shape[0] // G
+    q = np.concatenate([gptq_round(rows[g * R:(g + 1) * R], H[g], s_rows[g * R:(g + 1) * R], grid, damp,
+                                   act_order) for g in range(G)])
+    nearest = np.clip(np.rint(rows / s_rows[:, None]), grid.qmin, grid.qmax)
+    new = from_rows((q * s_rows[:, None]).astype(np.float32), w.shape, axis)
+    refolded = new
+    if k is not None:  # unfold; a channel with k = 0 holds zeros whatever its weight: it keeps it
+        kk = k.reshape(channel_shape(w.ndim, axis))
+        new = np.where(kk != 0, new / np.where(kk != 0, kk, 1), w_arr).astype(np.float32)
+        refolded = new * kk
+    back = weight_rows(quantize(refolded, s, 0, grid, axis if per else None), axis)
+    w_arr[...] = new
+    return new, q, nearest, int((back != q).sum())
 
 
 def _value(session, name: str) -> np.ndarray:
