@@ -17,6 +17,11 @@ input when weight_rounding is gptq: `folded_step`, the LSQ path). The scale is k
 rounded weights (weight_scales(q s) is usually not s), so the simulation, checkpoint and export all read the same
 s and the deployed integers are GPTQ's q. The weight is written back as q s / k, whose fold rounds to q again.
 
+H comes from the FLOAT model's inputs to each layer (eval mode, qatool's engine, a seeded subset of the
+calibration inputs): all layers from one pass, or with "gptq-sequential" layer by layer in graph order, each from
+the float model whose earlier layers already hold their rounded weights (one pass per layer, over the part of
+the graph that computes the layer's input). Activations stay float while H is collected either way.
+
 Columns of a layer (the same order as the weight's row reshape):
 - Conv (2-D, group g): im2col of the padded input per group, (Cin/g) * kh * kw columns ordered (cin, kh, kw);
   each group's output channels have their own H;
