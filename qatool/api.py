@@ -456,7 +456,7 @@ def _rounded(session, calib, seed: int, say, images: int | None) -> dict | None:
     n = min(GPTQ_IMAGES, images or len(calib), len(calib))
     sequential = rounding == "gptq-sequential"
     say(f"rounding the weights with GPTQ{' layer by layer' if sequential else ''} on {n} inputs ...")
-    report = round_session(session, calib, n, seed=seed, sequential=sequential)
+    report = round_session(session, calib, n, seed=seed, sequential=sequential, progress=say)
     say(report.summary())
     for name, why in report.rounded_to_nearest:
         say(f"  {name}: rounded to nearest ({why})")

@@ -198,11 +198,13 @@ def collect_grams(float_graph: Graph, layers: list, data, indices: np.ndarray,
 
 
 def round_session(session, data, max_images: int | None = GPTQ_IMAGES, seed: int = 0, damp: float = DAMP,
-                  act_order: bool = True, batch_size: int = GPTQ_BATCH, sequential: bool = False) -> GptqReport:
+                  act_order: bool = True, batch_size: int = GPTQ_BATCH, sequential: bool = False,
+                  progress=None) -> GptqReport:
     """GPTQ-round every quantized layer's weight of a session whose WeightQuants have stored scales: the
     session's weights become q s / k (q GPTQ's integers), its scales stay. H comes from the float model's inputs
     to each layer on a seeded subset of `data`: all at once, or (`sequential`) layer by layer in graph order from
-    the float model whose earlier layers already hold their rounded weights (one pass per layer)."""
+    the float model whose earlier layers already hold their rounded weights (one pass per layer).
+    `progress(line)`, if given, is told of each layer of a sequential run (they take a pass each)."""
     from .calibrate import calibration_indices
 
     report = GptqReport()
@@ -232,6 +234,8 @@ def round_session(session, data, max_images: int | None = GPTQ_IMAGES, seed: int
         report.mismatches += mismatches
         report.seconds_collect += t1 - t0
         report.seconds_round += time.time() - t1
+        if sequential and progress is not None:
+            progress(f"  {i + 1}/{len(todo)} {layer.node.name}: {time.time() - t0:.1f} s")
     report.layers = len(todo)
     report.rounded_to_nearest = skipped
     report.changed = changed / max(total, 1)
