@@ -200,6 +200,9 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
                                                  ckpt.train.get("update_scale")))
     if train_cfg.scale_lr is not None and quant_cfg.scale_learning != "lsq":
         raise UsageError("--scale-lr sets the learning rate of learned step sizes: it needs --scale-learning lsq")
+    if quant_cfg.weight_rounding != "nearest" and ckpt is None and train_cfg.init != "calibrate":
+        raise UsageError(f"--weight-rounding {quant_cfg.weight_rounding} rounds the calibrated start's weights: it "
+                         "needs --init calibrate")
     labelled, why = recipe_reason(float_graph, train_data)
     if not labelled or distill_outputs or metric:
         option = "--metric" if metric else "--distill-outputs"
@@ -436,7 +439,30 @@ def _calibrated_start(run: _Run, what: str) -> bool:
     calibrate_session(run.session, run.train_set, cfg.init_method, cfg.init_images, seed=cfg.seed)
     run.echo(f"activation ranges calibrated ({cfg.init_method}) on {min(cfg.init_images, len(run.train_set))} "
              f"training {what}")
+    gptq = _rounded(run.session, run.train_set, cfg.seed, run.echo, cfg.init_images)
+    if gptq is not None:
+        run.info["gptq"] = gptq
     return True
+
+
+def _rounded(session, calib, seed: int, say, images: int | None) -> dict | None:
+    """With weight_rounding gptq: the session's weights rounded by GPTQ (qatool.quant.gptq) on a seeded subset
+    of min(GPTQ_IMAGES, `images`) inputs of `calib`, said and returned as the report's dict; else None."""
+    from .quant.gptq import GPTQ_IMAGES, round_session
+
+    rounding = session.config.weight_rounding
+    if rounding == "nearest":
+        return None
+    n = min(GPTQ_IMAGES, images or len(calib), len(calib))
+    sequential = rounding == "gptq-sequential"
+    say(f"rounding the weights with GPTQ{' layer by layer' if sequential else ''} on {n} inputs ...")
+    report = round_session(session, calib, n, seed=seed, sequential=sequential, progress=say)
+    say(report.summary())
+    for name, why in report.rounded_to_nearest:
+        say(f"  {name}: rounded to nearest ({why})")
+    if report.mismatches:
+        say(f"  warning: {report.mismatches} weights do not fold back to GPTQ's integers")
+    return report.to_dict()
 
 
 def _validator(run: _Run, **judged):
@@ -964,8 +990,8 @@ def calibrate(model_path, data, output, method: str | None = None, quant=None,
     skipped = len(calib_images.skipped) + (len(eval_images.skipped) if val_data is not None else 0)
     if skipped:
         say(f"skipped {skipped} unreadable images")
-    n_calib, plan, ranges = _calibrated(session, calib_images, method, images, percentile, bins, seed,
-                                        f"images of {data}", say)
+    n_calib, plan, ranges, gptq = _calibrated(session, calib_images, method, images, percentile, bins, seed,
+                                              f"images of {data}", say)
     if method != "minmax":
         say(f"{sum(r.clipped for r in ranges.values())} of {len(ranges)} ranges clipped inside the observed min/max")
         for t, r in ranges.items():
@@ -984,7 +1010,7 @@ def calibrate(model_path, data, output, method: str | None = None, quant=None,
     # fatal — with --symmetric-activations no Conv+Relu can fuse (the Relu is not redundant on a signed grid)
     exported = _export_calibrated(session, output, eval_images, verify, str(val_data or data), None, None)
     report = _calibration_report(model_path, data, val_data, method, n_calib, percentile, bins, quant, pre, plan,
-                                 ranges, exported, {}, eval_images, verify)
+                                 ranges, exported, {"gptq": gptq}, eval_images, verify)
     report["top1_float"] = top1_float
     if verify:
         report["agreement_top1"] = exported.agreement.agreement_top1
@@ -1013,25 +1039,28 @@ def _calibrate_any(model_path, float_graph, data, output, method, quant, images,
         float_model = FloatModel(float_graph)
         tasks = choose_output_tasks(float_graph, float_model, calib, echo=say)
         judge = Judge(tasks, float_model, evaluated, eval_batch_size(evaluated))
-    n_calib, plan, ranges = _calibrated(session, calib, method, images, percentile, bins, seed,
-                                        f"{data_kind(calib)} of {data} (no labels)", say)
+    n_calib, plan, ranges, gptq = _calibrated(session, calib, method, images, percentile, bins, seed,
+                                              f"{data_kind(calib)} of {data} (no labels)", say)
     shape = [1, *evaluated.item_shape(int(evaluated.groups[0][0]))] if verify else None
     exported = _export_calibrated(session, output, evaluated, verify, str(val_data or data), judge, shape)
     return _calibration_report(model_path, data, val_data, method, n_calib, percentile, bins, quant, pre, plan,
-                               ranges, exported, {"tasks": [t.to_dict() for t in judge.tasks] if judge else None},
+                               ranges, exported, {"tasks": [t.to_dict() for t in judge.tasks] if judge else None,
+                                                  "gptq": gptq},
                                evaluated, verify)
 
 
 def _calibrated(session, calib, method, images, percentile, bins, seed, what: str, say):
     """Calibrate the session's activation ranges on (a seeded subset of `images` of) `calib`, saying what is
-    quantized and on what (`what`). Returns (images calibrated on, the placement's report, the ranges)."""
+    quantized and on what (`what`), then round its weights by GPTQ if the config says so. Returns (images
+    calibrated on, the placement's report, the ranges, GPTQ's report or None)."""
     from .quant.calibrate import calibrate_session
 
     n_calib = min(len(calib), images) if images else len(calib)
     plan = session.plan.report()
     say(f"quantizing {session.plan.summary()}")
     say(f"calibrating ({method}) on {n_calib} {what}")
-    return n_calib, plan, calibrate_session(session, calib, method, images, percentile, bins, seed=seed)
+    ranges = calibrate_session(session, calib, method, images, percentile, bins, seed=seed)
+    return n_calib, plan, ranges, _rounded(session, calib, seed, say, images)
 
 
 def _export_calibrated(session, output, evaluated, verify: bool, source: str, judge, input_shape):

@@ -8,7 +8,7 @@ import click
 
 from . import __version__
 from .cli_options import (BITS, DATA_HELP, export_summary, preprocess_overrides, preprocessing_options,
-                          quantization_options, training_options)
+                          quantization_options, training_options, weight_rounding_option)
 from .errors import QatoolError
 from .quant.calibrate import METHODS as CALIBRATION_METHODS
 from .train.config import UPDATE_SCALES
@@ -82,6 +82,7 @@ def convert(model: str, output: str, for_training: bool) -> None:
               "gradient; else half the steps).")
 @click.option("--freeze-observers-after", type=click.IntRange(0),
               help="Step after which activation ranges stop updating (default: three quarters of the steps).")
+@weight_rounding_option
 @click.option("--scale-learning", type=click.Choice(["none", "lsq"]),
               help="lsq: train the weight and activation step sizes by gradient (LSQ), initialised from the "
                    "observers; the export uses the learned scales.")
@@ -153,7 +154,7 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                 pad_value, augment,
                 bits, weight_bits, activation_bits, per_tensor, symmetric_activations, scale_update,
                 observer_momentum, freeze_bn_after, freeze_observers_after, exclude, reduce_range, quantize_tail,
-                scale_learning,
+                scale_learning, weight_rounding,
                 optimizer, lr, scale_lr, update_scale, momentum, weight_decay, schedule, warmup_steps, steps, epochs, batch_size,
                 seed, init, init_method, init_images, mixed_precision, mixed_low_bits, save_every, keep, retreat,
                 validate_every, logits, teacher, distill_temperature, distill_alpha, new_head, features, float_steps,
@@ -179,7 +180,7 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                "scale_update": scale_update, "observer_momentum": observer_momentum,
                "freeze_bn_after": freeze_bn_after, "freeze_observers_after": freeze_observers_after,
                "exclude": list(exclude) or None, "reduce_range": reduce_range, "quantize_tail": quantize_tail,
-               "scale_learning": scale_learning}
+               "scale_learning": scale_learning, "weight_rounding": weight_rounding}
     t_flags = {"optimizer": optimizer, "lr": lr, "scale_lr": scale_lr, "update_scale": update_scale,
                "momentum": momentum,
                "weight_decay": weight_decay, "schedule": schedule, "warmup_steps": warmup_steps, "steps": steps,

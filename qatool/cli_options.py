@@ -85,6 +85,17 @@ def quantization_options(f):
     return f
 
 
+def weight_rounding_option(f):
+    """--weight-rounding (calibrate and train-quant's calibrated start)."""
+    return click.option(
+        "--weight-rounding", type=click.Choice(["nearest", "gptq", "gptq-sequential"]),
+        help="How the start's weights are rounded (default nearest). gptq: column by column so that each layer's "
+             "output on calibration inputs changes least (GPTQ, Frantar et al. 2022), on per-channel scales that "
+             "are then kept fixed (not recomputed from the weights); worth it at 4 bits and below. gptq-sequential: "
+             "each layer's inputs from the float model whose earlier layers are already rounded (one pass over "
+             "the inputs per layer).")(f)
+
+
 def training_options(f):
     """The optimiser, schedule and length of a training run (train-quant and finetune)."""
     for opt in reversed([

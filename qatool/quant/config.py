@@ -8,6 +8,7 @@ from ..errors import ConfigError
 
 SCALE_UPDATES = ("moving-average", "maximum")
 SCALE_LEARNING = ("none", "lsq")
+WEIGHT_ROUNDING = ("nearest", "gptq", "gptq-sequential")
 
 
 @dataclass
@@ -25,6 +26,9 @@ class QuantConfig:
     layer_weight_bits: dict[str, int] = field(default_factory=dict)  # node name -> weight bits (mixed precision)
     scale_learning: str = "none"  # "lsq": step sizes trained by gradient, initialised from the observers
     quantize_tail: bool = False  # also quantize the output tail (after the last weighted layer); default float
+    # "gptq": the start's weights rounded by GPTQ on calibration inputs (qatool.quant.gptq), on stored scales;
+    # "gptq-sequential": each layer's inputs from the float model whose earlier layers are already rounded
+    weight_rounding: str = "nearest"
 
     def __post_init__(self):
         self.validate()
@@ -38,6 +42,9 @@ class QuantConfig:
             raise ConfigError(f"scale_update must be one of {', '.join(SCALE_UPDATES)}, got {self.scale_update!r}")
         if self.scale_learning not in SCALE_LEARNING:
             raise ConfigError(f"scale_learning must be one of {', '.join(SCALE_LEARNING)}, got {self.scale_learning!r}")
+        if self.weight_rounding not in WEIGHT_ROUNDING:
+            raise ConfigError(f"weight_rounding must be one of {', '.join(WEIGHT_ROUNDING)}, "
+                              f"got {self.weight_rounding!r}")
         if not 0.0 <= float(self.observer_momentum) < 1.0:
             raise ConfigError(f"observer_momentum must be in [0, 1), got {self.observer_momentum!r}")
         for name, bits in self.layer_weight_bits.items():
@@ -47,6 +54,12 @@ class QuantConfig:
             v = getattr(self, key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ConfigError(f"{key} must be a step number >= 0, got {v!r}")
+
+    @property
+    def stores_weight_scales(self) -> bool:
+        """Whether each WeightQuant reads a stored scale (learned by LSQ, or fixed for GPTQ's rounding) instead
+        of recomputing it from the weight every step."""
+        return self.scale_learning == "lsq" or self.weight_rounding != "nearest"
 
     def weight_bits_of(self, node_name: str) -> int:
         """The weight bits of one layer: its own setting (mixed precision) or the global one; capped at 7 with

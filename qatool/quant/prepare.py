@@ -356,9 +356,9 @@ def insert(graph: Graph, plan: Plan, config: QuantConfig) -> dict[str, QuantTens
         else:
             state += [q.scale, q.zero_point, q.span]
     for layer in plan.layers:
-        learned = _rewrite_layer(graph, layer, quant[layer.input_source].scale, config)
-        if learned:
-            trainable.append(learned)
+        stored = _rewrite_layer(graph, layer, quant[layer.input_source].scale, config)
+        if stored:  # trained by gradient with LSQ; else fixed (GPTQ's rounding is on its grid)
+            (trainable if config.scale_learning == "lsq" else state).append(stored)
     graph.toposort()
     write_roles(graph, trainable, state)
     return quant
@@ -374,7 +374,9 @@ def weight_axes(node: Node) -> tuple[int, int]:
 
 
 def _rewrite_layer(graph: Graph, layer: Layer, input_scale: str, config: QuantConfig) -> str | None:
-    """Returns the name of the learned weight-scale parameter (LSQ), if any."""
+    """Returns the name of the stored weight scale, if any: with LSQ a learned parameter, with GPTQ rounding
+    (`weight_rounding` gptq) a fixed state array (a scale recomputed from the rounded weights would not be the
+    one GPTQ rounded on). Both start where the observer would and are read through `ops.folded_step`."""
     node, bn = layer.node, layer.bn
     w = node.input(1)
     w_axis, out_axis = weight_axes(node)
@@ -383,8 +385,8 @@ def _rewrite_layer(graph: Graph, layer: Layer, input_scale: str, config: QuantCo
     wq_inputs = [w, bn.input(1), bn.input(4)] if bn is not None else [w, "", ""]
     bits = config.weight_bits_of(node.name)
     learned = None
-    if config.scale_learning == "lsq":  # initialised as the observer would
-        learned = graph.unique_name(f"{w}.lsq_scale")
+    if config.stores_weight_scales:  # initialised as the observer would
+        learned = graph.unique_name(f"{w}.lsq_scale" if config.scale_learning == "lsq" else f"{w}.step")
         graph.initializers[learned] = _initial_weight_scale(graph, w, bn, w_axis, eps, bits, config.per_channel)
         wq_inputs.append(learned)
     while wq_inputs and not wq_inputs[-1]:

@@ -25,7 +25,7 @@ from ..errors import DivergedError, ModelError
 from ..ir.graph import Graph, Node
 from ..ir.io import load_graph, save_graph
 from ..quant.config import QuantConfig
-from ..quant.ops import bn_fold_factor
+from ..quant.ops import bn_fold_factor, folded_step
 from ..quant.prepare import QuantTensor, mark, weight_axes
 from ..quant.qparams import activation_grid, channel_shape, weight_grid, weight_scales
 
@@ -66,8 +66,10 @@ def save_checkpoint(path: str | os.PathLike, float_graph: Graph, qat_graph: Grap
         zero = np.asarray(qat_graph.initializers[q.zero_point]).astype(grid.storage).reshape(())
         _insert_qdq(g, t, producers.get(t), scale, zero, None)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflowed fold is caught just below
+        stored = {n.name: qat_graph.initializers[n.input(3)] for n in qat_graph.nodes
+                  if n.op_type == "WeightQuant" and n.input(3)}
         for layer in plan.layers:
-            _insert_weight_qdq(g, layer, config)
+            _insert_weight_qdq(g, layer, config, stored.get(f"{layer.node.name}.weightquant"))
     g.toposort()
     bad = g.nonfinite_initializer()  # finite parameters can still overflow once folded (w * gamma / sigma)
     if bad is not None:
@@ -100,7 +102,8 @@ def _insert_qdq(g: Graph, t: str, producer: Node | None, scale, zero, axis: int 
                         dict(attrs)))
 
 
-def _insert_weight_qdq(g: Graph, layer, config: QuantConfig) -> None:
+def _insert_weight_qdq(g: Graph, layer, config: QuantConfig, stored: np.ndarray | None = None) -> None:
+    """`stored`: the layer's stored step size (LSQ, GPTQ), a step of the unfolded weight (`ops.folded_step`)."""
     w_name = layer.node.input(1)
     w = g.initializers[w_name]
     axis, _ = weight_axes(layer.node)
@@ -110,12 +113,13 @@ def _insert_weight_qdq(g: Graph, layer, config: QuantConfig) -> None:
         bn = layer.bn
         k = bn_fold_factor(g.initializers[bn.input(1)], g.initializers[bn.input(4)],
                            float(bn.attrs.get("epsilon", 1e-5)))
-        scale = weight_scales(w * k.reshape(channel_shape(w.ndim, axis)), per, grid)
+        scale = weight_scales(w * k.reshape(channel_shape(w.ndim, axis)), per, grid) if stored is None \
+            else folded_step(stored, k, per is not None)
         # fake-quantizing w*k with scale s is fake-quantizing w with scale s/k (up to float rounding)
         scale = (scale / (np.abs(k) if per is not None else 1)).astype(np.float32)
         scale = np.maximum(scale, np.float32(np.finfo(np.float32).tiny))
     else:
-        scale = weight_scales(w, per, grid)
+        scale = weight_scales(w, per, grid) if stored is None else folded_step(stored, None, per is not None)
     _insert_qdq(g, w_name, None, scale, np.zeros(scale.shape, grid.storage), per)
 
 

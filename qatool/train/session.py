@@ -45,9 +45,11 @@ class QatSession(QuantizedModel):
                     span = np.array([(grid.qmin - zero) * scale, (grid.qmax - zero) * scale], np.float32)
             if span is not None:
                 inits[q.span][...] = span
-        for key, value in ckpt.arrays.items():  # parameters of the QAT graph only (LSQ step sizes)
+        for key, value in ckpt.arrays.items():  # arrays of the QAT graph only (LSQ's and GPTQ's step sizes)
             if key.startswith("param/") and key[6:] in session.model.params:
                 session.model.params[key[6:]][...] = value
+            elif key.startswith("weight_scale/") and key[13:] in session.model.state:
+                session.model.state[key[13:]][...] = value
         return session
 
     @property
@@ -59,6 +61,12 @@ class QatSession(QuantizedModel):
         """The LSQ step sizes (weight and activation scales trained by gradient): the trained parameters of the
         QAT graph that the float model does not have. Empty without scale_learning lsq."""
         return [k for k in self.model.params if k not in self.float_graph.initializers]
+
+    @property
+    def fixed_weight_scales(self) -> list[str]:
+        """The stored weight step sizes that are not trained (GPTQ rounding without LSQ): state to checkpoint."""
+        return [n.input(3) for n in self.model.graph.nodes
+                if n.op_type == "WeightQuant" and n.input(3) and n.input(3) in self.model.state]
 
     def nonpositive_scale(self) -> tuple[str, float] | None:
         """The first learned step size that an update pushed to zero or below, with its smallest value: the
@@ -76,5 +84,6 @@ class QatSession(QuantizedModel):
     def save(self, path: str | os.PathLike, train: dict, step: int, arrays: dict[str, np.ndarray],
              info: dict | None = None) -> None:
         own = {f"param/{k}": self.model.params[k] for k in self.learned_scales}
+        own.update({f"weight_scale/{k}": self.model.state[k] for k in self.fixed_weight_scales})
         save_checkpoint(path, self.float_graph, self.model.to_graph(), self.quant, self.config, train, step,
                         {**arrays, **own}, info)
