@@ -155,7 +155,8 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                 bits, weight_bits, activation_bits, per_tensor, symmetric_activations, scale_update,
                 observer_momentum, freeze_bn_after, freeze_observers_after, exclude, reduce_range, quantize_tail,
                 scale_learning, weight_rounding,
-                optimizer, lr, scale_lr, update_scale, momentum, weight_decay, schedule, warmup_steps, steps, epochs, batch_size,
+                optimizer, lr, scale_lr, update_scale, momentum, weight_decay, schedule, warmup_steps, steps, epochs,
+                batch_size,
                 seed, init, init_method, init_images, mixed_precision, mixed_low_bits, save_every, keep, retreat,
                 validate_every, logits, teacher, distill_temperature, distill_alpha, new_head, features, float_steps,
                 freeze_backbone, map_threshold, distill_features, pad_multiple, metric, distill_outputs, resume, quiet):
