@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ir.graph import Graph, Node
+from .prepare import weight_quant_name
 from .qparams import Grid, channel_shape
 
 DAMP = 0.01  # of the mean diagonal of H, added to it before inversion
@@ -167,7 +168,8 @@ class GptqReport:
 
 def stored_weight_scale(qat_graph: Graph, node_name: str) -> tuple[Node, str]:
     """The layer's WeightQuant node and the name of its stored scale input (prepare names it)."""
-    wq = next(n for n in qat_graph.nodes if n.op_type == "WeightQuant" and n.name == f"{node_name}.weightquant")
+    name = weight_quant_name(node_name)
+    wq = next(n for n in qat_graph.nodes if n.op_type == "WeightQuant" and n.name == name)
     return wq, wq.input(3)
 
 

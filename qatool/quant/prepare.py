@@ -373,6 +373,11 @@ def weight_axes(node: Node) -> tuple[int, int]:
     return 1, -1
 
 
+def weight_quant_name(layer_name: str) -> str:
+    """The name of the WeightQuant node that quantizes a layer's weight."""
+    return f"{layer_name}.weightquant"
+
+
 def _rewrite_layer(graph: Graph, layer: Layer, input_scale: str, config: QuantConfig) -> str | None:
     """Returns the name of the stored weight scale, if any: with LSQ a learned parameter, with GPTQ rounding
     (`weight_rounding` gptq) a fixed state array (a scale recomputed from the rounded weights would not be the
@@ -391,7 +396,7 @@ def _rewrite_layer(graph: Graph, layer: Layer, input_scale: str, config: QuantCo
         wq_inputs.append(learned)
     while wq_inputs and not wq_inputs[-1]:
         wq_inputs.pop()
-    graph.nodes.append(Node("WeightQuant", wq_inputs, [w_q, w_scale], f"{node.name}.weightquant",
+    graph.nodes.append(Node("WeightQuant", wq_inputs, [w_q, w_scale], weight_quant_name(node.name),
                             {"bits": bits, "axis": w_axis, "per_channel": int(config.per_channel), "epsilon": eps},
                             DOMAIN))
     bias = node.input(2) if node.op_type in ("Conv", "Gemm") else ""

@@ -26,7 +26,7 @@ from ..ir.graph import Graph, Node
 from ..ir.io import load_graph, save_graph
 from ..quant.config import QuantConfig
 from ..quant.ops import bn_fold_factor, folded_step
-from ..quant.prepare import QuantTensor, mark, weight_axes
+from ..quant.prepare import QuantTensor, mark, weight_axes, weight_quant_name
 from ..quant.qparams import activation_grid, channel_shape, weight_grid, weight_scales
 
 CHECKPOINT_KEY = "qatool.checkpoint"
@@ -69,7 +69,7 @@ def save_checkpoint(path: str | os.PathLike, float_graph: Graph, qat_graph: Grap
         stored = {n.name: qat_graph.initializers[n.input(3)] for n in qat_graph.nodes
                   if n.op_type == "WeightQuant" and n.input(3)}
         for layer in plan.layers:
-            _insert_weight_qdq(g, layer, config, stored.get(f"{layer.node.name}.weightquant"))
+            _insert_weight_qdq(g, layer, config, stored.get(weight_quant_name(layer.node.name)))
     g.toposort()
     bad = g.nonfinite_initializer()  # finite parameters can still overflow once folded (w * gamma / sigma)
     if bad is not None:
