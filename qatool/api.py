@@ -200,8 +200,8 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
                                                  ckpt.train.get("update_scale")))
     if train_cfg.scale_lr is not None and quant_cfg.scale_learning != "lsq":
         raise UsageError("--scale-lr sets the learning rate of learned step sizes: it needs --scale-learning lsq")
-    if quant_cfg.weight_rounding != "nearest" and ckpt is None and train_cfg.init != "calibrate":
-        raise UsageError(f"--weight-rounding {quant_cfg.weight_rounding} rounds the calibrated start's weights: it "
+    if quant_cfg.rounding != "nearest" and ckpt is None and train_cfg.init != "calibrate":
+        raise UsageError(f"--weight-rounding {quant_cfg.rounding} rounds the calibrated start's weights: it "
                          "needs --init calibrate")
     labelled, why = recipe_reason(float_graph, train_data)
     if not labelled or distill_outputs or metric:
@@ -211,10 +211,14 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         if train_cfg.teacher or labels or train_cfg.logits:
             raise UsageError("--teacher, --labels and --logits belong to a classifier trained with labels; without "
                              "labels the float model itself is the teacher")
-        return _train_quant_any(model_path, float_graph, ckpt, quant_cfg, train_cfg.with_recipe(DISTILL_RECIPE),
+        return _train_quant_any(model_path, float_graph, ckpt,
+                                _with_rounding(quant_cfg, DISTILL_RECIPE, train_cfg.init, echo),
+                                train_cfg.with_recipe(DISTILL_RECIPE),
                                 train_data, out, val_data, preprocess, quiet, echo, distill_outputs, metric)
     echo(f"classifier QAT with labels (cross-entropy, top-1), because {why}")
-    run = _prepare_classifier(model_path, float_graph, ckpt, quant_cfg, train_cfg.with_recipe(CLASSIFIER_RECIPE),
+    run = _prepare_classifier(model_path, float_graph, ckpt,
+                              _with_rounding(quant_cfg, CLASSIFIER_RECIPE, train_cfg.init, echo),
+                              train_cfg.with_recipe(CLASSIFIER_RECIPE),
                               train_data, val_data, preprocess, labels, out, quiet, echo)
     start_chance = _measure_start_classifier(run)
     result = _run_training(run, start_chance)
@@ -445,12 +449,24 @@ def _calibrated_start(run: _Run, what: str) -> bool:
     return True
 
 
+def _with_rounding(quant_cfg, recipe, init: str, say):
+    """`quant_cfg` with the recipe's low-bit weight rounding where it leaves the rounding unset (said when it is
+    not nearest). The rounding is the calibrated start's: an observed start (`init` observe) rounds to nearest."""
+    from .quant.config import LOW_BITS
+
+    resolved = quant_cfg.with_rounding(recipe.low_bit_rounding if init == "calibrate" else "nearest")
+    if quant_cfg.weight_rounding is None and resolved.rounding != "nearest":
+        say(f"weights rounded by {resolved.rounding}: the default on this path at {LOW_BITS} bits and below "
+            "(--weight-rounding nearest turns it off)")
+    return resolved
+
+
 def _rounded(session, calib, seed: int, say, images: int | None) -> dict | None:
     """With weight_rounding gptq: the session's weights rounded by GPTQ (qatool.quant.gptq) on a seeded subset
     of min(GPTQ_IMAGES, `images`) inputs of `calib`, said and returned as the report's dict; else None."""
     from .quant.gptq import GPTQ_IMAGES, round_session
 
-    rounding = session.config.weight_rounding
+    rounding = session.config.rounding
     if rounding == "nearest":
         return None
     n = min(GPTQ_IMAGES, images or len(calib), len(calib))
@@ -737,7 +753,7 @@ def _write_report(run: _Run, result, exported, kept_step: int, val: dict, own: d
         "outputs": {"checkpoint": str(run.qat_path), "int8_model": str(run.int8_path),
                     "metrics": str(run.out / "metrics.jsonl"),
                     **({"best_checkpoint": str(best_path(run.qat_path))} if kept_step != run.total else {})},
-        "peak_rss_mb": peak_rss_mb(),
+        "gptq": run.info.get("gptq"), "peak_rss_mb": peak_rss_mb(),
     }
     atomic_write_bytes(run.out / "report.json", report_json(report))
     memory = f" (peak memory {report['peak_rss_mb']:,.0f} MB)" if report["peak_rss_mb"] else ""
@@ -972,9 +988,11 @@ def calibrate(model_path, data, output, method: str | None = None, quant=None,
     quant = quant or QuantConfig()
     float_graph = normalize_proto(load_proto(model_path), for_training=True, free_batch=True).graph
     if not is_labelled_classifier(float_graph, data):
-        return _calibrate_any(model_path, float_graph, data, output, method or DISTILL_RECIPE.init_method, quant,
+        return _calibrate_any(model_path, float_graph, data, output, method or DISTILL_RECIPE.init_method,
+                              _with_rounding(quant, DISTILL_RECIPE, "calibrate", say),
                               images, preprocess, verify, val_data, percentile, bins, seed, say)
     method = method or CLASSIFIER_RECIPE.init_method
+    quant = _with_rounding(quant, CLASSIFIER_RECIPE, "calibrate", say)
     pre = resolve_preprocess(float_graph, preprocess)
     float_graph.metadata[METADATA_KEY] = pre.to_json()
     session = QatSession.create(float_graph, quant)  # a model the engine cannot run fails before any image is read

@@ -89,7 +89,8 @@ def weight_rounding_option(f):
     """--weight-rounding (calibrate and train-quant's calibrated start)."""
     return click.option(
         "--weight-rounding", type=click.Choice(["nearest", "gptq", "gptq-sequential"]),
-        help="How the start's weights are rounded (default nearest). gptq: column by column so that each layer's "
+        help="How the start's weights are rounded. Default: gptq for a model or data without labels at 4-bit "
+             "weights and below, else nearest. gptq: column by column so that each layer's "
              "output on calibration inputs changes least (GPTQ, Frantar et al. 2022), on per-channel scales that "
              "are then kept fixed (not recomputed from the weights); worth it at 4 bits and below. gptq-sequential: "
              "each layer's inputs from the float model whose earlier layers are already rounded (one pass over "

@@ -267,3 +267,57 @@ def test_sequential_rounds_the_first_layer_as_one_pass_and_later_layers_on_round
     one, seq = weights["gptq"], weights["gptq-sequential"]
     np.testing.assert_array_equal(one[0], seq[0])
     assert any(not np.array_equal(a, b) for a, b in zip(one[1:], seq[1:]))
+
+
+# ---- the default: GPTQ at 4-bit weights without labels, nearest elsewhere -----------------------------------------
+@pytest.mark.parametrize("given, bits, layer_bits, low_bit, want", [
+    (None, 4, {}, "gptq", "gptq"),
+    (None, 3, {}, "gptq", "gptq"),
+    (None, 8, {}, "gptq", "nearest"),  # 8-bit weights: the recipe's rounding is for 4 bits and below
+    (None, 8, {"conv1": 4}, "gptq", "gptq"),  # one 4-bit layer (mixed precision) is enough
+    (None, 4, {}, "nearest", "nearest"),  # the classifier recipe
+    ("nearest", 4, {}, "gptq", "nearest"),  # given, kept
+    ("gptq-sequential", 8, {}, "nearest", "gptq-sequential"),
+])
+def test_an_unset_rounding_takes_the_recipes_low_bit_rounding(given, bits, layer_bits, low_bit, want):
+    from qatool.quant.config import QuantConfig
+
+    cfg = QuantConfig(weight_bits=bits, layer_weight_bits=layer_bits, weight_rounding=given)
+    assert cfg.with_rounding(low_bit).weight_rounding == want
+    assert cfg.rounding == (given or "nearest") and cfg.stores_weight_scales == (given not in (None, "nearest"))
+
+
+def test_gptq_is_the_default_at_4_bits_without_labels_only(lenet, digits, tmp_path):
+    """The same LeNet at W4A8: with class folders (a classifier with labels) its start rounds to nearest; on a
+    flat folder of the same images (no labels) calibrate and train-quant round by GPTQ and say why; at 8 bits, or
+    with --init observe, nearest. The resolved rounding is what report.json records."""
+    import shutil
+
+    from qatool import api
+    from qatool.quant.config import QuantConfig
+    from qatool.train.config import TrainConfig
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, f in enumerate(sorted(digits[0].rglob("*.png"))[:40]):
+        shutil.copy(f, flat / f"{i}.png")
+    w4 = QuantConfig(weight_bits=4, activation_bits=8)
+    said = []
+    r = api.calibrate(lenet, flat, tmp_path / "free.onnx", images=40, quant=w4, echo=said.append, verify=False)
+    assert r["gptq"] is not None and r["gptq"]["layers"] == 4
+    assert "weights rounded by gptq: the default on this path at 4 bits and below (--weight-rounding nearest " \
+           "turns it off)" in said
+    said.clear()
+    r = api.calibrate(lenet, digits[0], tmp_path / "labelled.onnx", images=40, quant=w4, echo=said.append,
+                      verify=False)
+    assert r["gptq"] is None and not any("rounded by gptq" in s for s in said)
+    r = api.calibrate(lenet, flat, tmp_path / "w8.onnx", images=40, quant=QuantConfig(), verify=False)
+    assert r["gptq"] is None
+
+    report = api.train_quant(lenet, flat, tmp_path / "qat", train=TrainConfig(steps=1), quant=w4, quiet=True)
+    assert report["config"]["quant"]["weight_rounding"] == "gptq" and report["gptq"]["layers"] == 4
+    report = api.train_quant(lenet, flat, tmp_path / "observe", train=TrainConfig(steps=1, init="observe"),
+                             quant=w4, quiet=True)
+    assert report["config"]["quant"]["weight_rounding"] == "nearest" and report["gptq"] is None
+    report = api.train_quant(lenet, digits[0], tmp_path / "cls", train=TrainConfig(steps=1), quant=w4, quiet=True)
+    assert report["config"]["quant"]["weight_rounding"] == "nearest"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import ConfigError
 
 SCALE_UPDATES = ("moving-average", "maximum")
 SCALE_LEARNING = ("none", "lsq")
 WEIGHT_ROUNDING = ("nearest", "gptq", "gptq-sequential")
+LOW_BITS = 4  # weights this narrow take the recipe's low-bit rounding (`QuantConfig.with_rounding`)
 
 
 @dataclass
@@ -27,8 +28,9 @@ class QuantConfig:
     scale_learning: str = "none"  # "lsq": step sizes trained by gradient, initialised from the observers
     quantize_tail: bool = False  # also quantize the output tail (after the last weighted layer); default float
     # "gptq": the start's weights rounded by GPTQ on calibration inputs (qatool.quant.gptq), on stored scales;
-    # "gptq-sequential": each layer's inputs from the float model whose earlier layers are already rounded
-    weight_rounding: str = "nearest"
+    # "gptq-sequential": each layer's inputs from the float model whose earlier layers are already rounded;
+    # None: the run's recipe decides (`with_rounding`), nearest where nothing resolves it
+    weight_rounding: str | None = None
 
     def __post_init__(self):
         self.validate()
@@ -42,7 +44,7 @@ class QuantConfig:
             raise ConfigError(f"scale_update must be one of {', '.join(SCALE_UPDATES)}, got {self.scale_update!r}")
         if self.scale_learning not in SCALE_LEARNING:
             raise ConfigError(f"scale_learning must be one of {', '.join(SCALE_LEARNING)}, got {self.scale_learning!r}")
-        if self.weight_rounding not in WEIGHT_ROUNDING:
+        if self.weight_rounding is not None and self.weight_rounding not in WEIGHT_ROUNDING:
             raise ConfigError(f"weight_rounding must be one of {', '.join(WEIGHT_ROUNDING)}, "
                               f"got {self.weight_rounding!r}")
         if not 0.0 <= float(self.observer_momentum) < 1.0:
@@ -59,7 +61,20 @@ class QuantConfig:
     def stores_weight_scales(self) -> bool:
         """Whether each WeightQuant reads a stored scale (learned by LSQ, or fixed for GPTQ's rounding) instead
         of recomputing it from the weight every step."""
-        return self.scale_learning == "lsq" or self.weight_rounding != "nearest"
+        return self.scale_learning == "lsq" or self.rounding != "nearest"
+
+    @property
+    def rounding(self) -> str:
+        """The weight rounding in force: `weight_rounding`, nearest while unresolved."""
+        return self.weight_rounding or "nearest"
+
+    def with_rounding(self, low_bit_rounding: str) -> QuantConfig:
+        """This config with its weight rounding resolved: its own if set, else `low_bit_rounding` when any layer's
+        weights have LOW_BITS or fewer, else nearest (GPTQ was measured at 4 bits; an 8-bit step is 16 times finer)."""
+        if self.weight_rounding is not None:
+            return self
+        low = min([self.weight_bits, *self.layer_weight_bits.values()]) <= LOW_BITS
+        return replace(self, weight_rounding=low_bit_rounding if low else "nearest")
 
     def weight_bits_of(self, node_name: str) -> int:
         """The weight bits of one layer: its own setting (mixed precision) or the global one; capped at 7 with

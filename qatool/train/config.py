@@ -25,6 +25,8 @@ class Recipe(NamedTuple):
     init_method: str | None = None
     retreat: bool | None = None  # qatool.train.retreat: back to the best state, lr x0.1, below the start
     update_scale: str = "absolute"  # UPDATE_SCALES: an optimizer step of lr, or of lr times each tensor's RMS
+    # the calibrated start's weight rounding at quant.config.LOW_BITS bits and below (QuantConfig.with_rounding)
+    low_bit_rounding: str = "nearest"
 
 
 # A classifier trained with labels: SGD (momentum 0.9) at 1e-3 from min/max ranges (docs/benchmarks.md sections 2
@@ -38,7 +40,7 @@ class Recipe(NamedTuple):
 # standard-error margin, rec reads 95.00 / 94.67 / 96.00 % (float 93.67 %; docs/benchmarks.md section 8, session
 # 15). Classifiers keep min/max and no retreat: their benchmark rows were measured so.
 CLASSIFIER_RECIPE = Recipe("sgd", 1e-3, "minmax", False)
-DISTILL_RECIPE = Recipe("adam", 1e-4, "average", True)
+DISTILL_RECIPE = Recipe("adam", 1e-4, "average", True, low_bit_rounding="gptq")
 # absolute: every parameter's step is about lr (Adam) or lr times its gradient (SGD); tensor: each parameter
 # tensor's lr is also multiplied by that tensor's RMS at the start of the run, so one step moves every tensor by
 # about the same fraction of its size, whatever the size
