@@ -26,8 +26,8 @@ from ..errors import DivergedError
 from ..ir.graph import Node
 from ..ops.base import BitMask, Op, register
 from ..ops.norm import _dot_nc, _sum_nc, batch_moments
-from .qparams import (BIAS_GRID, MIN_SCALE, activation_grid, activation_qparams, channel_shape, fake_quant,
-                      lsq_fake_quant, lsq_grad_scale, weight_grid, weight_scales)
+from .qparams import (BIAS_GRID, MIN_SCALE, activation_grid, activation_qparams, channel_axes, channel_shape,
+                      fake_quant, lsq_fake_quant, lsq_grad_scale, weight_grid, weight_scales)
 
 
 def bn_fold_factor(gamma: np.ndarray, var: np.ndarray, eps: float) -> np.ndarray:
@@ -57,8 +57,9 @@ def folded_bias(b: np.ndarray | None, k: np.ndarray, beta: np.ndarray, mean: np.
     return centred * k + beta
 
 
-def _reduce_axes(ndim: int, axis: int) -> tuple[int, ...]:
-    return tuple(i for i in range(ndim) if i != axis)
+def _reduce_axes(ndim: int, axis: int | tuple[int, ...]) -> tuple[int, ...]:
+    axes = channel_axes(axis)
+    return tuple(i for i in range(ndim) if i not in axes)
 
 
 @register("qatool.FakeQuant")
@@ -127,7 +128,8 @@ class FakeQuant(Op):
 @register("qatool.WeightQuant")
 class WeightQuant(Op):
     """Inputs (w, [gamma, var], [scale]): with a `scale` input (LSQ) the step sizes are trained parameters
-    instead of max|w| / qmax recomputed every step."""
+    instead of max|w| / qmax recomputed every step. `axis`: the output-channel axis, or a list of axes whose every
+    combination is a channel (an LSTM's [D, 4H, K] weight: [0, 1], a scale per direction and gate row)."""
 
     attrs = {"bits": 8, "axis": 0, "per_channel": 1, "epsilon": 1e-5}
 
@@ -136,7 +138,7 @@ class WeightQuant(Op):
         self.grid = weight_grid(int(self.bits))
 
     def forward(self, ctx, w, gamma=None, var=None, scale=None):
-        axis = int(self.axis)
+        axis = self._axis()
         per = axis if self.per_channel else None
         self.w = w
         self.k = None
@@ -161,8 +163,11 @@ class WeightQuant(Op):
                 self.lsq_scale = lsq_grad_scale(n, self.grid) / fold_magnitude(self.k, bool(self.per_channel))
         return w_q, scale
 
+    def _axis(self) -> int | tuple[int, ...]:
+        return int(self.axis) if np.ndim(self.axis) == 0 else channel_axes(self.axis)
+
     def backward(self, g, g_scale=None):
-        axis = int(self.axis)
+        axis = self._axis()
         others = _reduce_axes(g.ndim, axis)
         gf = g * self.mask
         dscale = None
