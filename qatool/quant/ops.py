@@ -125,6 +125,11 @@ class FakeQuant(Op):
         return dx, dscale, None, None
 
 
+def weight_axis(value) -> int | tuple[int, ...]:
+    """A WeightQuant's `axis` attribute: one axis as an int, several as a tuple."""
+    return int(value) if np.ndim(value) == 0 else channel_axes(value)
+
+
 @register("qatool.WeightQuant")
 class WeightQuant(Op):
     """Inputs (w, [gamma, var], [scale]): with a `scale` input (LSQ) the step sizes are trained parameters
@@ -138,7 +143,7 @@ class WeightQuant(Op):
         self.grid = weight_grid(int(self.bits))
 
     def forward(self, ctx, w, gamma=None, var=None, scale=None):
-        axis = self._axis()
+        axis = weight_axis(self.axis)
         per = axis if self.per_channel else None
         self.w = w
         self.k = None
@@ -163,11 +168,8 @@ class WeightQuant(Op):
                 self.lsq_scale = lsq_grad_scale(n, self.grid) / fold_magnitude(self.k, bool(self.per_channel))
         return w_q, scale
 
-    def _axis(self) -> int | tuple[int, ...]:
-        return int(self.axis) if np.ndim(self.axis) == 0 else channel_axes(self.axis)
-
     def backward(self, g, g_scale=None):
-        axis = self._axis()
+        axis = weight_axis(self.axis)
         others = _reduce_axes(g.ndim, axis)
         gf = g * self.mask
         dscale = None
