@@ -128,6 +128,19 @@ def test_dynamic_places_the_lstm_as_dynamicquantizelstm_and_says_so():
     assert not excluded.dynamic_recurrent and ("lstm", "LSTM", "excluded by --exclude") in excluded.float_nodes
 
 
+def test_a_dynamic_lstm_ends_the_output_tail():
+    """A model that ends with its LSTM: as a weighted layer the dynamic LSTM keeps the convolution before it
+    int8 (in float mode the convolution is the last weighted layer, its output float)."""
+    model = cnn_lstm()
+    del model.graph.node[5:]
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", F, [T, 2, "N", HIDDEN]))
+    graph = normalize_proto(model, for_training=True).graph
+    (conv,) = mark(graph, QuantConfig()).layers
+    assert conv.float_output
+    plan = mark(graph, QuantConfig(recurrent="dynamic"))
+    assert not plan.layers[0].float_output and [n.name for n in plan.dynamic_recurrent] == ["lstm"]
+
+
 @pytest.mark.parametrize("op", ["GRU", "RNN"])
 def test_dynamic_without_an_lstm_is_refused_in_one_line(op):
     graph = normalize_proto(cnn_lstm(op=op), for_training=True).graph

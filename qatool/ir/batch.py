@@ -1464,9 +1464,9 @@ def ort_run_per_image(session, feeds: dict[str, np.ndarray], axes: dict[str, int
     """Run a batch-1 session image by image and join the outputs along their batch axis.
 
     Inputs whose declared dim 0 is 1 are cut into single images when fed more than one (every input with a batch,
-    when the model's metadata has `PER_INPUT_KEY`); the others are fed whole. `axes` (per output name, or a list in output order; `BatchResult.batch_axes` fits) gives each
-    output's batch axis; without it the first of axes 0 and 1 of size 1 in the per-image output is taken (an
-    output with neither gets a new axis 0).
+    when the model's metadata has `PER_INPUT_KEY`); the others are fed whole. `axes` (per output name, or a list
+    in output order; `BatchResult.batch_axes` fits) gives each output's batch axis; without it the first of axes
+    0 and 1 of size 1 in the per-image output is taken (an output with neither gets a new axis 0).
     """
     names = output_names or [o.name for o in session.get_outputs()]
     per_input = PER_INPUT_KEY in session.get_modelmeta().custom_metadata_map

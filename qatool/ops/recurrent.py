@@ -20,6 +20,10 @@ engine does what onnxruntime does: that is what runs the deployed model):
   defaults). Names are case-insensitive for LSTM / GRU, exact for RNN.
 - `input_forget` (LSTM): f = 1 - i (the forget peephole is unused). `linear_before_reset` (GRU) both ways.
 - `layout` 1 (batch first) is computed here; onnxruntime's three kernels refuse it.
+
+`qatool.DynamicQuantizeLSTM` is the LSTM as onnxruntime's int8 DynamicQuantizeLSTM computes it (its input and
+hidden state quantized to uint8 inside the kernel, int8 weights), bit for bit: the form `recurrent: dynamic`
+trains and exports (see its docstring).
 """
 
 from __future__ import annotations

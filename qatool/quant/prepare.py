@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from ..errors import ConfigError
 from ..ir.graph import Graph, Node
 from ..ir.roles import read_roles, write_roles
-from ..errors import ConfigError
 from .config import QuantConfig
 from .qparams import activation_grid, activation_qparams
 
@@ -142,8 +142,8 @@ class Plan:
             "quantized_activations": len(self.quantized),
             "rescaled": len(self.rescaled),
             "float_nodes": [{"node": n, "op_type": t, "reason": why} for n, t, why in self.float_nodes],
-            "dynamic_recurrent": [{"node": n.name, "op_type": "LSTM", "kernel": DYNAMIC_KERNEL, "reason": DYNAMIC_REASON}
-                                  for n in self.dynamic_recurrent],
+            "dynamic_recurrent": [{"node": n.name, "op_type": "LSTM", "kernel": DYNAMIC_KERNEL,
+                                   "reason": DYNAMIC_REASON} for n in self.dynamic_recurrent],
         }
 
 
