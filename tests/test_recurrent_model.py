@@ -148,6 +148,7 @@ def test_dynamic_without_an_lstm_is_refused_in_one_line(op):
         mark(graph, QuantConfig(recurrent="dynamic"))
     plan = mark(graph, QuantConfig())  # float: it stays float, as before
     assert ("lstm", op, float_reason(op)) in plan.float_nodes
+    assert f"no dynamically quantized {op} kernel" in float_reason(op, "dynamic")  # beside an LSTM, it says so
 
 
 def test_cli_dynamic_on_a_model_without_lstm(capsys, tmp_path, lenet):
@@ -235,3 +236,17 @@ def test_train_quant_dynamic_trains_the_lstm_and_exports_it(tmp_path):
     sess = ort.InferenceSession(exported.SerializeToString(), so, providers=["CPUExecutionProvider"])
     deployed = np.concatenate([sess.run(["y"], {"x": x[i:i + 1]})[0] for i in range(4)], axis=2)
     np.testing.assert_array_equal(simulated, deployed)
+
+
+def test_config_file_key(tmp_path):
+    from qatool.train.config import load_config_file, split_config
+
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("recurrent: dynamic\n")
+    bad.write_text("recurrent: sideways\n")
+    quant, _, _ = split_config(load_config_file(good))
+    assert QuantConfig(**quant).recurrent == "dynamic"
+    with pytest.raises(ConfigError, match="recurrent"):
+        load_config_file(bad)
+    with pytest.raises(ConfigError, match="recurrent must be one of float, dynamic"):
+        QuantConfig(recurrent="sideways")

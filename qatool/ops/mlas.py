@@ -1,13 +1,15 @@
 """onnxruntime's own arithmetic where its CPU kernels do not compute plain float32, reproduced bit for bit.
 
 The kernels are MLAS's on x86-64 with AVX2/FMA3 (what onnxruntime dispatches on this repository's machines,
-AVX-512 ones included); tests/test_mlas.py checks each function against onnxruntime 1.32 itself.
+AVX-512 ones included); tests/test_dynamic_lstm.py checks each function against onnxruntime 1.32 itself.
 
 - `logistic(x)`: MlasComputeLogistic (MlasComputeLogisticF32KernelFma3, constants of logistic.cpp, Eigen's
   rational approximation): x clamped to [-18, 18], p = x * P(x^2), q = Q(x^2), each polynomial by fused
   multiply-adds, then p / q + 0.5 floored at 0.
 - `tanh(x)`: MlasComputeTanh (MlasComputeTanhF32KernelFma3, tanh.cpp): x clamped to [-9, 9], x * P(x^2) / Q(x^2),
-  the polynomials by fused multiply-adds.
+  the polynomials by fused multiply-adds. (onnxruntime's newer sources replace it by another rational
+  approximation, constants _nc0.._dc2, 1 from |x| >= 5; an onnxruntime that ships it fails the bit-for-bit test,
+  and this function must follow it.)
 - `dynamic_qparams` / `dynamic_codes`: how a kernel quantizes a float input it is handed at run time
   (GetQuantizationParameter and MlasQuantizeLinear in core/util/qmath.h, used by DynamicQuantizeLSTM's GEMMs):
   uint8, asymmetric, over the range [min(x, 0), max(x, 0)] of all the values quantized together;
