@@ -947,7 +947,8 @@ def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, pre
     if verify:
         time_export(session, result, shape)
     report = result.to_dict()
-    report["float_nodes"] = session.plan.report()["float_nodes"]
+    placement = session.plan.report()
+    report["float_nodes"], report["dynamic_recurrent"] = placement["float_nodes"], placement["dynamic_recurrent"]
     if data is not None and data.labels is not None:
         report["top1_qat"] = top1(result.simulated, data.labels)
         report["top1_int8"] = top1(result.deployed, data.labels)

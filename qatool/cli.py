@@ -7,8 +7,8 @@ import sys
 import click
 
 from . import __version__
-from .cli_options import (BITS, DATA_HELP, export_summary, preprocess_overrides, preprocessing_options,
-                          quantization_options, training_options, weight_rounding_option)
+from .cli_options import (BITS, DATA_HELP, export_summary, placement_lines, preprocess_overrides,
+                          preprocessing_options, quantization_options, training_options, weight_rounding_option)
 from .errors import QatoolError
 from .quant.calibrate import METHODS as CALIBRATION_METHODS
 from .train.config import UPDATE_SCALES
@@ -154,7 +154,7 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                 pad_value, augment,
                 bits, weight_bits, activation_bits, per_tensor, symmetric_activations, scale_update,
                 observer_momentum, freeze_bn_after, freeze_observers_after, exclude, reduce_range, quantize_tail,
-                scale_learning, weight_rounding,
+                recurrent, scale_learning, weight_rounding,
                 optimizer, lr, scale_lr, update_scale, momentum, weight_decay, schedule, warmup_steps, steps, epochs,
                 batch_size,
                 seed, init, init_method, init_images, mixed_precision, mixed_low_bits, save_every, keep, retreat,
@@ -181,7 +181,7 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                "scale_update": scale_update, "observer_momentum": observer_momentum,
                "freeze_bn_after": freeze_bn_after, "freeze_observers_after": freeze_observers_after,
                "exclude": list(exclude) or None, "reduce_range": reduce_range, "quantize_tail": quantize_tail,
-               "scale_learning": scale_learning, "weight_rounding": weight_rounding}
+               "recurrent": recurrent, "scale_learning": scale_learning, "weight_rounding": weight_rounding}
     t_flags = {"optimizer": optimizer, "lr": lr, "scale_lr": scale_lr, "update_scale": update_scale,
                "momentum": momentum,
                "weight_decay": weight_decay, "schedule": schedule, "warmup_steps": warmup_steps, "steps": steps,
@@ -285,8 +285,8 @@ def export_int8(checkpoint, output, calib_data, no_verify, no_int4, size, color,
         click.echo(line)
     if "top1_int8" in r:
         click.echo(f"top-1: simulation {r['top1_qat']:.4f}, int8 onnxruntime {r['top1_int8']:.4f}")
-    for fn in r["float_nodes"]:
-        click.echo(f"float: {fn['node']} ({fn['op_type']}): {fn['reason']}")
+    for line in placement_lines(r["dynamic_recurrent"], r["float_nodes"]):
+        click.echo(line)
 
 
 @cli.command()

@@ -65,7 +65,7 @@ BITS = click.IntRange(2, 8)
 
 def quantization_options(f):
     """--bits/--weight-bits/--activation-bits/--per-tensor/--symmetric-activations/--exclude/--reduce-range/
-    --quantize-tail."""
+    --quantize-tail/--recurrent."""
     for opt in reversed([
         click.option("--bits", type=BITS, help="Bits of weights and activations (2..8; default 8)."),
         click.option("--weight-bits", type=BITS, help="Bits of the weights (overrides --bits)."),
@@ -80,6 +80,11 @@ def quantization_options(f):
                      help="Also quantize the output tail: the outputs of the last weighted layers (logits, head maps) "
                           "and what follows them (softmax, decoding). By default they stay float: one 8-bit scale "
                           "over a whole output rounds class logits to the step of their joint range."),
+        click.option("--recurrent", type=click.Choice(["float", "dynamic"]),
+                     help="How an LSTM runs in the int8 model. float (default): in float, between DequantizeLinear "
+                          "and QuantizeLinear. dynamic: as onnxruntime's DynamicQuantizeLSTM, int8 weights per "
+                          "direction and gate row, its input and hidden state quantized to uint8 inside the kernel "
+                          "(simulated bit for bit, one input at a time). GRU and RNN have no such kernel."),
     ]):
         f = opt(f)
     return f
@@ -123,6 +128,12 @@ def training_options(f):
     ]):
         f = opt(f)
     return f
+
+
+def placement_lines(dynamic: list[dict], float_nodes: list[dict]) -> list[str]:
+    """One line per node the placement runs as a dynamically quantized kernel or leaves float, and why."""
+    return [f"int8: {n['node']} ({n['op_type']}): {n['reason']}" for n in dynamic] + \
+        [f"float: {n['node']} ({n['op_type']}): {n['reason']}" for n in float_nodes]
 
 
 def export_summary(export: dict) -> list[str]:

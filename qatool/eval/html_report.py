@@ -1167,6 +1167,10 @@ def placement_html(report: dict) -> str:
                + (f", {acts} activation quantizers" if isinstance(acts, int) else "") + ".</p>")
     if layers:
         out.append("<p>" + "".join(f'<span class="pill"><code>{esc(n)}</code></span>' for n in layers) + "</p>")
+    for d in plan.get("dynamic_recurrent") or []:
+        if isinstance(d, dict):
+            out.append(f'<p><code>{esc(d.get("node", ""))}</code> ({esc(d.get("op_type", ""))}) runs as '
+                       f'{esc(d.get("reason", ""))}.</p>')
     floats = plan.get("float_nodes") or []
     if floats:
         out.append(f"<h3>{len(floats)} node{'s' if len(floats) != 1 else ''} kept in float</h3><table><thead><tr>"

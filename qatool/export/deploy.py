@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from ..errors import ModelError, QatoolError
+from ..quant.prepare import DYNAMIC_KERNEL
 from ..runtime.backends import engine_logits, ort_logits, ort_run, ort_run_all, ort_session
 from ..ir.graph import to_onnx
 from ..ir.io import save_proto
@@ -42,9 +43,14 @@ def cpu_lacks_vnni() -> bool:
 def export_notes(session) -> list[str]:
     """What the user should know about how onnxruntime runs this export."""
     notes = []
-    if any(session.config.weight_bits_of(layer.node.name) == 8 for layer in session.plan.layers) and cpu_lacks_vnni():
+    eight_bit = [layer.node.name for layer in session.plan.layers] + [n.name for n in session.plan.dynamic_recurrent]
+    if any(session.config.weight_bits_of(name) == 8 for name in eight_bit) and cpu_lacks_vnni():
         notes.append("this x86 CPU has no VNNI: onnxruntime's u8 x s8 kernels can saturate with 8-bit weights; "
                      "train with --reduce-range (7-bit weights) if the int8 accuracy falls short")
+    if session.plan.dynamic_recurrent:
+        notes.append(f"{DYNAMIC_KERNEL} quantizes its input and hidden state over the whole batch it is given: the "
+                     "int8 model computes what qatool trained and checked when it runs one input at a time (at a "
+                     "batch of N, and with several threads, its results move by about a quantization step)")
     bits = session.config.activation_bits
     if bits < 8 and session.quant:
         notes.append(f"onnxruntime has no kernels for activations below 8 bits: these {bits}-bit activations are "
@@ -83,7 +89,8 @@ def meant_int8(session) -> list[tuple[str, str]]:
     onnxruntime (QLinearConv writes integers), it runs in float on its dequantized input and weights."""
     return [(layer.node.name, layer.node.op_type) for layer in session.plan.layers
             if not (layer.float_output and layer.node.op_type == "Conv")] + \
-        [(n.name, n.op_type) for n in session.plan.activation_ops]
+        [(n.name, n.op_type) for n in session.plan.activation_ops] + \
+        [(n.name, "LSTM") for n in session.plan.dynamic_recurrent]
 
 
 def export_session(session, out_path: str | os.PathLike, data=None, verify: bool = True,

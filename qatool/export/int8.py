@@ -15,7 +15,12 @@ Rewrites, on a copy of the engine's QAT graph (current parameters, BN statistics
   removed;
 - a Mul of a DequantizeLinear by a positive scalar becomes a DequantizeLinear of the same integers with the
   scale multiplied (the rescaling the simulation computed in float);
-- each DequantizeLinear feeds exactly one consumer (onnxruntime's node-unit rule).
+- each DequantizeLinear feeds exactly one consumer (onnxruntime's node-unit rule);
+- qatool.DynamicQuantizeLSTM(X, WeightQuant(W), WeightQuant(R), ..., W_scale, R_scale) becomes onnxruntime's
+                                        com.microsoft DynamicQuantizeLSTM: W and R as int8 [D, K, 4H] (transposed,
+                                        as the kernel reads them), their scales [D, 4H] (or [D]), int8 zero points
+                                        0; the model's metadata then says to run it one input at a time
+                                        (`ir.batch.PER_INPUT_KEY`).
 The int8 weights and int32 biases are bit-identical to what the simulation fake-quantized.
 """
 
@@ -28,13 +33,16 @@ import numpy as np
 
 from ..convert import remove_inference_noops
 from ..errors import DivergedError, ModelError
+from ..ir.batch import PER_INPUT_KEY
 from ..ir.graph import Graph, Node
 from ..ir.roles import STATE_KEY, TRAINABLE_KEY
-from ..quant.ops import bn_fold_factor, folded_bias, folded_step
+from ..quant.ops import bn_fold_factor, folded_bias, folded_step, weight_axis
+from ..quant.prepare import DYNAMIC_KERNEL
 from ..quant.qparams import (MIN_SCALE, Grid, activation_grid, activation_range, bias_integers, channel_shape,
                              grid_inside, quantize, weight_grid, weight_scales)
 
 FLOAT_NODES_KEY = "qatool.float_nodes"
+MS_DOMAIN = "com.microsoft"
 
 
 def session_int8(session) -> Graph:
@@ -55,6 +63,7 @@ def qat_to_int8(qat: Graph, float_nodes: list[dict] | None = None) -> Graph:
     weight_scale: dict[str, np.ndarray] = {}
     grids: dict[str, Grid] = {}  # quantized tensor -> its activation grid
     producers = g.producers()
+    lstm_weights = {n.input(k) for n in g.nodes if n.op_type == DYNAMIC_KERNEL for k in (1, 2)}
     new_nodes: list[Node] = []
     for node in g.nodes:
         if node.domain != "qatool":
@@ -62,7 +71,10 @@ def qat_to_int8(qat: Graph, float_nodes: list[dict] | None = None) -> Graph:
         elif node.op_type == "FakeQuant":
             new_nodes += _activation_qdq(g, node, grids)
         elif node.op_type == "WeightQuant":
-            new_nodes.append(_weight_dq(g, node, weight_scale))
+            if node.outputs[0] not in lstm_weights:  # those become the LSTM's own integer inputs
+                new_nodes.append(_weight_dq(g, node, weight_scale))
+        elif node.op_type == DYNAMIC_KERNEL:
+            new_nodes.append(_dynamic_lstm(g, node, producers))
         elif node.op_type == "FoldedBias":
             _bias_into_layer(g, node, producers, weight_scale)
         else:
@@ -123,9 +135,10 @@ def _shared_constant(g: Graph, base: str, value: int, dtype: np.dtype) -> str:
     return name
 
 
-def _weight_dq(g: Graph, node: Node, weight_scale: dict[str, np.ndarray]) -> Node:
+def _weight_integers(g: Graph, node: Node) -> tuple[np.ndarray, np.ndarray]:
+    """(integers, scale) of a WeightQuant's weight, as its forward computes them."""
     w = g.initializers[node.input(0)]
-    axis = int(node.attrs.get("axis", 0))
+    axis = weight_axis(node.attrs.get("axis", 0))
     per_channel = bool(node.attrs.get("per_channel", 1))
     grid = weight_grid(int(node.attrs.get("bits", 8)))
     k = None
@@ -137,16 +150,44 @@ def _weight_dq(g: Graph, node: Node, weight_scale: dict[str, np.ndarray]) -> Nod
         scale = folded_step(g.initializers[node.input(3)], k, per_channel)
     else:
         scale = weight_scales(w, axis if per_channel else None, grid)
-    q = quantize(w, scale, 0, grid, axis if per_channel else None)
+    return quantize(w, scale, 0, grid, axis if per_channel else None), scale
+
+
+def _weight_dq(g: Graph, node: Node, weight_scale: dict[str, np.ndarray]) -> Node:
+    q, scale = _weight_integers(g, node)
+    axis = int(node.attrs.get("axis", 0))
+    per_channel = bool(node.attrs.get("per_channel", 1))
     w_q, s_out = node.outputs
     weight_scale[s_out] = scale
     base = node.input(0)
     names = [g.unique_name(f"{base}_quantized"), g.unique_name(f"{base}_scale"), g.unique_name(f"{base}_zero_point")]
     g.initializers[names[0]] = q
     g.initializers[names[1]] = scale
-    g.initializers[names[2]] = np.zeros(scale.shape, grid.storage)
+    g.initializers[names[2]] = np.zeros(scale.shape, q.dtype)
     attrs = {"axis": axis} if per_channel else {}
     return Node("DequantizeLinear", names, [w_q], g.unique_name(f"{base}_DequantizeLinear"), attrs)
+
+
+def _dynamic_lstm(g: Graph, node: Node, producers: dict[str, Node]) -> Node:
+    """The com.microsoft DynamicQuantizeLSTM of a qatool.DynamicQuantizeLSTM (see the module docstring)."""
+    inputs = node.inputs[:8]
+    quantized = []
+    for k in (1, 2):
+        wq = producers[node.input(k)]
+        q, scale = _weight_integers(g, wq)
+        base = wq.input(0)
+        names = [g.unique_name(f"{base}_quantized"), g.unique_name(f"{base}_scale"),
+                 g.unique_name(f"{base}_zero_point")]
+        g.initializers[names[0]] = np.ascontiguousarray(q.transpose(0, 2, 1))
+        g.initializers[names[1]] = scale
+        g.initializers[names[2]] = np.zeros(scale.shape, q.dtype)
+        inputs[k] = names[0]
+        quantized += names[1:]
+    g.other_opsets[MS_DOMAIN] = 1
+    g.metadata[PER_INPUT_KEY] = (f"{DYNAMIC_KERNEL} quantizes its activations over the whole batch it is given: "
+                                 "one input at a time is what qatool trained and checked")
+    attrs = {k: v for k, v in node.attrs.items() if k != "layout"}
+    return Node(DYNAMIC_KERNEL, inputs + quantized, list(node.outputs), node.name, attrs, MS_DOMAIN)
 
 
 def _bias_into_layer(g: Graph, node: Node, producers: dict[str, Node], weight_scale: dict[str, np.ndarray]) -> None:

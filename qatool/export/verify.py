@@ -34,7 +34,9 @@ INT8_KERNELS = {
     "AveragePool": ("QLinearAveragePool",),
     "Sigmoid": ("QLinearSigmoid",),
     "LeakyRelu": ("QLinearLeakyRelu",),
+    "LSTM": ("DynamicQuantizeLSTM",),
 }
+COUNTED_KERNELS = ("QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger", "DynamicQuantizeLSTM")
 
 
 @dataclass
@@ -90,8 +92,7 @@ def check_fusion(model_path: str | Path, meant_int8: list[tuple[str, str]],
     by_name = {n.name: n.op_type for n in opt.graph.node}
     report = FusionReport(expected=len(meant_int8))
     for n in opt.graph.node:
-        if n.op_type.startswith("QLinear") or n.op_type in ("QGemm", "MatMulIntegerToFloat", "ConvInteger",
-                                                             "MatMulInteger"):
+        if n.op_type.startswith("QLinear") or n.op_type in COUNTED_KERNELS:
             report.kernels[n.op_type] = report.kernels.get(n.op_type, 0) + 1
     report.float_between = _float_between_qdq(opt, float_reasons or {})
     source = onnx.load(str(model_path))

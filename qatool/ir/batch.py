@@ -47,11 +47,15 @@ from onnx import helper
 from .graph import Graph, Node, ValueInfo, from_onnx, to_onnx
 
 __all__ = ["BatchResult", "free_batch", "check_free_batch", "batch_mismatch", "restore_declared_shapes",
-           "ort_run_per_image", "FIXED_BATCH_KEY", "one_image_inputs"]
+           "ort_run_per_image", "FIXED_BATCH_KEY", "PER_INPUT_KEY", "one_image_inputs"]
 
 # Metadata of a model whose input declares a batch of 1 that could not be freed: the one-line reason. The engine
 # then runs it one image at a time (`engine.model.Model`), as onnxruntime does (`ort_run_per_image`).
 FIXED_BATCH_KEY = "qatool.fixed_batch"
+# Metadata of a model whose numerics hold per input although its batch is free (an int8 model with onnxruntime's
+# DynamicQuantizeLSTM, which quantizes over the whole batch it is given): why. `ort_run_per_image` runs it one
+# image at a time, as the engine simulates it.
+PER_INPUT_KEY = "qatool.per_input"
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
 
@@ -1459,17 +1463,19 @@ def ort_run_per_image(session, feeds: dict[str, np.ndarray], axes: dict[str, int
                       output_names: list[str] | None = None) -> list[np.ndarray]:
     """Run a batch-1 session image by image and join the outputs along their batch axis.
 
-    Inputs whose declared dim 0 is 1 are cut into single images when fed more than one; the others are fed
-    whole. `axes` (per output name, or a list in output order; `BatchResult.batch_axes` fits) gives each
-    output's batch axis; without it the first of axes 0 and 1 of size 1 in the per-image output is taken (an
-    output with neither gets a new axis 0).
+    Inputs whose declared dim 0 is 1 are cut into single images when fed more than one (every input with a batch,
+    when the model's metadata has `PER_INPUT_KEY`); the others are fed whole. `axes` (per output name, or a list
+    in output order; `BatchResult.batch_axes` fits) gives each output's batch axis; without it the first of axes
+    0 and 1 of size 1 in the per-image output is taken (an output with neither gets a new axis 0).
     """
     names = output_names or [o.name for o in session.get_outputs()]
+    per_input = PER_INPUT_KEY in session.get_modelmeta().custom_metadata_map
     cut: list[str] = []
     n = None
     for i in session.get_inputs():
         a = feeds.get(i.name)
-        if a is None or not i.shape or i.shape[0] != 1 or np.ndim(a) == 0 or np.shape(a)[0] == 1:
+        if a is None or not i.shape or (i.shape[0] != 1 and not per_input) or np.ndim(a) == 0 \
+                or np.shape(a)[0] == 1:
             continue
         if n is not None and np.shape(a)[0] != n:
             raise ValueError(f"inputs disagree on the batch size: {n} and {np.shape(a)[0]} ({i.name!r})")

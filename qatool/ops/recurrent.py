@@ -20,6 +20,10 @@ engine does what onnxruntime does: that is what runs the deployed model):
   defaults). Names are case-insensitive for LSTM / GRU, exact for RNN.
 - `input_forget` (LSTM): f = 1 - i (the forget peephole is unused). `linear_before_reset` (GRU) both ways.
 - `layout` 1 (batch first) is computed here; onnxruntime's three kernels refuse it.
+
+`qatool.DynamicQuantizeLSTM` is the LSTM as onnxruntime's int8 DynamicQuantizeLSTM computes it (its input and
+hidden state quantized to uint8 inside the kernel, int8 weights), bit for bit: the form `recurrent: dynamic`
+trains and exports (see its docstring).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import ModelError
+from . import mlas
 from .base import Op, register
 
 # onnxruntime's table: which activations take alpha / beta, and their defaults (0 where not listed)
@@ -47,10 +52,12 @@ def _text(v) -> str:
 
 class _Act:
     """One gate activation: `act(x, out)` writes f(x) into out (out may be x); `slope(y, x)` is f'(x) as a new
-    array, from the output y, and from the input x only where y does not determine it (`needs_x`)."""
+    array, from the output y, and from the input x only where y does not determine it (`needs_x`). With `mlas`,
+    sigmoid and tanh are onnxruntime's own approximations, bit for bit (`mlas.logistic`, `mlas.tanh`)."""
 
-    def __init__(self, name: str, alpha: float = 0.0, beta: float = 0.0):
+    def __init__(self, name: str, alpha: float = 0.0, beta: float = 0.0, mlas: bool = False):
         self.name, self.alpha, self.beta = name, float(alpha), float(beta)
+        self.mlas = mlas and name in ("sigmoid", "tanh")
         a = self.alpha
         self.needs_x = (name in ("leakyrelu", "elu") and a <= 0) or (name == "thresholdedrelu" and a < 0)
 
@@ -59,7 +66,9 @@ class _Act:
 
     def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         t, n, a, b = x.dtype.type, self.name, self.alpha, self.beta
-        if n == "sigmoid":  # 0.5 tanh(x/2) + 0.5: no overflow, and faster than 1 / (1 + exp(-x))
+        if self.mlas:
+            np.copyto(out, mlas.logistic(x) if n == "sigmoid" else mlas.tanh(x))
+        elif n == "sigmoid":  # 0.5 tanh(x/2) + 0.5: no overflow, and faster than 1 / (1 + exp(-x))
             np.multiply(x, t(0.5), out=out)
             np.tanh(out, out=out)
             np.multiply(out, t(0.5), out=out)
@@ -147,6 +156,7 @@ class _Recurrent(Op):
     n_gates: ClassVar[int] = 1
     n_acts: ClassVar[int] = 1
     default_acts: ClassVar[tuple[str, ...]] = ()
+    mlas_activations: ClassVar[bool] = False  # sigmoid and tanh as onnxruntime's approximations (`_Act`)
     attrs = {"activation_alpha": None, "activation_beta": None, "activations": None, "clip": None,
              "direction": "forward", "hidden_size": None, "layout": 0}
 
@@ -198,7 +208,7 @@ class _Recurrent(Op):
             da, db = _DEFAULTS.get(low, (0.0, 0.0))
             a = (alphas.pop(0) if alphas else da) if takes_a else 0.0
             b = (betas.pop(0) if betas else db) if takes_b else 0.0
-            acts.append(_Act(low, a, b))
+            acts.append(_Act(low, a, b, self.mlas_activations))
         return [tuple(acts[i * k:(i + 1) * k]) for i in range(d)]
 
     # ---- shapes and order -----------------------------------------------------------------------------------
@@ -415,6 +425,7 @@ class LSTM(_Recurrent):
     """i = f(Xi W_i + H R_i + P_i C_prev + b_i), f = f(... + P_f C_prev) (or 1 - i with input_forget),
     c = g(...), C = f C_prev + i c, o = f(... + P_o C), H = o h(C). Gate order in W, R, B: i, o, f, c; in P: i, o, f.
 
+    The bias is added after the recurrent product (and a gate's peephole term), as onnxruntime adds it.
     Saved for backward: the gate activations of every step, the cell and hidden states (processing order)."""
 
     n_gates, n_acts = 4, 3
@@ -428,7 +439,9 @@ class LSTM(_Recurrent):
         if p is not None and p.shape != (D, 3 * H):
             self._fail(f"input P has shape {p.shape}, expected {(D, 3 * H)}")
         fgt = bool(self.input_forget)
-        G = self._project(xt, w, b, dtype)
+        G = self._project(xt, w, None, dtype)
+        bias = self._bias(b)
+        bias = None if bias is None else bias[:, None, :]
         grad = ctx.grad
         self.mask = np.empty(G.shape, bool) if grad and self.clip is not None else None
         self.pre = np.empty_like(G) if grad and self.needs_x else None
@@ -436,7 +449,7 @@ class LSTM(_Recurrent):
         Cs = np.empty((D, S + 1, B, H), dtype)
         Hs[:, 0] = self._state(h0, dtype)
         Cs[:, 0] = self._state(c0, dtype)
-        RT = np.ascontiguousarray(r.transpose(0, 2, 1))  # (D, H, 4H)
+        RT = self._recurrent_weights(r)
         if p is not None:
             pi, po, pf = (p[:, None, k * H:(k + 1) * H] for k in range(3))
         tmp4 = np.empty((D, B, 4 * H), dtype)
@@ -447,15 +460,19 @@ class LSTM(_Recurrent):
         for s in range(S):
             g = G[:, s]
             hp, cp, c = Hs[:, s], Cs[:, s], Cs[:, s + 1]
-            np.matmul(hp, RT, out=tmp4)
+            self._recur(hp, RT, tmp4, s)
             g += tmp4
             if p is None:
+                _add_bias(g, bias, slice(None))
                 self._activate(0, G, s, gif, self.mask, self.pre)  # i, o, f together
             else:
+                _add_bias(g, bias, gc)
                 g[:, :, gi] += pi * cp
+                _add_bias(g, bias, gi)
                 self._activate(0, G, s, gi, self.mask, self.pre)
                 if not fgt:
                     g[:, :, gf] += pf * cp
+                    _add_bias(g, bias, gf)
                     self._activate(0, G, s, gf, self.mask, self.pre)
             self._activate(1, G, s, gc, self.mask, self.pre)
             if fgt:
@@ -465,6 +482,7 @@ class LSTM(_Recurrent):
             c += tmp
             if p is not None:
                 g[:, :, go] += po * c
+                _add_bias(g, bias, go)
                 self._activate(0, G, s, go, self.mask, self.pre)
             self._apply(2, c, tmp)
             np.multiply(g[:, :, go], tmp, out=Hs[:, s + 1])
@@ -475,6 +493,14 @@ class LSTM(_Recurrent):
             self.x, self.w, self.r, self.p, self.b = x, w, r, p, b
             self.G, self.Hs, self.Cs = G, Hs, Cs
         return self._outputs(Hs, (Hs[:, S], Cs[:, S]))
+
+    def _recurrent_weights(self, r):
+        """R as the loop multiplies it, (D, H, 4H)."""
+        return np.ascontiguousarray(r.transpose(0, 2, 1))
+
+    def _recur(self, hp, RT, out, s):
+        """out = H_{t-1} R^T at processing step s, for every direction."""
+        np.matmul(hp, RT, out=out)
 
     def backward(self, gy=None, gyh=None, gyc=None):
         S, B, H, D = self.S, self.B, self.H, self.D
@@ -541,6 +567,94 @@ class LSTM(_Recurrent):
             if not fgt:
                 gp[:, 2 * H:] = np.einsum("dsbh,dsbh->dh", dG[..., gf], cprev)
         return gx, gw, gr, gb, None, gh0, gc0, gp
+
+
+@register("qatool.DynamicQuantizeLSTM")
+class DynamicQuantizeLSTM(LSTM):
+    """An LSTM as onnxruntime's DynamicQuantizeLSTM (com.microsoft) computes it, each input sequence on its own:
+    the int8 form of an ONNX LSTM that qatool exports with `recurrent: dynamic` (`quant.prepare`).
+
+    Inputs: the LSTM's eight, then W_scale and R_scale, [D, 4H] (per direction and gate row) or [D]. W and R arrive
+    fake-quantized (WeightQuant: symmetric, zero point 0): their integers are W / W_scale and R / R_scale.
+
+    What onnxruntime 1.32's kernel computes (contrib_ops/cpu/quantization/dynamic_quantize_lstm.cc ->
+    LSTMBase::ComputeImpl -> UniDirectionalLstm, the quantized ComputeGemm of rnn_helpers.cc; MLAS on x86-64),
+    for a batch of one sequence of length L:
+    - the input projection: X[:L] is quantized once, uint8 asymmetric over all its L x I values, the range
+      stretched to contain 0 (`mlas.dynamic_qparams`, round half to even); the same integers serve both
+      directions; XW[n] = float32(acc) * float32(s_x * s_w[n]), acc = sum_k (x_q - z_x) w_q[k, n] exact in int32;
+    - at every step, h_{t-1} (its H values) is quantized the same way, and the gates' pre-activations become
+      XW + float32(acc_h) * float32(s_h * s_r[n]) (a multiply, then an add);
+    - then the float LSTM: the peephole terms, + (Wb + Rb), clip, sigmoid and tanh by MLAS's approximations
+      (`mlas.logistic`, `mlas.tanh`), c = c_prev f + i g, h = o tanh(c).
+    This op computes exactly that, bit for bit (tests/test_dynamic_lstm.py), for every sequence of a batch
+    separately. onnxruntime given a batch of N sequences quantizes X over all N (the steps below the longest
+    length) and h_{t-1} over all N rows, or with several threads and N > 4 (N >= 2 when H <= 256) over chunks of
+    ceil(N / threads) rows: its results then depend on the batch and the thread count, so the int8 model is
+    checked and measured one input at a time (`ir.batch.PER_INPUT_KEY`).
+
+    Backward: straight-through. The gradients are the float LSTM's with the dequantized values the products
+    read in place of x and h_{t-1} (for dW and dR); d(x quantized)/dx = 1 (a dynamic range covers every value it
+    quantizes) and the ranges themselves get no gradient. Saved on top of the LSTM's: nothing (the dequantized x
+    and states replace x and the states).
+    """
+
+    mlas_activations = True
+
+    def forward(self, ctx, x, w, r, b=None, seq_lens=None, h0=None, c0=None, p=None, w_scale=None, r_scale=None):
+        if self.layout:
+            self._fail("layout 1 is not supported (onnxruntime's DynamicQuantizeLSTM runs layout 0)")
+        if w_scale is None or r_scale is None:
+            self._fail("W_scale and R_scale (inputs 8 and 9) are required")
+        d = w.shape[0]
+        self.keep = ctx.grad
+        self.w_scale = np.asarray(w_scale, x.dtype).reshape(d, -1)  # (D, 4H) or (D, 1)
+        self.r_scale = np.asarray(r_scale, x.dtype).reshape(d, -1)
+        out = super().forward(ctx, x, w, r, b, seq_lens, h0, c0, p)
+        if ctx.grad:  # what the weight products read, for dW and dR
+            self.x, self.Hs = self.x_hat, self.h_hat
+        return out
+
+    def backward(self, gy=None, gyh=None, gyc=None):
+        return (*super().backward(gy, gyh, gyc), None, None)
+
+    def _project(self, xt, w, b, dtype):
+        """XW of every step and direction (b is None: the LSTM adds its bias later)."""
+        S, B, I, D = self.S, self.B, self.I, self.D
+        GH = 4 * self.H
+        inside = xt if self.valid is None else np.where(self.valid[:, :, None], xt, 0)  # steps past the end: 0
+        scale, zero = mlas.dynamic_qparams(inside, axis=(0, 2))  # (1, B, 1): one range per sequence
+        codes = mlas.dynamic_codes(xt, scale, zero)
+        self.x_hat = codes * scale if self.keep else None
+        w_codes = np.rint(w / self.w_scale[:, :, None])
+        bound = mlas.UINT8_LEVELS * float(np.abs(w_codes).max(initial=0))
+        multiplier = scale[0] * self.w_scale[:, None, :]  # (D, B, 4H)
+        G = np.empty((D, S, B, GH), dtype)
+        for d in range(D):
+            xd = np.ascontiguousarray(self._order(codes, d)).reshape(S * B, I)
+            acc = mlas.integer_product(xd, w_codes[d].T, bound).reshape(S, B, GH)
+            np.multiply(acc, multiplier[d], out=G[d])
+        return G
+
+    def _recurrent_weights(self, r):
+        codes = np.rint(r / self.r_scale[:, :, None])
+        self.r_bound = mlas.UINT8_LEVELS * float(np.abs(codes).max(initial=0))
+        self.h_hat = np.empty((self.D, self.S, self.B, self.H), r.dtype) if self.keep else None
+        return np.ascontiguousarray(codes.transpose(0, 2, 1))
+
+    def _recur(self, hp, RT, out, s):
+        scale, zero = mlas.dynamic_qparams(hp, axis=2)  # (D, B, 1): one range per direction and sequence
+        codes = mlas.dynamic_codes(hp, scale, zero)
+        if self.h_hat is not None:
+            np.multiply(codes, scale, out=self.h_hat[:, s])
+        acc = mlas.integer_product(codes, RT, self.r_bound)
+        np.multiply(acc, scale * self.r_scale[:, None, :], out=out)
+
+
+def _add_bias(g, bias, cols) -> None:
+    """g[..., cols] += the gates' bias (Wb + Rb), if any."""
+    if bias is not None:
+        g[:, :, cols] += bias[:, :, cols]
 
 
 @register("GRU")

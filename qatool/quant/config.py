@@ -9,6 +9,7 @@ from ..errors import ConfigError
 SCALE_UPDATES = ("moving-average", "maximum")
 SCALE_LEARNING = ("none", "lsq")
 WEIGHT_ROUNDING = ("nearest", "gptq", "gptq-sequential")
+RECURRENT = ("float", "dynamic")  # how an LSTM is exported (`quant.prepare`)
 LOW_BITS = 4  # weights this narrow take the recipe's low-bit rounding (`QuantConfig.with_rounding`)
 
 
@@ -31,6 +32,9 @@ class QuantConfig:
     # "gptq-sequential": each layer's inputs from the float model whose earlier layers are already rounded;
     # None: the run's recipe decides (`with_rounding`), nearest where nothing resolves it
     weight_rounding: str | None = None
+    # "float": an LSTM/GRU/RNN runs in float between DequantizeLinear and QuantizeLinear; "dynamic": an LSTM runs
+    # as onnxruntime's DynamicQuantizeLSTM (int8 weights, activations quantized inside the kernel), simulated so
+    recurrent: str = "float"
 
     def __post_init__(self):
         self.validate()
@@ -47,6 +51,8 @@ class QuantConfig:
         if self.weight_rounding is not None and self.weight_rounding not in WEIGHT_ROUNDING:
             raise ConfigError(f"weight_rounding must be one of {', '.join(WEIGHT_ROUNDING)}, "
                               f"got {self.weight_rounding!r}")
+        if self.recurrent not in RECURRENT:
+            raise ConfigError(f"recurrent must be one of {', '.join(RECURRENT)}, got {self.recurrent!r}")
         if not 0.0 <= float(self.observer_momentum) < 1.0:
             raise ConfigError(f"observer_momentum must be in [0, 1), got {self.observer_momentum!r}")
         for name, bits in self.layer_weight_bits.items():

@@ -26,8 +26,8 @@ from ..errors import DivergedError
 from ..ir.graph import Node
 from ..ops.base import BitMask, Op, register
 from ..ops.norm import _dot_nc, _sum_nc, batch_moments
-from .qparams import (BIAS_GRID, MIN_SCALE, activation_grid, activation_qparams, channel_shape, fake_quant,
-                      lsq_fake_quant, lsq_grad_scale, weight_grid, weight_scales)
+from .qparams import (BIAS_GRID, MIN_SCALE, activation_grid, activation_qparams, channel_axes, channel_shape,
+                      fake_quant, lsq_fake_quant, lsq_grad_scale, weight_grid, weight_scales)
 
 
 def bn_fold_factor(gamma: np.ndarray, var: np.ndarray, eps: float) -> np.ndarray:
@@ -57,8 +57,9 @@ def folded_bias(b: np.ndarray | None, k: np.ndarray, beta: np.ndarray, mean: np.
     return centred * k + beta
 
 
-def _reduce_axes(ndim: int, axis: int) -> tuple[int, ...]:
-    return tuple(i for i in range(ndim) if i != axis)
+def _reduce_axes(ndim: int, axis: int | tuple[int, ...]) -> tuple[int, ...]:
+    axes = channel_axes(axis)
+    return tuple(i for i in range(ndim) if i not in axes)
 
 
 @register("qatool.FakeQuant")
@@ -124,10 +125,16 @@ class FakeQuant(Op):
         return dx, dscale, None, None
 
 
+def weight_axis(value) -> int | tuple[int, ...]:
+    """A WeightQuant's `axis` attribute: one axis as an int, several as a tuple."""
+    return int(value) if np.ndim(value) == 0 else channel_axes(value)
+
+
 @register("qatool.WeightQuant")
 class WeightQuant(Op):
     """Inputs (w, [gamma, var], [scale]): with a `scale` input (LSQ) the step sizes are trained parameters
-    instead of max|w| / qmax recomputed every step."""
+    instead of max|w| / qmax recomputed every step. `axis`: the output-channel axis, or a list of axes whose every
+    combination is a channel (an LSTM's [D, 4H, K] weight: [0, 1], a scale per direction and gate row)."""
 
     attrs = {"bits": 8, "axis": 0, "per_channel": 1, "epsilon": 1e-5}
 
@@ -136,7 +143,7 @@ class WeightQuant(Op):
         self.grid = weight_grid(int(self.bits))
 
     def forward(self, ctx, w, gamma=None, var=None, scale=None):
-        axis = int(self.axis)
+        axis = weight_axis(self.axis)
         per = axis if self.per_channel else None
         self.w = w
         self.k = None
@@ -162,7 +169,7 @@ class WeightQuant(Op):
         return w_q, scale
 
     def backward(self, g, g_scale=None):
-        axis = int(self.axis)
+        axis = weight_axis(self.axis)
         others = _reduce_axes(g.ndim, axis)
         gf = g * self.mask
         dscale = None

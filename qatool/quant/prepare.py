@@ -23,6 +23,10 @@ here is what runs after export:
   cheap beside the network;
 - integer shape arithmetic (Shape -> Gather -> Mul -> Concat, which a model with a free batch or width computes
   at run time) stays as it is: an Add/Mul/Concat of integers is never quantized;
+- an LSTM/GRU/RNN stays float (onnxruntime has no QDQ kernel for them), unless `QuantConfig.recurrent` is
+  "dynamic": then an LSTM becomes onnxruntime's DynamicQuantizeLSTM (`DYNAMIC_REASON`), simulated by the engine's
+  qatool.DynamicQuantizeLSTM with its W and R fake-quantized per direction and gate row (WeightQuant); it reads
+  and writes float tensors, and counts as a weighted layer for the output tail. GRU and RNN have no such kernel;
 - anything else stays float; the plan says which nodes and why. The graph input is quantized by the first
   quantized op that reads it, like every other float tensor a quantized op reads.
 """
@@ -34,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from ..errors import ConfigError
 from ..ir.graph import Graph, Node
 from ..ir.roles import read_roles, write_roles
 from .config import QuantConfig
@@ -51,13 +56,21 @@ DOMAIN = "qatool"
 
 
 RECURRENT = ("LSTM", "GRU", "RNN")
+DYNAMIC_KERNEL = "DynamicQuantizeLSTM"
+DYNAMIC_REASON = ("onnxruntime's DynamicQuantizeLSTM: int8 weights per direction and gate row (per direction with "
+                  "--per-tensor), its input and hidden state quantized to uint8 inside the kernel at run time, "
+                  "per input")
 
 
-def float_reason(op_type: str) -> str:
-    """Why an op with no quantized form stays float (the placement report's words)."""
+def float_reason(op_type: str, recurrent: str = "float") -> str:
+    """Why an op with no quantized form stays float (the placement report's words); `recurrent` is
+    `QuantConfig.recurrent`."""
     if op_type in RECURRENT:
-        return (f"onnxruntime has no QDQ kernel for a recurrent op: {op_type} runs in float between "
-                "DequantizeLinear and QuantizeLinear, its weights trained in float")
+        why = (f"onnxruntime has no QDQ kernel for a recurrent op: {op_type} runs in float between "
+               "DequantizeLinear and QuantizeLinear, its weights trained in float")
+        if op_type != "LSTM":
+            return why + (f" (and no dynamically quantized {op_type} kernel)" if recurrent == "dynamic" else "")
+        return why + f"; --recurrent dynamic runs it as {DYNAMIC_KERNEL}"
     return f"onnxruntime has no integer kernel for {op_type}"
 
 
@@ -105,6 +118,7 @@ class Layer:
 class Plan:
     layers: list[Layer] = field(default_factory=list)
     activation_ops: list[Node] = field(default_factory=list)
+    dynamic_recurrent: list[Node] = field(default_factory=list)  # LSTMs that become DynamicQuantizeLSTM
     quantized: list[str] = field(default_factory=list)  # tensors that get their own FakeQuant, in order
     source: dict[str, str] = field(default_factory=dict)  # tensor -> the quantized tensor it shares scale with
     float_nodes: list[tuple[str, str, str]] = field(default_factory=list)  # (name, op_type, why)
@@ -115,7 +129,9 @@ class Plan:
         """One line: what is quantized, what stays float."""
         folded = sum(layer.bn is not None for layer in self.layers)
         tail = sum(layer.float_output for layer in self.layers)
+        dynamic = len(self.dynamic_recurrent)
         return (f"{len(self.layers)} layers ({folded} with BN folded{f', {tail} with a float output' if tail else ''})"
+                f"{f', {dynamic} LSTM as {DYNAMIC_KERNEL}' if dynamic else ''}"
                 f", {len(self.quantized)} activation quantizers; {len(self.float_nodes)} nodes stay float")
 
     def report(self) -> dict:
@@ -126,6 +142,8 @@ class Plan:
             "quantized_activations": len(self.quantized),
             "rescaled": len(self.rescaled),
             "float_nodes": [{"node": n, "op_type": t, "reason": why} for n, t, why in self.float_nodes],
+            "dynamic_recurrent": [{"node": n.name, "op_type": "LSTM", "kernel": DYNAMIC_KERNEL,
+                                   "reason": DYNAMIC_REASON} for n in self.dynamic_recurrent],
         }
 
 
@@ -200,13 +218,14 @@ def _rescaled_input(graph: Graph, node: Node, plan: Plan, consumers: dict[str, l
     return None
 
 
-def output_tail(graph: Graph) -> set[str]:
-    """The tensors from which no layer with a constant weight (Conv, ConvTranspose, Gemm, MatMul) can be reached:
-    what the last weighted layers compute and everything after them on the way to the graph outputs."""
+def output_tail(graph: Graph, weight_layers: tuple[str, ...] = WEIGHT_LAYERS) -> set[str]:
+    """The tensors from which no layer with a constant weight (Conv, ConvTranspose, Gemm, MatMul, or whatever
+    `weight_layers` names) can be reached: what the last weighted layers compute and everything after them on the
+    way to the graph outputs."""
     consumers = graph.consumers()
     feeds_layer: set[str] = set()
     for node in reversed(graph.nodes):
-        weighted = node.op_type in WEIGHT_LAYERS and node.input(1) in graph.initializers
+        weighted = node.op_type in weight_layers and node.input(1) in graph.initializers
         if weighted or any(o in feeds_layer for o in node.outputs):
             feeds_layer.update(i for i in node.inputs if i)
     tensors = {t for n in graph.nodes for t in (*n.inputs, *n.outputs) if t} | set(graph.input_names)
@@ -214,13 +233,40 @@ def output_tail(graph: Graph) -> set[str]:
             and (consumers.get(t) or t in graph.output_names)}
 
 
+def _dynamic_lstm_why_not(graph: Graph, node: Node, trainable: set[str]) -> str | None:
+    """Why an LSTM cannot become a DynamicQuantizeLSTM, or None."""
+    if any(node.input(i) not in graph.initializers or node.input(i) not in trainable
+           or graph.initializers[node.input(i)].ndim != 3 for i in (1, 2)):
+        return "its W and R are not trainable initializers"
+    if int(node.attrs.get("layout", 0)):
+        return "layout 1 (batch first): onnxruntime's LSTM kernels run layout 0 only"
+    if node.input(0) in graph.initializers:
+        return "its input is a constant"
+    return None
+
+
+def check_recurrent(graph: Graph, config: QuantConfig) -> None:
+    """ConfigError (one line) when `recurrent` is "dynamic" and the model has no LSTM for it."""
+    if config.recurrent != "dynamic" or any(n.op_type == "LSTM" for n in graph.nodes):
+        return
+    others = sorted({n.op_type for n in graph.nodes if n.op_type in RECURRENT})
+    if others:
+        raise ConfigError(f"--recurrent dynamic: the model has no LSTM, and onnxruntime has no dynamically "
+                          f"quantized {'/'.join(others)} kernel: use --recurrent float ({'/'.join(others)} then "
+                          "runs in float)")
+    raise ConfigError("--recurrent dynamic: the model has no LSTM (onnxruntime's DynamicQuantizeLSTM is its only "
+                      "dynamically quantized recurrent kernel): use --recurrent float")
+
+
 def mark(graph: Graph, config: QuantConfig) -> Plan:
     """Decide where fake quantization goes; the graph is not changed."""
+    check_recurrent(graph, config)
     plan = Plan()
     consumers = graph.consumers()
     trainable = set(read_roles(graph)[0])
     absorbed: set[int] = set()
-    tail = set() if config.quantize_tail else output_tail(graph)
+    dynamic = config.recurrent == "dynamic"
+    tail = set() if config.quantize_tail else output_tail(graph, WEIGHT_LAYERS + (("LSTM",) if dynamic else ()))
     ints = integer_tensors(graph)
 
     def ensure_quantized(tensor: str) -> str:
@@ -250,7 +296,13 @@ def mark(graph: Graph, config: QuantConfig) -> Plan:
             plan.float_nodes.append((node.name, node.op_type, "excluded by --exclude"))
             continue
         in_tail = all(o in tail for o in node.outputs if o)
-        if node.op_type in WEIGHTED:
+        if node.op_type == "LSTM" and dynamic:
+            why = _dynamic_lstm_why_not(graph, node, trainable)
+            if why:
+                plan.float_nodes.append((node.name, node.op_type, f"{why}: it runs in float, not as {DYNAMIC_KERNEL}"))
+            else:
+                plan.dynamic_recurrent.append(node)
+        elif node.op_type in WEIGHTED:
             why = _weighted_why_not(graph, node, trainable)
             if why:
                 plan.float_nodes.append((node.name, node.op_type, why))
@@ -292,7 +344,7 @@ def mark(graph: Graph, config: QuantConfig) -> Plan:
             for o in node.outputs[:1]:
                 plan.source[o] = src
         else:
-            plan.float_nodes.append((node.name, node.op_type, float_reason(node.op_type)))
+            plan.float_nodes.append((node.name, node.op_type, float_reason(node.op_type, config.recurrent)))
     return plan
 
 
@@ -359,6 +411,8 @@ def insert(graph: Graph, plan: Plan, config: QuantConfig) -> dict[str, QuantTens
         stored = _rewrite_layer(graph, layer, quant[layer.input_source].scale, config)
         if stored:  # trained by gradient with LSQ; else fixed (GPTQ's rounding is on its grid)
             (trainable if config.scale_learning == "lsq" else state).append(stored)
+    for node in plan.dynamic_recurrent:
+        _rewrite_dynamic_lstm(graph, node, config)
     graph.toposort()
     write_roles(graph, trainable, state)
     return quant
@@ -417,6 +471,23 @@ def _rewrite_layer(graph: Graph, layer: Layer, input_scale: str, config: QuantCo
                             f"{node.name}.foldedbias", {"axis": out_axis, "epsilon": eps, "momentum": momentum},
                             DOMAIN))
     return learned
+
+
+def _rewrite_dynamic_lstm(graph: Graph, node: Node, config: QuantConfig) -> None:
+    """LSTM -> qatool.DynamicQuantizeLSTM reading W and R through WeightQuant (a scale per direction and gate row,
+    or per direction; the observer's max|w| / qmax, recomputed every step) and their scales as inputs 8 and 9."""
+    inputs = node.inputs + [""] * (8 - len(node.inputs))
+    axis = [0, 1] if config.per_channel else [0]
+    bits = config.weight_bits_of(node.name)
+    scales = []
+    for k, which in ((1, "W"), (2, "R")):
+        w = inputs[k]
+        w_q, w_scale = graph.unique_name(f"{w}.wq"), graph.unique_name(f"{w}.wscale")
+        graph.nodes.append(Node("WeightQuant", [w], [w_q, w_scale], weight_quant_name(f"{node.name}.{which}"),
+                                {"bits": bits, "axis": axis, "per_channel": 1}, DOMAIN))
+        inputs[k] = w_q
+        scales.append(w_scale)
+    node.op_type, node.domain, node.inputs = DYNAMIC_KERNEL, DOMAIN, inputs + scales
 
 
 def _initial_weight_scale(graph: Graph, w: str, bn: Node | None, axis: int, eps: float, bits: int,

@@ -106,19 +106,30 @@ CLIP_RATIOS = np.linspace(1.0, 0.5, 11, dtype=np.float32)
 SEARCH_MAX_QMAX = 7
 
 
-def weight_scales(w: np.ndarray, axis: int | None, grid: Grid) -> np.ndarray:
-    """Per-channel (along `axis`) or per-tensor (axis None) symmetric scales, float32: max|w| / qmax, or at
-    <= 4 bits the clipped scale of least squared error (`clip_search`). A deterministic function of `w`, so the
-    simulation (every step) and the export compute the same scales from the same weights."""
+def channel_axes(axis: int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """The axes that index a weight's channels: one output-channel axis, or several (an LSTM's [D, 4H, K] weight
+    has a channel per direction and gate row, axes (0, 1))."""
+    return (int(axis),) if np.ndim(axis) == 0 else tuple(int(a) for a in axis)
+
+
+def weight_scales(w: np.ndarray, axis: int | tuple[int, ...] | None, grid: Grid) -> np.ndarray:
+    """Per-channel (along `axis`, or each combination of several `axis`) or per-tensor (axis None) symmetric
+    scales, float32: max|w| / qmax, or at <= 4 bits the clipped scale of least squared error (`clip_search`). A
+    deterministic function of `w`, so the simulation (every step) and the export compute the same scales from the
+    same weights."""
     if axis is None:
         m = np.abs(w).max(initial=0.0)
     else:
-        other = tuple(i for i in range(w.ndim) if i != axis)
+        axes = channel_axes(axis)
+        other = tuple(i for i in range(w.ndim) if i not in axes)
         m = np.abs(w).max(axis=other, initial=0.0) if other else np.abs(w)
     scale = np.maximum(np.asarray(m, np.float32) / np.float32(grid.qmax), MIN_SCALE).astype(np.float32)
     if grid.qmax > SEARCH_MAX_QMAX:
         return scale
-    rows = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    if axis is None:
+        rows = w.reshape(1, -1)
+    else:
+        rows = np.moveaxis(w, axes, tuple(range(len(axes)))).reshape(scale.size, -1)
     return clip_search(rows.astype(np.float32, copy=False), scale.reshape(-1), grid).reshape(scale.shape)
 
 
@@ -174,7 +185,7 @@ def channel_shape(ndim: int, axis: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def quantize(x: np.ndarray, scale, zero_point, grid: Grid, axis: int | None = None) -> np.ndarray:
+def quantize(x: np.ndarray, scale, zero_point, grid: Grid, axis: int | tuple[int, ...] | None = None) -> np.ndarray:
     """Integers exactly as ONNX QuantizeLinear computes them: saturate(round_half_even(x / scale) + zp)."""
     s, z = _broadcast(scale, zero_point, x.ndim, axis)
     q = np.rint(x / s) + z
@@ -182,16 +193,20 @@ def quantize(x: np.ndarray, scale, zero_point, grid: Grid, axis: int | None = No
     return np.clip(q.astype(np.float64), grid.qmin, grid.qmax).astype(grid.storage)
 
 
-def _broadcast(scale, zero_point, ndim: int, axis: int | None):
+def _broadcast(scale, zero_point, ndim: int, axis: int | tuple[int, ...] | None):
     s = np.asarray(scale, np.float32)
     z = np.asarray(zero_point, np.float32)
-    if axis is not None and s.ndim == 1:
-        s = s.reshape(channel_shape(ndim, axis))
-        z = z.reshape(channel_shape(ndim, axis)) if z.ndim == 1 else z
+    if axis is None:
+        return s, z
+    axes = channel_axes(axis)
+    if s.ndim == len(axes) and s.ndim < ndim:
+        other = tuple(i for i in range(ndim) if i not in axes)
+        s = np.expand_dims(s, other)
+        z = np.expand_dims(z, other) if z.ndim == len(axes) else z
     return s, z
 
 
-def fake_quant(x: np.ndarray, scale, zero_point, grid: Grid, axis: int | None = None,
+def fake_quant(x: np.ndarray, scale, zero_point, grid: Grid, axis: int | tuple[int, ...] | None = None,
                want_mask: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Quantize then dequantize: ((clip(rint(x / s) + z) - z) * s), and the straight-through mask.
 
@@ -216,7 +231,7 @@ def fake_quant(x: np.ndarray, scale, zero_point, grid: Grid, axis: int | None = 
     return buf, mask
 
 
-def lsq_fake_quant(x: np.ndarray, scale, zero_point, grid: Grid, axis: int | None = None
+def lsq_fake_quant(x: np.ndarray, scale, zero_point, grid: Grid, axis: int | tuple[int, ...] | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fake quantization with a learned step size (LSQ, Esser et al. 2020): returns (y, mask, dy_ds).
 

@@ -35,8 +35,9 @@ def ort_run(sess: ort.InferenceSession, x: np.ndarray, what: str = "the model") 
 def ort_run_all(sess: ort.InferenceSession, x: np.ndarray, what: str = "the model",
                 outputs: list[str] | None = None) -> list[np.ndarray]:
     """Every output (or `outputs`) for one batch, in order (errors as `ort_run`). A model whose input declares a
-    fixed batch of 1 (one whose batch could not be freed) runs image by image, its outputs joined on their batch
-    axis."""
+    fixed batch of 1 (one whose batch could not be freed), or whose numerics hold per input (an int8 model with
+    onnxruntime's DynamicQuantizeLSTM: `ir.batch.PER_INPUT_KEY`), runs image by image, its outputs joined on their
+    batch axis."""
     from ..ir.batch import ort_run_per_image
 
     try:
