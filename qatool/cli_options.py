@@ -84,7 +84,8 @@ def quantization_options(f):
                      help="How an LSTM runs in the int8 model. float (default): in float, between DequantizeLinear "
                           "and QuantizeLinear. dynamic: as onnxruntime's DynamicQuantizeLSTM, int8 weights per "
                           "direction and gate row, its input and hidden state quantized to uint8 inside the kernel "
-                          "(simulated bit for bit, one input at a time). GRU and RNN have no such kernel."),
+                          "(simulated bit for bit, one input at a time). GRU and RNN have no such kernel. On ddddocr's "
+                          "CNN+LSTM recogniser: 0.33x float latency against 0.49x, accuracy not told apart."),
     ]):
         f = opt(f)
     return f
