@@ -159,13 +159,18 @@ def _weight_dq(g: Graph, node: Node, weight_scale: dict[str, np.ndarray]) -> Nod
     per_channel = bool(node.attrs.get("per_channel", 1))
     w_q, s_out = node.outputs
     weight_scale[s_out] = scale
-    base = node.input(0)
+    names = _weight_initializers(g, node.input(0), q, scale)
+    attrs = {"axis": axis} if per_channel else {}
+    return Node("DequantizeLinear", names, [w_q], g.unique_name(f"{node.input(0)}_DequantizeLinear"), attrs)
+
+
+def _weight_initializers(g: Graph, base: str, q: np.ndarray, scale: np.ndarray) -> list[str]:
+    """The names of new initializers holding a weight's integers `q`, its `scale` and zero points 0."""
     names = [g.unique_name(f"{base}_quantized"), g.unique_name(f"{base}_scale"), g.unique_name(f"{base}_zero_point")]
     g.initializers[names[0]] = q
     g.initializers[names[1]] = scale
     g.initializers[names[2]] = np.zeros(scale.shape, q.dtype)
-    attrs = {"axis": axis} if per_channel else {}
-    return Node("DequantizeLinear", names, [w_q], g.unique_name(f"{base}_DequantizeLinear"), attrs)
+    return names
 
 
 def _dynamic_lstm(g: Graph, node: Node, producers: dict[str, Node]) -> Node:
@@ -174,13 +179,8 @@ def _dynamic_lstm(g: Graph, node: Node, producers: dict[str, Node]) -> Node:
     quantized = []
     for k in (1, 2):
         wq = producers[node.input(k)]
-        q, scale = _weight_integers(g, wq)
-        base = wq.input(0)
-        names = [g.unique_name(f"{base}_quantized"), g.unique_name(f"{base}_scale"),
-                 g.unique_name(f"{base}_zero_point")]
-        g.initializers[names[0]] = np.ascontiguousarray(q.transpose(0, 2, 1))
-        g.initializers[names[1]] = scale
-        g.initializers[names[2]] = np.zeros(scale.shape, q.dtype)
+        q, scale = _weight_integers(g, wq)  # [D, 4H, K] as the LSTM holds it; the kernel reads [D, K, 4H]
+        names = _weight_initializers(g, wq.input(0), np.ascontiguousarray(q.transpose(0, 2, 1)), scale)
         inputs[k] = names[0]
         quantized += names[1:]
     g.other_opsets[MS_DOMAIN] = 1
