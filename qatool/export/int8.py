@@ -36,9 +36,9 @@ from ..errors import DivergedError, ModelError
 from ..ir.batch import PER_INPUT_KEY
 from ..ir.graph import Graph, Node
 from ..ir.roles import STATE_KEY, TRAINABLE_KEY
-from ..quant.ops import bn_fold_factor, folded_bias, folded_step, weight_axis
+from ..quant.ops import bn_fold_factor, fold_weight, folded_bias, folded_step, weight_axis
 from ..quant.prepare import DYNAMIC_KERNEL
-from ..quant.qparams import (MIN_SCALE, Grid, activation_grid, activation_range, bias_integers, channel_shape,
+from ..quant.qparams import (MIN_SCALE, Grid, activation_grid, activation_range, bias_integers,
                              grid_inside, quantize, weight_grid, weight_scales)
 
 FLOAT_NODES_KEY = "qatool.float_nodes"
@@ -145,7 +145,7 @@ def _weight_integers(g: Graph, node: Node) -> tuple[np.ndarray, np.ndarray]:
     if node.input(1):
         k = bn_fold_factor(g.initializers[node.input(1)], g.initializers[node.input(2)],
                            float(node.attrs.get("epsilon", 1e-5)))
-        w = w * k.reshape(channel_shape(w.ndim, axis))
+        w = fold_weight(w, k, axis)
     if node.input(3):  # a learned step size (LSQ), scaled by the fold as the simulation scales it
         scale = folded_step(g.initializers[node.input(3)], k, per_channel)
     else:

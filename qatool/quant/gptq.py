@@ -247,7 +247,7 @@ def round_session(session, data, max_images: int | None = GPTQ_IMAGES, seed: int
 def _round_layer(session, layer, H: np.ndarray, damp: float, act_order: bool):
     """Round one layer's weight in place (the session's parameter becomes q s / k); returns (the new unfolded
     weight, GPTQ's q and round-to-nearest's integers as rows, weights whose fold does not round back to q)."""
-    from .ops import bn_fold_factor, folded_step
+    from .ops import bn_fold_factor, fold_weight, folded_step
     from .qparams import quantize, weight_grid
 
     params, state = session.model.params, session.model.state
@@ -260,7 +260,7 @@ def _round_layer(session, layer, H: np.ndarray, damp: float, act_order: bool):
     if wq.input(1):
         k = bn_fold_factor(_value(session, wq.input(1)), _value(session, wq.input(2)),
                            float(wq.attrs.get("epsilon", 1e-5))).astype(np.float32)
-        w = w * k.reshape(channel_shape(w.ndim, axis))
+        w = fold_weight(w, k, axis)
     stored = params[scale_name] if scale_name in params else state[scale_name]
     s = folded_step(stored.astype(np.float32), k, per)  # what WeightQuant and the export use
     rows = weight_rows(w, axis)

@@ -35,6 +35,12 @@ def bn_fold_factor(gamma: np.ndarray, var: np.ndarray, eps: float) -> np.ndarray
     return gamma / np.sqrt(var + var.dtype.type(eps))
 
 
+def fold_weight(w: np.ndarray, k: np.ndarray, axis: int) -> np.ndarray:
+    """`w` times the fold factor `k` along its output-channel `axis`: the folded weight that training, the start's
+    rounding and the export all quantize (and, applied to a gradient, the chain rule through that product)."""
+    return w * k.reshape(channel_shape(w.ndim, axis))
+
+
 def fold_magnitude(k: np.ndarray | None, per_channel: bool):
     """What a learned weight step size is multiplied by to become the folded weight's: |k| per channel (max|k|
     per tensor), floored at MIN_SCALE; 1 without a BatchNormalization."""
@@ -150,7 +156,7 @@ class WeightQuant(Op):
         if gamma is not None:
             self.k = bn_fold_factor(gamma, var, self.epsilon)
             self.sigma = np.sqrt(var + var.dtype.type(self.epsilon))
-            w = w * self.k.reshape(channel_shape(w.ndim, axis))
+            w = fold_weight(w, self.k, axis)
         self.dy_ds = None
         if scale is None:
             scale = weight_scales(w, per, self.grid).astype(w.dtype)
@@ -178,7 +184,7 @@ class WeightQuant(Op):
             dscale = ((gs.sum(axis=others) if self.per_channel else gs.sum()) * self.lsq_scale).astype(g.dtype)
         if self.k is None:
             return gf, None, None, dscale
-        dw = gf * self.k.reshape(channel_shape(gf.ndim, axis))
+        dw = fold_weight(gf, self.k, axis)
         dgamma = (gf * self.w).sum(axis=others) / self.sigma if self.needs_grad[1] else None
         return dw, dgamma, None, dscale
 

@@ -494,15 +494,15 @@ def _initial_weight_scale(graph: Graph, w: str, bn: Node | None, axis: int, eps:
                           per_channel: bool) -> np.ndarray:
     """The learned step size that starts where the observer would: max|w k| / qmax of the folded weight, divided
     by the fold magnitude that `folded_step` multiplies it by."""
-    from .ops import bn_fold_factor, fold_magnitude
-    from .qparams import channel_shape, weight_grid, weight_scales
+    from .ops import bn_fold_factor, fold_magnitude, fold_weight
+    from .qparams import weight_grid, weight_scales
 
     weight = graph.initializers[w].astype(np.float32)
     k = None
     if bn is not None:
         k = bn_fold_factor(graph.initializers[bn.input(1)].astype(np.float32),
                            graph.initializers[bn.input(4)].astype(np.float32), eps)
-        weight = weight * k.reshape(channel_shape(weight.ndim, axis))
+        weight = fold_weight(weight, k, axis)
     observed = weight_scales(weight, axis if per_channel else None, weight_grid(bits))
     return (observed / fold_magnitude(k, per_channel)).astype(np.float32)
 

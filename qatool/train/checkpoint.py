@@ -25,9 +25,9 @@ from ..errors import DivergedError, ModelError
 from ..ir.graph import Graph, Node
 from ..ir.io import load_graph, save_graph
 from ..quant.config import QuantConfig
-from ..quant.ops import bn_fold_factor, folded_step
+from ..quant.ops import bn_fold_factor, fold_weight, folded_step
 from ..quant.prepare import QuantTensor, mark, weight_axes, weight_quant_name
-from ..quant.qparams import activation_grid, channel_shape, weight_grid, weight_scales
+from ..quant.qparams import activation_grid, weight_grid, weight_scales
 
 CHECKPOINT_KEY = "qatool.checkpoint"
 
@@ -113,7 +113,7 @@ def _insert_weight_qdq(g: Graph, layer, config: QuantConfig, stored: np.ndarray 
         bn = layer.bn
         k = bn_fold_factor(g.initializers[bn.input(1)], g.initializers[bn.input(4)],
                            float(bn.attrs.get("epsilon", 1e-5)))
-        scale = weight_scales(w * k.reshape(channel_shape(w.ndim, axis)), per, grid) if stored is None \
+        scale = weight_scales(fold_weight(w, k, axis), per, grid) if stored is None \
             else folded_step(stored, k, per is not None)
         # fake-quantizing w*k with scale s is fake-quantizing w with scale s/k (up to float rounding)
         scale = (scale / (np.abs(k) if per is not None else 1)).astype(np.float32)
