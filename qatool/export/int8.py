@@ -159,13 +159,14 @@ def _weight_dq(g: Graph, node: Node, weight_scale: dict[str, np.ndarray]) -> Nod
     per_channel = bool(node.attrs.get("per_channel", 1))
     w_q, s_out = node.outputs
     weight_scale[s_out] = scale
-    names = _weight_initializers(g, node.input(0), q, scale)
+    names = _quantized_initializers(g, node.input(0), q, scale)
     attrs = {"axis": axis} if per_channel else {}
     return Node("DequantizeLinear", names, [w_q], g.unique_name(f"{node.input(0)}_DequantizeLinear"), attrs)
 
 
-def _weight_initializers(g: Graph, base: str, q: np.ndarray, scale: np.ndarray) -> list[str]:
-    """The names of new initializers holding a weight's integers `q`, its `scale` and zero points 0."""
+def _quantized_initializers(g: Graph, base: str, q: np.ndarray, scale: np.ndarray) -> list[str]:
+    """The names of new initializers holding a weight's or a bias's integers `q`, its `scale` and zero points 0
+    (in q's dtype)."""
     names = [g.unique_name(f"{base}_quantized"), g.unique_name(f"{base}_scale"), g.unique_name(f"{base}_zero_point")]
     g.initializers[names[0]] = q
     g.initializers[names[1]] = scale
@@ -180,7 +181,7 @@ def _dynamic_lstm(g: Graph, node: Node, producers: dict[str, Node]) -> Node:
     for k in (1, 2):
         wq = producers[node.input(k)]
         q, scale = _weight_integers(g, wq)  # [D, 4H, K] as the LSTM holds it; the kernel reads [D, K, 4H]
-        names = _weight_initializers(g, wq.input(0), np.ascontiguousarray(q.transpose(0, 2, 1)), scale)
+        names = _quantized_initializers(g, wq.input(0), np.ascontiguousarray(q.transpose(0, 2, 1)), scale)
         inputs[k] = names[0]
         quantized += names[1:]
     g.other_opsets[MS_DOMAIN] = 1
@@ -200,8 +201,7 @@ def _bias_into_layer(g: Graph, node: Node, producers: dict[str, Node], weight_sc
         bias = folded_bias(bias, k, inits[beta], inits[mean])
     q, scale = bias_integers(bias, inits[s_in], weight_scale[s_w])
     base = f"{layer.name}_bias"
-    names = [g.unique_name(f"{base}_quantized"), g.unique_name(f"{base}_scale"), g.unique_name(f"{base}_zero_point")]
-    inits[names[0]], inits[names[1]], inits[names[2]] = q, scale, np.zeros(scale.shape, np.int32)
+    names = _quantized_initializers(g, base, q, scale)  # int32 integers and zero points
     bias_out = g.unique_name(base)
     g.nodes.append(Node("DequantizeLinear", names, [bias_out], g.unique_name(f"{base}_DequantizeLinear"),
                         {"axis": 0}))
