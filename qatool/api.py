@@ -120,19 +120,20 @@ def _resolve_batch(train_cfg, session, data, tensors, ckpt, echo, limit: int | N
 
 
 def _resolve_length(train_cfg, session, data, tensors, ckpt, echo):
-    """A label-free run's steps: --steps / --epochs, else a resumed run's, else DISTILL_STEPS or as many as fit the
-    run's time budget at the probe's step time (qatool.train.footprint.distill_steps). Returns (config, the probe's
-    seconds a step where the budget chose the length, else None: the run revises it from its first steps)."""
+    """A label-free run's steps: --steps / --epochs, else a resumed run's, else DISTILL_STEPS (LOW_BIT_DISTILL_STEPS
+    at 4-bit weights and below) or as many as fit the run's time budget at the probe's step time
+    (qatool.train.footprint.distill_steps). Returns (config, the probe's seconds a step where the budget chose the
+    length, else None: the run revises it from its first steps)."""
     from dataclasses import replace
 
-    from .train.footprint import distill_steps, step_time
+    from .train.footprint import distill_steps, step_cap, step_time
 
     if train_cfg.steps is not None or train_cfg.epochs is not None:
         return train_cfg, None
     if ckpt is not None and ckpt.train.get("steps"):
         return replace(train_cfg, steps=int(ckpt.train["steps"])), None
     probe = step_time(session, data, tensors)
-    steps, why = distill_steps(probe, train_cfg.batch_size)
+    steps, why = distill_steps(probe, train_cfg.batch_size, step_cap(session.config))
     echo(why)
     return replace(train_cfg, steps=steps), probe.seconds(train_cfg.batch_size)
 
@@ -440,6 +441,9 @@ def _calibrated_start(run: _Run, what: str) -> bool:
     cfg = run.train_cfg
     if run.ckpt is not None or cfg.init != "calibrate":
         return False
+    run.session, equalized = _equalized(run.session, run.train_set, cfg.seed, run.echo)
+    if equalized is not None:
+        run.info["equalize"] = equalized
     calibrate_session(run.session, run.train_set, cfg.init_method, cfg.init_images, seed=cfg.seed)
     run.echo(f"activation ranges calibrated ({cfg.init_method}) on {min(cfg.init_images, len(run.train_set))} "
              f"training {what}")
@@ -450,15 +454,41 @@ def _calibrated_start(run: _Run, what: str) -> bool:
 
 
 def _with_rounding(quant_cfg, recipe, init: str, say):
-    """`quant_cfg` with the recipe's low-bit weight rounding where it leaves the rounding unset (said when it is
-    not nearest). The rounding is the calibrated start's: an observed start (`init` observe) rounds to nearest."""
+    """`quant_cfg` with the recipe's low-bit weight rounding and channel equalisation where it leaves them unset
+    (said when they are on). Both belong to the calibrated start: an observed start (`init` observe) rounds to
+    nearest and is not equalised."""
     from .quant.config import LOW_BITS
 
-    resolved = quant_cfg.with_rounding(recipe.low_bit_rounding if init == "calibrate" else "nearest")
+    calibrated = init == "calibrate"
+    resolved = quant_cfg.with_rounding(recipe.low_bit_rounding if calibrated else "nearest",
+                                       recipe.low_bit_equalize and calibrated)
     if quant_cfg.weight_rounding is None and resolved.rounding != "nearest":
         say(f"weights rounded by {resolved.rounding}: the default on this path at {LOW_BITS} bits and below "
             "(--weight-rounding nearest turns it off)")
+    if quant_cfg.equalize is None and resolved.equalize:
+        say(f"channels equalised before the start is calibrated: the default on this path at {LOW_BITS} bits and "
+            "below (--no-equalize turns it off)")
     return resolved
+
+
+def _equalized(session, calib, seed: int, say):
+    """With QuantConfig.equalize: the session made again from its float model with the low-bit layers' input
+    channels equalised (qatool.quant.equalize) on a seeded subset of `calib`, and the report's dict; else the
+    session as it is and None."""
+    from .quant.calibrate import calibration_indices
+    from .quant.equalize import EQUALIZE_IMAGES, equalize
+    from .train.session import QatSession
+
+    cfg = session.config
+    if not cfg.equalize:
+        return session, None
+    bits = {layer.node.name: cfg.weight_bits_of(layer.node.name) for layer in session.plan.layers}
+    graph, report = equalize(session.float_graph, bits, cfg.activation_bits, cfg.symmetric_activations, calib,
+                             calibration_indices(len(calib), EQUALIZE_IMAGES, seed), seed=seed)
+    say(report.summary())
+    if graph is not session.float_graph:
+        session = QatSession.create(graph, cfg, seed)
+    return session, report.to_dict()
 
 
 def _rounded(session, calib, seed: int, say, images: int | None) -> dict | None:
@@ -617,11 +647,11 @@ def _length_reviser(run: _Run):
     that follow from it; the run's config records it."""
     from dataclasses import replace
 
-    from .train.footprint import revised_steps
+    from .train.footprint import revised_steps, step_cap
     from .train.loop import Phases
 
     def revise(done: int, seconds: float):
-        revised = revised_steps(seconds, run.probe_seconds, run.total, done)
+        revised = revised_steps(seconds, run.probe_seconds, run.total, done, step_cap(run.session.config))
         if revised is None:
             return None
         run.total, why = revised
@@ -753,7 +783,7 @@ def _write_report(run: _Run, result, exported, kept_step: int, val: dict, own: d
         "outputs": {"checkpoint": str(run.qat_path), "int8_model": str(run.int8_path),
                     "metrics": str(run.out / "metrics.jsonl"),
                     **({"best_checkpoint": str(best_path(run.qat_path))} if kept_step != run.total else {})},
-        "gptq": run.info.get("gptq"), "peak_rss_mb": peak_rss_mb(),
+        "gptq": run.info.get("gptq"), "equalize": run.info.get("equalize"), "peak_rss_mb": peak_rss_mb(),
     }
     atomic_write_bytes(run.out / "report.json", report_json(report))
     memory = f" (peak memory {report['peak_rss_mb']:,.0f} MB)" if report["peak_rss_mb"] else ""
@@ -1000,7 +1030,6 @@ def calibrate(model_path, data, output, method: str | None = None, quant=None,
 
     class_names = folder_class_names(float_graph, data, labels, echo=say)
     calib_set = ImageDataset.open(data, class_names)
-    store_class_names(session.model.graph, calib_set.classes)  # the int8 model names its classes
     calib_images = calib_set.load(pre)
     eval_images, eval_set = calib_images, calib_set
     if val_data is not None:
@@ -1009,8 +1038,9 @@ def calibrate(model_path, data, output, method: str | None = None, quant=None,
     skipped = len(calib_images.skipped) + (len(eval_images.skipped) if val_data is not None else 0)
     if skipped:
         say(f"skipped {skipped} unreadable images")
-    n_calib, plan, ranges, gptq = _calibrated(session, calib_images, method, images, percentile, bins, seed,
-                                              f"images of {data}", say)
+    session, n_calib, plan, ranges, start = _calibrated(session, calib_images, method, images, percentile, bins,
+                                                        seed, f"images of {data}", say)
+    store_class_names(session.model.graph, calib_set.classes)  # the int8 model names its classes
     if method != "minmax":
         say(f"{sum(r.clipped for r in ranges.values())} of {len(ranges)} ranges clipped inside the observed min/max")
         for t, r in ranges.items():
@@ -1029,7 +1059,7 @@ def calibrate(model_path, data, output, method: str | None = None, quant=None,
     # fatal — with --symmetric-activations no Conv+Relu can fuse (the Relu is not redundant on a signed grid)
     exported = _export_calibrated(session, output, eval_images, verify, str(val_data or data), None, None)
     report = _calibration_report(model_path, data, val_data, method, n_calib, percentile, bins, quant, pre, plan,
-                                 ranges, exported, {"gptq": gptq}, eval_images, verify)
+                                 ranges, exported, start, eval_images, verify)
     report["top1_float"] = top1_float
     if verify:
         report["agreement_top1"] = exported.agreement.agreement_top1
@@ -1058,28 +1088,31 @@ def _calibrate_any(model_path, float_graph, data, output, method, quant, images,
         float_model = FloatModel(float_graph)
         tasks = choose_output_tasks(float_graph, float_model, calib, echo=say)
         judge = Judge(tasks, float_model, evaluated, eval_batch_size(evaluated))
-    n_calib, plan, ranges, gptq = _calibrated(session, calib, method, images, percentile, bins, seed,
-                                              f"{data_kind(calib)} of {data} (no labels)", say)
+    session, n_calib, plan, ranges, start = _calibrated(session, calib, method, images, percentile, bins, seed,
+                                                        f"{data_kind(calib)} of {data} (no labels)", say)
     shape = [1, *evaluated.item_shape(int(evaluated.groups[0][0]))] if verify else None
     exported = _export_calibrated(session, output, evaluated, verify, str(val_data or data), judge, shape)
     return _calibration_report(model_path, data, val_data, method, n_calib, percentile, bins, quant, pre, plan,
                                ranges, exported, {"tasks": [t.to_dict() for t in judge.tasks] if judge else None,
-                                                  "gptq": gptq},
+                                                  **start},
                                evaluated, verify)
 
 
 def _calibrated(session, calib, method, images, percentile, bins, seed, what: str, say):
-    """Calibrate the session's activation ranges on (a seeded subset of `images` of) `calib`, saying what is
-    quantized and on what (`what`), then round its weights by GPTQ if the config says so. Returns (images
-    calibrated on, the placement's report, the ranges, GPTQ's report or None)."""
+    """Equalise the session's low-bit layers if the config says so (a new session), calibrate its activation
+    ranges on (a seeded subset of `images` of) `calib`, saying what is quantized and on what (`what`), then round
+    its weights by GPTQ if the config says so. Returns (the session, images calibrated on, the placement's
+    report, the ranges, {"gptq": GPTQ's report or None, "equalize": the equalisation's or None})."""
     from .quant.calibrate import calibrate_session
 
     n_calib = min(len(calib), images) if images else len(calib)
     plan = session.plan.report()
     say(f"quantizing {session.plan.summary()}")
+    session, equalized = _equalized(session, calib, seed, say)
     say(f"calibrating ({method}) on {n_calib} {what}")
     ranges = calibrate_session(session, calib, method, images, percentile, bins, seed=seed)
-    return n_calib, plan, ranges, _rounded(session, calib, seed, say, images)
+    return session, n_calib, plan, ranges, {"gptq": _rounded(session, calib, seed, say, images),
+                                            "equalize": equalized}
 
 
 def _export_calibrated(session, output, evaluated, verify: bool, source: str, judge, input_shape):

@@ -8,7 +8,8 @@ import click
 
 from . import __version__
 from .cli_options import (BITS, DATA_HELP, export_summary, placement_lines, preprocess_overrides,
-                          preprocessing_options, quantization_options, training_options, weight_rounding_option)
+                          equalize_option, preprocessing_options, quantization_options, training_options,
+                          weight_rounding_option)
 from .errors import QatoolError
 from .quant.calibrate import METHODS as CALIBRATION_METHODS
 from .train.config import UPDATE_SCALES
@@ -83,6 +84,7 @@ def convert(model: str, output: str, for_training: bool) -> None:
 @click.option("--freeze-observers-after", type=click.IntRange(0),
               help="Step after which activation ranges stop updating (default: three quarters of the steps).")
 @weight_rounding_option
+@equalize_option
 @click.option("--scale-learning", type=click.Choice(["none", "lsq"]),
               help="lsq: train the weight and activation step sizes by gradient (LSQ), initialised from the "
                    "observers; the export uses the learned scales.")
@@ -154,7 +156,7 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                 pad_value, augment,
                 bits, weight_bits, activation_bits, per_tensor, symmetric_activations, scale_update,
                 observer_momentum, freeze_bn_after, freeze_observers_after, exclude, reduce_range, quantize_tail,
-                recurrent, scale_learning, weight_rounding,
+                recurrent, scale_learning, weight_rounding, equalize,
                 optimizer, lr, scale_lr, update_scale, momentum, weight_decay, schedule, warmup_steps, steps, epochs,
                 batch_size,
                 seed, init, init_method, init_images, mixed_precision, mixed_low_bits, save_every, keep, retreat,
@@ -181,7 +183,8 @@ def train_quant(model, train_data, val_data, output_dir, labels, config_file, si
                "scale_update": scale_update, "observer_momentum": observer_momentum,
                "freeze_bn_after": freeze_bn_after, "freeze_observers_after": freeze_observers_after,
                "exclude": list(exclude) or None, "reduce_range": reduce_range, "quantize_tail": quantize_tail,
-               "recurrent": recurrent, "scale_learning": scale_learning, "weight_rounding": weight_rounding}
+               "recurrent": recurrent, "scale_learning": scale_learning, "weight_rounding": weight_rounding,
+               "equalize": equalize}
     t_flags = {"optimizer": optimizer, "lr": lr, "scale_lr": scale_lr, "update_scale": update_scale,
                "momentum": momentum,
                "weight_decay": weight_decay, "schedule": schedule, "warmup_steps": warmup_steps, "steps": steps,

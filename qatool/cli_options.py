@@ -103,6 +103,16 @@ def weight_rounding_option(f):
              "the inputs per layer).")(f)
 
 
+def equalize_option(f):
+    """--equalize/--no-equalize (calibrate and train-quant's calibrated start)."""
+    return click.option(
+        "--equalize/--no-equalize", default=None,
+        help="Before calibrating, even out the input channels of each layer at 4-bit weights and below: a channel "
+             "whose weights are far larger than the rest is divided down and the layer, BatchNorm or constant "
+             "upstream multiplies it back (cross-layer equalisation; the float model computes the same). Default: "
+             "on without labels, off for a classifier with labels.")(f)
+
+
 def training_options(f):
     """The optimiser, schedule and length of a training run (train-quant and finetune)."""
     for opt in reversed([

@@ -6,19 +6,19 @@ from __future__ import annotations
 import click
 
 from .cli_options import (BITS, DATA_HELP, export_summary, placement_lines, preprocess_overrides,
-                          preprocessing_options, quantization_options, weight_rounding_option)
+                          equalize_option, preprocessing_options, quantization_options, weight_rounding_option)
 from .quant.calibrate import DEFAULT_BINS, DEFAULT_IMAGES, DEFAULT_PERCENTILE, METHODS
 from .quant.sensitivity import DEFAULT_BITS, DEFAULT_CALIBRATION_IMAGES
 from .quant.sensitivity import DEFAULT_IMAGES as SENSITIVITY_IMAGES
 
 def _quant_config(weight_bits, activation_bits, per_tensor, symmetric_activations, exclude, reduce_range=None,
-                  quantize_tail=None, weight_rounding=None, recurrent=None):
+                  quantize_tail=None, weight_rounding=None, recurrent=None, equalize=None):
     from .quant.config import QuantConfig
 
     settings = {"weight_bits": weight_bits, "activation_bits": activation_bits,
                 "per_channel": False if per_tensor else None, "symmetric_activations": symmetric_activations,
                 "exclude": list(exclude) or None, "reduce_range": reduce_range, "quantize_tail": quantize_tail,
-                "weight_rounding": weight_rounding, "recurrent": recurrent}
+                "weight_rounding": weight_rounding, "recurrent": recurrent, "equalize": equalize}
     return QuantConfig(**{k: v for k, v in settings.items() if v is not None})
 
 
@@ -46,11 +46,13 @@ def _quant_config(weight_bits, activation_bits, per_tensor, symmetric_activation
               help="Class names, one per line, in output order (default: the model's own, else sorted folders).")
 @quantization_options
 @weight_rounding_option
+@equalize_option
 @preprocessing_options
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime checks (fusion, agreement, top-1).")
 def calibrate_command(model, data, output, val_data, method, images, percentile, bins, labels, bits, weight_bits,
                       activation_bits, per_tensor, symmetric_activations, exclude, reduce_range, quantize_tail,
-                      recurrent, weight_rounding, size, color, mean, std, resize, pad_value, no_verify) -> None:
+                      recurrent, weight_rounding, equalize, size, color, mean, std, resize, pad_value,
+                      no_verify) -> None:
     """Post-training quantization of a float MODEL: calibrate activation ranges on --data, write the int8 model.
 
     The ranges are observed on the float model (BN folded, eval mode) and the model goes through the same
@@ -67,7 +69,7 @@ def calibrate_command(model, data, output, val_data, method, images, percentile,
     from .api import calibrate
 
     quant = _quant_config(weight_bits or bits, activation_bits or bits, per_tensor, symmetric_activations, exclude,
-                          reduce_range, quantize_tail, weight_rounding, recurrent)
+                          reduce_range, quantize_tail, weight_rounding, recurrent, equalize)
     r = calibrate(model, data, output, method=method, quant=quant, images=images,
                   preprocess=preprocess_overrides(size, color, mean, std, resize, pad_value), verify=not no_verify,
                   val_data=val_data,

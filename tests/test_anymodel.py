@@ -452,6 +452,22 @@ def test_a_budgeted_runs_length_is_revised_from_its_own_first_steps(seconds, ste
                           "said ~8.3 s (the budget is 40 min of steps; --steps overrides)")
 
 
+@pytest.mark.parametrize("fixed, seconds_per_image, steps, said", [
+    (0.0, 0.001, 2400, "2400 steps, the default at 4-bit weights and below (a step at batch 10: ~0.0 s"),
+    (0.0, 0.5, 480, "480 steps: a step at batch 10 takes ~5.0 s by the probe, and the default 2400 at 4-bit "
+                    "weights would take ~200 min"),  # a detector: the budget decides either way
+])
+def test_at_4_bit_weights_a_fast_run_takes_up_to_2400_steps(fixed, seconds_per_image, steps, said):
+    from qatool.quant.config import QuantConfig
+    from qatool.train.footprint import DISTILL_STEPS, StepTime, distill_steps, revised_steps, step_cap
+
+    assert step_cap(QuantConfig(weight_bits=8)) == DISTILL_STEPS == 800
+    assert step_cap(QuantConfig(weight_bits=4)) == step_cap(QuantConfig(layer_weight_bits={"conv1": 4})) == 2400
+    got, why = distill_steps(StepTime(fixed, seconds_per_image), 10, 2400)
+    assert got == steps and why.startswith(said)
+    assert revised_steps(0.001, 0.5, 480, 20, 2400)[0] == 2400
+
+
 def test_a_revised_length_never_ends_before_the_steps_already_done():
     from qatool.train import footprint
 

@@ -35,6 +35,9 @@ class QuantConfig:
     # "float": an LSTM/GRU/RNN runs in float between DequantizeLinear and QuantizeLinear; "dynamic": an LSTM runs
     # as onnxruntime's DynamicQuantizeLSTM (int8 weights, activations quantized inside the kernel), simulated so
     recurrent: str = "float"
+    # True: before the start is calibrated, the float model's layers at LOW_BITS bits and below have their input
+    # channels evened out, the difference absorbed upstream (qatool.quant.equalize); None: the recipe decides
+    equalize: bool | None = None
 
     def __post_init__(self):
         self.validate()
@@ -51,6 +54,8 @@ class QuantConfig:
         if self.weight_rounding is not None and self.weight_rounding not in WEIGHT_ROUNDING:
             raise ConfigError(f"weight_rounding must be one of {', '.join(WEIGHT_ROUNDING)}, "
                               f"got {self.weight_rounding!r}")
+        if self.equalize is not None and not isinstance(self.equalize, bool):
+            raise ConfigError(f"equalize must be true or false, got {self.equalize!r}")
         if self.recurrent not in RECURRENT:
             raise ConfigError(f"recurrent must be one of {', '.join(RECURRENT)}, got {self.recurrent!r}")
         if not 0.0 <= float(self.observer_momentum) < 1.0:
@@ -74,13 +79,15 @@ class QuantConfig:
         """The weight rounding in force: `weight_rounding`, nearest while unresolved."""
         return self.weight_rounding or "nearest"
 
-    def with_rounding(self, low_bit_rounding: str) -> QuantConfig:
-        """This config with its weight rounding resolved: its own if set, else `low_bit_rounding` when any layer's
-        weights have LOW_BITS or fewer, else nearest (GPTQ was measured at 4 bits; an 8-bit step is 16 times finer)."""
-        if self.weight_rounding is not None:
-            return self
+    def with_rounding(self, low_bit_rounding: str, low_bit_equalize: bool = False) -> QuantConfig:
+        """This config with its weight rounding and equalisation resolved: its own where set, else
+        `low_bit_rounding` / `low_bit_equalize` when any layer's weights have LOW_BITS or fewer, else nearest and
+        none (both were measured at 4 bits; an 8-bit step is 16 times finer)."""
         low = min([self.weight_bits, *self.layer_weight_bits.values()]) <= LOW_BITS
-        return replace(self, weight_rounding=low_bit_rounding if low else "nearest")
+        rounding = self.weight_rounding if self.weight_rounding is not None else \
+            low_bit_rounding if low else "nearest"
+        equalize = self.equalize if self.equalize is not None else low_bit_equalize and low
+        return replace(self, weight_rounding=rounding, equalize=equalize)
 
     def weight_bits_of(self, node_name: str) -> int:
         """The weight bits of one layer: its own setting (mixed precision) or the global one; capped at 7 with

@@ -27,6 +27,8 @@ class Recipe(NamedTuple):
     update_scale: str = "absolute"  # UPDATE_SCALES: an optimizer step of lr, or of lr times each tensor's RMS
     # the calibrated start's weight rounding at quant.config.LOW_BITS bits and below (QuantConfig.with_rounding)
     low_bit_rounding: str = "nearest"
+    # ... and whether the float model's channels are equalised first (QuantConfig.equalize, qatool.quant.equalize)
+    low_bit_equalize: bool = False
 
 
 # A classifier trained with labels: SGD (momentum 0.9) at 1e-3 from min/max ranges (docs/benchmarks.md sections 2

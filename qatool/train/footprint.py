@@ -30,6 +30,11 @@ TRAIN_BUDGET = 6 * 1024**3  # the working set of one training step (the process 
 # ~0.4 s a step) reads 88 % of the test lines as float does after 200 steps of Adam 1e-5 and 92 % after 800 of
 # 3e-5 (docs/benchmarks.md section 8); a 640x640 detector at ~6 s a step gets ~400.
 DISTILL_STEPS = 800
+# At 4-bit weights and below (quant.config.LOW_BITS) a fast model keeps learning past 800 steps: PP-OCRv4's
+# recogniser at W4A8 read 83.33 % of the test lines after 800 steps and 89.67 % after 2400, its SQNR rising at every
+# checkpoint; ddddocr's CNN+LSTM recogniser read 88.80 and 88.40 % (docs/benchmarks.md section 8, session 19). The
+# detectors' steps are slow enough that the time budget sets their length either way.
+LOW_BIT_DISTILL_STEPS = 2400
 MIN_DISTILL_STEPS = 200
 RUN_BUDGET_SECONDS = 40 * 60
 # The probe misses what a real step adds (the teacher's forward, the observers' updates, a loaded machine): on the
@@ -75,27 +80,40 @@ class StepTime:
         return self.fixed + self.per_image * batch
 
 
-def _budgeted(seconds: float) -> int:
-    """The steps of `seconds` each that fit the run's time budget, within [MIN_DISTILL_STEPS, DISTILL_STEPS]."""
-    fit = int(RUN_BUDGET_SECONDS / seconds) if seconds > 0 else DISTILL_STEPS
-    return min(DISTILL_STEPS, max(MIN_DISTILL_STEPS, fit))
+def step_cap(config) -> int:
+    """The most steps a label-free run takes by default: LOW_BIT_DISTILL_STEPS where any layer's weights have
+    quant.config.LOW_BITS bits or fewer (`config` a QuantConfig), else DISTILL_STEPS."""
+    from ..quant.config import LOW_BITS
+
+    low = min([config.weight_bits, *config.layer_weight_bits.values()]) <= LOW_BITS
+    return LOW_BIT_DISTILL_STEPS if low else DISTILL_STEPS
 
 
-def distill_steps(step_time: StepTime, batch: int) -> tuple[int, str]:
-    """(the default steps of a label-free run at `batch`, the sentence that says why)."""
+def _budgeted(seconds: float, cap: int) -> int:
+    """The steps of `seconds` each that fit the run's time budget, within [MIN_DISTILL_STEPS, cap]."""
+    fit = int(RUN_BUDGET_SECONDS / seconds) if seconds > 0 else cap
+    return min(cap, max(MIN_DISTILL_STEPS, fit))
+
+
+def distill_steps(step_time: StepTime, batch: int, cap: int = DISTILL_STEPS) -> tuple[int, str]:
+    """(the default steps of a label-free run at `batch`, at most `cap` (`step_cap`), the sentence that says
+    why)."""
     step = step_time.seconds(batch)
-    steps = _budgeted(step)
-    if steps == DISTILL_STEPS:
-        return DISTILL_STEPS, f"{DISTILL_STEPS} steps (a step at batch {batch}: ~{step:.1f} s by the probe)"
+    steps = _budgeted(step, cap)
+    low = cap == LOW_BIT_DISTILL_STEPS
+    if steps == cap:
+        return cap, (f"{cap} steps{', the default at 4-bit weights and below' if low else ''} (a step at batch "
+                     f"{batch}: ~{step:.1f} s by the probe)")
     return steps, (f"{steps} steps: a step at batch {batch} takes ~{step:.1f} s by the probe, and the default "
-                   f"{DISTILL_STEPS} would take ~{DISTILL_STEPS * step / 60:.0f} min (the budget is "
+                   f"{cap}{' at 4-bit weights' if low else ''} would take ~{cap * step / 60:.0f} min (the budget is "
                    f"{RUN_BUDGET_SECONDS // 60} min; --steps overrides)")
 
 
-def revised_steps(seconds: float, probe_seconds: float, steps: int, done: int) -> tuple[int, str] | None:
+def revised_steps(seconds: float, probe_seconds: float, steps: int, done: int,
+                  cap: int = DISTILL_STEPS) -> tuple[int, str] | None:
     """(the length of a budgeted run whose first `done` steps took `seconds` each, the sentence that says why), or
-    None where its length `steps` (from the probe's `probe_seconds` a step) stands."""
-    revised = max(done, _budgeted(seconds))
+    None where its length `steps` (from the probe's `probe_seconds` a step, at most `cap`) stands."""
+    revised = max(done, _budgeted(seconds, cap))
     if abs(revised - steps) <= REVISE_TOLERANCE * steps:
         return None
     return revised, (f"{revised} steps, not {steps}: the first {done} took ~{seconds:.1f} s each where the probe "
