@@ -457,7 +457,7 @@ def _with_rounding(quant_cfg, recipe, init: str, say):
     """`quant_cfg` with the recipe's low-bit weight rounding and channel equalisation where it leaves them unset
     (said when they are on). Both belong to the calibrated start: an observed start (`init` observe) rounds to
     nearest and is not equalised."""
-    from .quant.config import LOW_BITS
+    from .quant.config import LOW_BITS, cpu_lacks_vnni
 
     calibrated = init == "calibrate"
     resolved = quant_cfg.with_rounding(recipe.low_bit_rounding if calibrated else "nearest",
@@ -465,6 +465,10 @@ def _with_rounding(quant_cfg, recipe, init: str, say):
     if quant_cfg.weight_rounding is None and resolved.rounding != "nearest":
         say(f"weights rounded by {resolved.rounding}: the default on this path at {LOW_BITS} bits and below "
             "(--weight-rounding nearest turns it off)")
+    if resolved.reduce_range and cpu_lacks_vnni() and max([resolved.weight_bits,
+                                                            *resolved.layer_weight_bits.values()]) == 8:
+        say("7-bit weights (reduce range): this x86 CPU has no VNNI, and onnxruntime's u8 x s8 kernels here "
+            "saturate with 8-bit weights (--no-reduce-range keeps 8 bits)")
     if quant_cfg.equalize is None and resolved.equalize:
         say(f"channels equalised before the start is calibrated: the default on this path at {LOW_BITS} bits and "
             "below (--no-equalize turns it off)")

@@ -75,7 +75,9 @@ def quantization_options(f):
         click.option("--symmetric-activations", is_flag=True, default=None,
                      help="Signed activations with zero point 0 instead of asymmetric unsigned."),
         click.option("--exclude", multiple=True, help="Node name or op type to keep in float (repeatable)."),
-        click.option("--reduce-range", is_flag=True, default=None, help="7-bit weights, for x86 CPUs without VNNI."),
+        click.option("--reduce-range/--no-reduce-range", default=None,
+                     help="7-bit weights. Default: on where this x86 CPU has no VNNI (onnxruntime's u8 x s8 kernels "
+                          "there add products in saturating 16-bit pairs, which 8-bit weights overflow), else off."),
         click.option("--quantize-tail", is_flag=True, default=None,
                      help="Also quantize the output tail: the outputs of the last weighted layers (logits, head maps) "
                           "and what follows them (softmax, decoding). By default they stay float: one 8-bit scale "

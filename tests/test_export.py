@@ -1,5 +1,7 @@
 """The int8 export: fused on onnxruntime, bit-identical weights, simulation == deployment, size."""
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import pytest
@@ -162,12 +164,13 @@ def test_int8_weights_are_the_simulated_ones(trained):
         if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8:
             base = n.input[0].removesuffix("_quantized")
             q, s = inits[n.input[0]], inits[n.input[1]]
-            assert np.abs(q).max() <= weight_grid(8).qmax  # narrow range
+            qmax = weight_grid(min(8, 7 if session.config.reduce_range else 8)).qmax  # 7-bit: reduce range
+            assert np.abs(q).max() <= qmax  # narrow range
             deq = q.astype(np.float32) * s.reshape((-1,) + (1,) * (q.ndim - 1))
             np.testing.assert_array_equal(deq, sim[base], err_msg=base)
-            # independently of qatool: scale max|w| / 127 of the folded weight, integers onnxruntime's QuantizeLinear
+            # independently of qatool: scale max|w| / qmax of the folded weight, integers onnxruntime's QuantizeLinear
             w = folded[base]
-            want_s = np.abs(w).reshape(len(w), -1).max(1) / np.float32(127)
+            want_s = np.abs(w).reshape(len(w), -1).max(1) / np.float32(qmax)
             np.testing.assert_array_equal(s.reshape(-1), want_s, err_msg=base)
             dq_axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
             np.testing.assert_array_equal(np.moveaxis(q, dq_axis, 0),
@@ -233,9 +236,13 @@ def test_vnni_note(monkeypatch, trained):
 
     d, _ = trained["lenet_bn"]
     session = QatSession.from_checkpoint(load_checkpoint(d / "qat.onnx"))
+    session.config = replace(session.config, reduce_range=False)  # 8-bit weights, asked for
     monkeypatch.setattr(deploy, "cpu_lacks_vnni", lambda: True)
     assert "--reduce-range" in deploy.export_notes(session)[0]
     monkeypatch.setattr(deploy, "cpu_lacks_vnni", lambda: False)
+    assert deploy.export_notes(session) == []
+    session.config = replace(session.config, reduce_range=True)  # 7-bit weights: nothing saturates
+    monkeypatch.setattr(deploy, "cpu_lacks_vnni", lambda: True)
     assert deploy.export_notes(session) == []
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from ..errors import ModelError, QatoolError
+from ..quant.config import cpu_lacks_vnni
 from ..quant.prepare import DYNAMIC_KERNEL
 from ..runtime.backends import engine_logits, ort_logits, ort_run, ort_run_all, ort_session
 from ..ir.graph import to_onnx
@@ -26,27 +27,14 @@ class FusionError(QatoolError):
     """Some nodes meant to be int8 did not become onnxruntime integer kernels."""
 
 
-def cpu_lacks_vnni() -> bool:
-    """True on an x86 CPU without VNNI (its u8 x s8 kernels add pairs of products in 16 bits, which can
-    saturate with 8-bit weights); False elsewhere or when unknown."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "flags" in flags and not {"avx512_vnni", "avx_vnni"} & set(flags)
-
-
 def export_notes(session) -> list[str]:
     """What the user should know about how onnxruntime runs this export."""
     notes = []
     eight_bit = [layer.node.name for layer in session.plan.layers] + [n.name for n in session.plan.dynamic_recurrent]
     if any(session.config.weight_bits_of(name) == 8 for name in eight_bit) and cpu_lacks_vnni():
-        notes.append("this x86 CPU has no VNNI: onnxruntime's u8 x s8 kernels can saturate with 8-bit weights; "
-                     "train with --reduce-range (7-bit weights) if the int8 accuracy falls short")
+        notes.append("this x86 CPU has no VNNI: onnxruntime's u8 x s8 kernels can saturate with 8-bit weights, so "
+                     "here the int8 model may not compute what was simulated; --reduce-range (7-bit weights, the "
+                     "default on such a CPU) avoids it")
     if session.plan.dynamic_recurrent:
         notes.append(f"{DYNAMIC_KERNEL} quantizes its input and hidden state over the whole batch it is given: the "
                      "int8 model computes what qatool trained and checked when it runs one input at a time (at a "

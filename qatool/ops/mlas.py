@@ -16,7 +16,7 @@ AVX-512 ones included); tests/test_dynamic_lstm.py checks each function against 
   scale = (max - min) / 255 in float32 (1 when max = min = 0), zero point z = round_half_even(clip(-min / scale,
   0, 255)), q = clip(round_half_even(x / scale), -z, 255 - z) + z (a division, not a multiplication by 1 / scale).
 - `integer_product`: the exact int32 accumulation of an integer GEMM (a VNNI kernel's; x86 CPUs without VNNI
-  can saturate u8 x s8 pairs, `export.deploy.cpu_lacks_vnni`).
+  can saturate u8 x s8 pairs, `quant.config.cpu_lacks_vnni`: there weights default to 7 bits).
 
 A fused multiply-add is emulated in float64: the product of two float32 values is exact there, the sum is
 rounded to 53 bits and then to 24; the two roundings differ from the single one only when the first lands on a

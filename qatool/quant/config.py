@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import ConfigError
@@ -11,6 +12,22 @@ SCALE_LEARNING = ("none", "lsq")
 WEIGHT_ROUNDING = ("nearest", "gptq", "gptq-sequential")
 RECURRENT = ("float", "dynamic")  # how an LSTM is exported (`quant.prepare`)
 LOW_BITS = 4  # weights this narrow take the recipe's low-bit rounding (`QuantConfig.with_rounding`)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_lacks_vnni() -> bool:
+    """True on an x86 CPU without VNNI (its u8 x s8 kernels add pairs of products in 16 bits, which can
+    saturate with 8-bit weights); False elsewhere or when unknown."""
+    import platform
+    from pathlib import Path
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "flags" in flags and not {"avx512_vnni", "avx_vnni"} & set(flags)
 
 
 @dataclass
@@ -24,7 +41,11 @@ class QuantConfig:
     freeze_bn_after: int | None = None  # step; None: half the run
     freeze_observers_after: int | None = None  # step; None: three quarters of the run
     exclude: list[str] = field(default_factory=list)  # node names or op types kept in float
-    reduce_range: bool = False  # 7-bit weights, for x86 CPUs without VNNI
+    # 7-bit weights: on an x86 CPU without VNNI onnxruntime's u8 x s8 kernels add products in saturating 16-bit
+    # pairs, which 8-bit weights overflow (a 3x3 conv on full-range inputs: outputs off by up to 200 levels; with
+    # 7-bit weights, exact). None: on where this machine lacks VNNI (`cpu_lacks_vnni`), resolved when the config
+    # is made, so that the int8 model computes on this machine what qatool simulated and checked
+    reduce_range: bool | None = None
     layer_weight_bits: dict[str, int] = field(default_factory=dict)  # node name -> weight bits (mixed precision)
     scale_learning: str = "none"  # "lsq": step sizes trained by gradient, initialised from the observers
     quantize_tail: bool = False  # also quantize the output tail (after the last weighted layer); default float
@@ -40,6 +61,8 @@ class QuantConfig:
     equalize: bool | None = None
 
     def __post_init__(self):
+        if self.reduce_range is None:
+            self.reduce_range = cpu_lacks_vnni()
         self.validate()
 
     def validate(self) -> None:
