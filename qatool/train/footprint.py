@@ -83,10 +83,7 @@ class StepTime:
 def step_cap(config) -> int:
     """The most steps a label-free run takes by default: LOW_BIT_DISTILL_STEPS where any layer's weights have
     quant.config.LOW_BITS bits or fewer (`config` a QuantConfig), else DISTILL_STEPS."""
-    from ..quant.config import LOW_BITS
-
-    low = min([config.weight_bits, *config.layer_weight_bits.values()]) <= LOW_BITS
-    return LOW_BIT_DISTILL_STEPS if low else DISTILL_STEPS
+    return LOW_BIT_DISTILL_STEPS if config.has_low_bits else DISTILL_STEPS
 
 
 def _budgeted(seconds: float, cap: int) -> int:
