@@ -22,6 +22,9 @@ class _Validator:
     def start(self):
         return self.history[0]["score"] if self.history and self.history[0]["step"] == 0 else None
 
+    def margin(self, highest):
+        return 0.0
+
     def record(self, step, score):
         self.history.append({"step": step, "score": score})
         if self.best is None or score >= self.best["score"]:
@@ -72,6 +75,26 @@ def test_the_state_restored_includes_observer_ranges():
     assert r.after_validation(5)
     np.testing.assert_array_equal(m.state["span"], [0.0, 1.0])
     np.testing.assert_array_equal(m.params["w"], [0.0, 0.0, 0.0])
+
+
+class _ShareValidator(_Validator):
+    """A share over 300 inputs: its margin is one standard error (qatool.eval.validation.Validator.margin)."""
+
+    def margin(self, highest):
+        return float(np.sqrt(highest * (1 - highest) / 300))
+
+
+def test_a_dip_within_the_noise_margin_is_not_a_retreat():
+    """PP-OCRv4 rec, session 17: 0.840 against a start of 0.853 over 300 lines is 4 lines, inside one standard
+    error (2.0 points): carry on. A fall beyond it still goes back."""
+    v, m = _ShareValidator(), _Model()
+    r = Retreat(v, m)
+    v.record(0, 0.853)
+    r.begin(0)
+    v.record(200, 0.840)
+    assert not r.after_validation(200) and r.events == []
+    v.record(400, 0.80)  # 2.6 standard errors below
+    assert r.after_validation(400) and r.events[0]["back_to"] == 0
 
 
 def test_a_resumed_run_takes_its_lr_scale_from_the_recorded_retreats():
