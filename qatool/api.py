@@ -138,17 +138,19 @@ def _resolve_length(train_cfg, session, data, tensors, ckpt, echo):
     return replace(train_cfg, steps=steps), probe.seconds(train_cfg.batch_size)
 
 
-def _mixed_precision(float_graph, images, quant_cfg, train_cfg, echo):
-    """Per-layer weight bits from the layers' sensitivity, within the weight-size budget."""
+def _mixed_precision(float_graph, images, quant_cfg, size_budget: str, low: int, seed: int, echo,
+                     labelled: bool = True):
+    """Per-layer weight bits from the layers' sensitivity (on `images`: against their labels when `labelled`,
+    else against the float model's outputs), within the weight-size budget `size_budget` (--mixed-precision)."""
     from .quant.config import QuantConfig
     from .quant.mixed import mixed_precision_config, parse_size, plan_mixed_precision, weight_sizes
     from .quant.sensitivity import layer_sensitivity
 
-    low = train_cfg.mixed_low_bits
     probe = QuantConfig(**{**quant_cfg.to_dict(), "weight_bits": low, "layer_weight_bits": {}})
-    echo(f"measuring each layer's sensitivity at {low}-bit weights for --mixed-precision {train_cfg.mixed_precision}")
-    sens = layer_sensitivity(float_graph, images, probe, images=256, calibration_images=256, seed=train_cfg.seed)
-    budget = parse_size(train_cfg.mixed_precision, sens["float_weight_bytes"])
+    echo(f"measuring each layer's sensitivity at {low}-bit weights for --mixed-precision {size_budget}")
+    sens = layer_sensitivity(float_graph, images, probe, images=256, calibration_images=256, labelled=labelled,
+                             seed=seed)
+    budget = parse_size(size_budget, sens["float_weight_bytes"])
     plan = plan_mixed_precision(sens, budget, low, quant_cfg.weight_bits)
     sizes = weight_sizes(sens, plan)
     high = [n for n, b in plan.items() if b == quant_cfg.weight_bits]
@@ -204,6 +206,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     if quant_cfg.rounding != "nearest" and ckpt is None and train_cfg.init != "calibrate":
         raise UsageError(f"--weight-rounding {quant_cfg.rounding} rounds the calibrated start's weights: it "
                          "needs --init calibrate")
+    mixed_low = train_cfg.mixed_low_bits if train_cfg.mixed_precision and ckpt is None else None
     labelled, why = recipe_reason(float_graph, train_data)
     if not labelled or distill_outputs or metric:
         option = "--metric" if metric else "--distill-outputs"
@@ -213,12 +216,12 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
             raise UsageError("--teacher, --labels and --logits belong to a classifier trained with labels; without "
                              "labels the float model itself is the teacher")
         return _train_quant_any(model_path, float_graph, ckpt,
-                                _with_rounding(quant_cfg, DISTILL_RECIPE, train_cfg.init, echo),
+                                _with_rounding(quant_cfg, DISTILL_RECIPE, train_cfg.init, echo, mixed_low),
                                 train_cfg.with_recipe(DISTILL_RECIPE),
                                 train_data, out, val_data, preprocess, quiet, echo, distill_outputs, metric)
     echo(f"classifier QAT with labels (cross-entropy, top-1), because {why}")
     run = _prepare_classifier(model_path, float_graph, ckpt,
-                              _with_rounding(quant_cfg, CLASSIFIER_RECIPE, train_cfg.init, echo),
+                              _with_rounding(quant_cfg, CLASSIFIER_RECIPE, train_cfg.init, echo, mixed_low),
                               train_cfg.with_recipe(CLASSIFIER_RECIPE),
                               train_data, val_data, preprocess, labels, out, quiet, echo)
     start_chance = _measure_start_classifier(run)
@@ -372,7 +375,8 @@ def _prepare_classifier(model_path, float_graph, ckpt, quant_cfg, train_cfg, tra
     check_logits(probe, float_graph, session.logits)
     train_cfg, batch_choice = _resolve_batch(train_cfg, session, train_images, [session.logits], ckpt, echo)
     if ckpt is None and train_cfg.mixed_precision:  # (a resumed run's settings already hold the per-layer bits)
-        quant_cfg = _mixed_precision(float_graph, train_images, quant_cfg, train_cfg, echo)
+        quant_cfg = _mixed_precision(float_graph, train_images, quant_cfg, train_cfg.mixed_precision,
+                                     train_cfg.mixed_low_bits, train_cfg.seed, echo)
         session = QatSession.create(float_graph, quant_cfg, train_cfg.seed)
     skipped = len(train_images.skipped) + (len(val_images.skipped) if val_images else 0)
     if skipped:
@@ -393,6 +397,7 @@ def _prepare_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_data
     from .tasks.metric import UserMetric
     from .train.footprint import DISTILL_BATCH
     from .train.objective import Distillation, feature_tasks
+    from .train.session import QatSession
     from .train.teacher import Teacher
 
     user_metric = UserMetric(metric) if metric else None  # a bad --metric fails before anything runs
@@ -408,6 +413,10 @@ def _prepare_any(model_path, float_graph, ckpt, quant_cfg, train_cfg, train_data
     float_model = FloatModel(float_graph)
     tasks = choose_output_tasks(float_graph, float_model, train_set, distill_outputs, echo,
                                 map_threshold=train_cfg.map_threshold)
+    if ckpt is None and train_cfg.mixed_precision:  # (a resumed run's settings already hold the per-layer bits)
+        quant_cfg = _mixed_precision(float_graph, train_set, quant_cfg, train_cfg.mixed_precision,
+                                     train_cfg.mixed_low_bits, train_cfg.seed, echo, labelled=False)
+        session = QatSession.create(float_graph, quant_cfg, train_cfg.seed)
     features = feature_tasks(session.plan, float_graph, train_cfg.distill_features)
     for t in features:
         echo(f"feature {t.output}: {t.why}; loss: {t.loss_name}")
@@ -453,15 +462,16 @@ def _calibrated_start(run: _Run, what: str) -> bool:
     return True
 
 
-def _with_rounding(quant_cfg, recipe, init: str, say):
+def _with_rounding(quant_cfg, recipe, init: str, say, mixed_low_bits: int | None = None):
     """`quant_cfg` with the recipe's low-bit weight rounding and channel equalisation where it leaves them unset
     (said when they are on). Both belong to the calibrated start: an observed start (`init` observe) rounds to
-    nearest and is not equalised."""
+    nearest and is not equalised. `mixed_low_bits`: the bits --mixed-precision will give the less sensitive
+    layers, when it will."""
     from .quant.config import LOW_BITS, cpu_lacks_vnni
 
     calibrated = init == "calibrate"
     resolved = quant_cfg.with_rounding(recipe.low_bit_rounding if calibrated else "nearest",
-                                       recipe.low_bit_equalize and calibrated)
+                                       recipe.low_bit_equalize and calibrated, mixed_low_bits)
     if quant_cfg.weight_rounding is None and resolved.rounding != "nearest":
         say(f"weights rounded by {resolved.rounding}: the default on this path at {LOW_BITS} bits and below "
             "(--weight-rounding nearest turns it off)")
@@ -993,10 +1003,13 @@ def export_int8(qat_path, output_path, calib_data=None, verify: bool = True, pre
 def calibrate(model_path, data, output, method: str | None = None, quant=None,
               images: int | None = CALIBRATION_IMAGES, preprocess: dict | None = None, verify: bool = True,
               val_data=None, percentile: float = DEFAULT_PERCENTILE, bins: int = DEFAULT_BINS,
-              seed: int = 0, echo=None, labels=None) -> dict:
+              seed: int = 0, echo=None, labels=None, mixed_precision: str | None = None,
+              mixed_low_bits: int = 4) -> dict:
     """Post-training quantization of a float ONNX model through the same int8 export as train-quant.
     `labels`: a file of class names in output order (default: the model's own, else sorted folder names); a
     float model at chance whose predictions fit another class order stops the run (as in train-quant).
+    `mixed_precision`: a weight-size budget (as train-quant's --mixed-precision): the layers' sensitivity at
+    `mixed_low_bits`, measured on `data`, decides which keep the weight bits of `quant` within it.
 
     Calibrates on `images` images of `data` (image folder or list file; a seeded random subset), writes the
     int8 model to `output` atomically and, if `verify`, checks on onnxruntime which quantized nodes fuse into
@@ -1009,6 +1022,7 @@ def calibrate(model_path, data, output, method: str | None = None, quant=None,
     from .data.preprocess import METADATA_KEY, resolve_preprocess
     from .quant.calibrate import HEAVY_CLIP, METHODS
     from .quant.config import QuantConfig
+    from .quant.mixed import check_size
     from .runtime.backends import float_outputs, top1
     from .tasks.choose import is_labelled_classifier
     from .tasks.heads import check_class_order, folder_class_names, store_class_names
@@ -1021,13 +1035,17 @@ def calibrate(model_path, data, output, method: str | None = None, quant=None,
     if method is not None and method not in METHODS:
         raise UsageError(f"the calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     quant = quant or QuantConfig()
+    mixed = None
+    if mixed_precision is not None:
+        check_size(mixed_precision)
+        mixed = (mixed_precision, mixed_low_bits)
     float_graph = normalize_proto(load_proto(model_path), for_training=True, free_batch=True).graph
     if not is_labelled_classifier(float_graph, data):
         return _calibrate_any(model_path, float_graph, data, output, method or DISTILL_RECIPE.init_method,
-                              _with_rounding(quant, DISTILL_RECIPE, "calibrate", say),
-                              images, preprocess, verify, val_data, percentile, bins, seed, say)
+                              _with_rounding(quant, DISTILL_RECIPE, "calibrate", say, mixed and mixed_low_bits),
+                              images, preprocess, verify, val_data, percentile, bins, seed, say, mixed)
     method = method or CLASSIFIER_RECIPE.init_method
-    quant = _with_rounding(quant, CLASSIFIER_RECIPE, "calibrate", say)
+    quant = _with_rounding(quant, CLASSIFIER_RECIPE, "calibrate", say, mixed and mixed_low_bits)
     pre = resolve_preprocess(float_graph, preprocess)
     float_graph.metadata[METADATA_KEY] = pre.to_json()
     session = QatSession.create(float_graph, quant)  # a model the engine cannot run fails before any image is read
@@ -1035,6 +1053,9 @@ def calibrate(model_path, data, output, method: str | None = None, quant=None,
     class_names = folder_class_names(float_graph, data, labels, echo=say)
     calib_set = ImageDataset.open(data, class_names)
     calib_images = calib_set.load(pre)
+    if mixed:
+        quant = _mixed_precision(float_graph, calib_images, quant, *mixed, seed, say)
+        session = QatSession.create(float_graph, quant)
     eval_images, eval_set = calib_images, calib_set
     if val_data is not None:
         eval_set = ImageDataset.open(val_data, class_names or calib_set.classes)
@@ -1074,9 +1095,10 @@ def calibrate(model_path, data, output, method: str | None = None, quant=None,
 
 
 def _calibrate_any(model_path, float_graph, data, output, method, quant, images, preprocess, verify, val_data,
-                   percentile, bins, seed, say) -> dict:
+                   percentile, bins, seed, say, mixed: tuple[str, int] | None = None) -> dict:
     """`calibrate` of any model on data without labels: the int8 model is judged against the float model by
-    what each output is for (qatool.tasks), on `val_data` (default `data`)."""
+    what each output is for (qatool.tasks), on `val_data` (default `data`); `mixed` (size budget, low bits):
+    mixed precision by the layers' sensitivity against the float model's outputs on `data`."""
     from .data.unlabelled import data_kind, load_unlabelled, unlabelled_preprocess
     from .runtime.backends import FloatModel, eval_batch_size
     from .tasks.choose import choose_output_tasks
@@ -1086,6 +1108,9 @@ def _calibrate_any(model_path, float_graph, data, output, method, quant, images,
     pre = unlabelled_preprocess(float_graph, data, val_data, preprocess)
     session = QatSession.create(float_graph, quant)  # a model the engine cannot run fails before any image is read
     calib, held = load_unlabelled(float_graph, data, val_data, pre)
+    if mixed:
+        quant = _mixed_precision(float_graph, calib, quant, *mixed, seed, say, labelled=False)
+        session = QatSession.create(float_graph, quant)
     evaluated = held if held is not None else calib
     judge = None
     if verify:

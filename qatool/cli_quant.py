@@ -12,14 +12,29 @@ from .quant.sensitivity import DEFAULT_BITS, DEFAULT_CALIBRATION_IMAGES
 from .quant.sensitivity import DEFAULT_IMAGES as SENSITIVITY_IMAGES
 
 def _quant_config(weight_bits, activation_bits, per_tensor, symmetric_activations, exclude, reduce_range=None,
-                  quantize_tail=None, weight_rounding=None, recurrent=None, equalize=None):
+                  quantize_tail=None, weight_rounding=None, recurrent=None, equalize=None, file_settings=None):
+    """The QuantConfig of the flags given, over `file_settings` (a --config file's quantization settings)."""
     from .quant.config import QuantConfig
 
     settings = {"weight_bits": weight_bits, "activation_bits": activation_bits,
                 "per_channel": False if per_tensor else None, "symmetric_activations": symmetric_activations,
                 "exclude": list(exclude) or None, "reduce_range": reduce_range, "quantize_tail": quantize_tail,
                 "weight_rounding": weight_rounding, "recurrent": recurrent, "equalize": equalize}
-    return QuantConfig(**{k: v for k, v in settings.items() if v is not None})
+    return QuantConfig(**{**(file_settings or {}), **{k: v for k, v in settings.items() if v is not None}})
+
+
+def _calibrate_file(config_file, echo) -> tuple[dict, dict, dict]:
+    """A --config file's (quantization, mixed precision, preprocessing) settings for calibrate; the training
+    settings it may also hold (it can be train-quant's file) are named and left alone."""
+    from .train.config import load_config_file, split_config
+
+    if not config_file:
+        return {}, {}, {}
+    quant, train, pre = split_config(load_config_file(config_file))
+    mixed = {k: train.pop(k) for k in ("mixed_precision", "mixed_low_bits") if k in train}
+    if train:
+        echo(f"{config_file}: training settings not used by calibrate: {', '.join(sorted(train))}")
+    return quant, mixed, {k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()}
 
 
 @click.command("calibrate")
@@ -44,15 +59,23 @@ def _quant_config(weight_bits, activation_bits, per_tensor, symmetric_activation
                    "(levels / bins) of its width: fewer bins clip less.")
 @click.option("--labels", type=click.Path(dir_okay=False),
               help="Class names, one per line, in output order (default: the model's own, else sorted folders).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML or JSON settings (schemas/qat-config.schema.json, train-quant's file: its quantization, "
+                   "mixed-precision and preprocessing settings, e.g. layer_weight_bits); flags override the file.")
 @quantization_options
 @weight_rounding_option
 @equalize_option
+@click.option("--mixed-precision", metavar="SIZE_BUDGET",
+              help="Weight-size budget (e.g. 120KB, 0.3MB, 30%% of the float weights): the layers that lose the "
+                   "most at --mixed-low-bits (measured on --data, against the labels or the float model) keep "
+                   "the --weight-bits, the rest get --mixed-low-bits.")
+@click.option("--mixed-low-bits", type=BITS, help="Bits of the less sensitive layers with --mixed-precision (4).")
 @preprocessing_options
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime checks (fusion, agreement, top-1).")
-def calibrate_command(model, data, output, val_data, method, images, percentile, bins, labels, bits, weight_bits,
-                      activation_bits, per_tensor, symmetric_activations, exclude, reduce_range, quantize_tail,
-                      recurrent, weight_rounding, equalize, size, color, mean, std, resize, pad_value,
-                      no_verify) -> None:
+def calibrate_command(model, data, output, val_data, method, images, percentile, bins, labels, config_file, bits,
+                      weight_bits, activation_bits, per_tensor, symmetric_activations, exclude, reduce_range,
+                      quantize_tail, recurrent, weight_rounding, equalize, mixed_precision, mixed_low_bits, size,
+                      color, mean, std, resize, pad_value, no_verify) -> None:
     """Post-training quantization of a float MODEL: calibrate activation ranges on --data, write the int8 model.
 
     The ranges are observed on the float model (BN folded, eval mode) and the model goes through the same
@@ -68,12 +91,15 @@ def calibrate_command(model, data, output, val_data, method, images, percentile,
     """
     from .api import calibrate
 
+    q_file, mixed, p_file = _calibrate_file(config_file, click.echo)
     quant = _quant_config(weight_bits or bits, activation_bits or bits, per_tensor, symmetric_activations, exclude,
-                          reduce_range, quantize_tail, weight_rounding, recurrent, equalize)
-    r = calibrate(model, data, output, method=method, quant=quant, images=images,
-                  preprocess=preprocess_overrides(size, color, mean, std, resize, pad_value), verify=not no_verify,
-                  val_data=val_data,
-                  percentile=percentile, bins=bins, echo=click.echo, labels=labels)
+                          reduce_range, quantize_tail, weight_rounding, recurrent, equalize, q_file)
+    pre = {**p_file, **{k: v for k, v in preprocess_overrides(size, color, mean, std, resize, pad_value).items()
+                        if v is not None}}
+    r = calibrate(model, data, output, method=method, quant=quant, images=images, preprocess=pre,
+                  verify=not no_verify, val_data=val_data, percentile=percentile, bins=bins, echo=click.echo,
+                  labels=labels, mixed_precision=mixed_precision or mixed.get("mixed_precision"),
+                  mixed_low_bits=mixed_low_bits or mixed.get("mixed_low_bits", 4))
     click.echo(f"wrote {output} ({r['size_bytes'] / 1024:.1f} KB)")
     export = r["export"]
     for line in export_summary(export):

@@ -45,6 +45,12 @@ def parse_size(text: str, float_weight_bytes: int | None = None) -> int:
     return size
 
 
+def check_size(text: str) -> None:
+    """Raise UsageError now if `text` is not a size `parse_size` reads (a percentage is checked for its form and
+    range only: the float weights' size is known after the sensitivity measurement)."""
+    parse_size(text, 10**15)
+
+
 def _layers(report: dict) -> list[dict]:
     layers = report.get("layers") if isinstance(report, dict) else None
     if not layers:

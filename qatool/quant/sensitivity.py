@@ -8,7 +8,9 @@ layers: ranges come from float activations, so they do not depend on which layer
 mode (the deployed numerics), on the same images:
 
 - sqnr_db: signal-to-quantization-noise ratio of the model output (the logits) against the float model's,
-  10 * log10(sum f^2 / sum (f - q)^2), capped at SQNR_CAP_DB when the outputs are identical;
+  10 * log10(sum f^2 / sum (f - q)^2), capped at SQNR_CAP_DB when the outputs are identical; a model of several
+  outputs (a detector's heads) without labels is measured on all of them, each before its Softmax if it has one,
+  and its SQNR is their mean in dB (the first output alone ranked a layout detector's layers by one head of 8);
 - top1 and top1_drop (float top-1 minus this top-1), when the data's labels are the model's classes.
 
 At 8-bit weights most layers barely move the output, so the default is 4-bit weights (8-bit activations): the
@@ -62,22 +64,43 @@ def single_layer_config(graph, layer: Layer, base: QuantConfig) -> QuantConfig:
     return QuantConfig(**settings)
 
 
-def _logits(model, output: str, data, indices: np.ndarray) -> np.ndarray:
-    """The model's `output` on the items `indices`, flattened per item and joined: [items, values] (items of
-    several input shapes, a recogniser's widths, give outputs of several sizes: then one row of all values), in
+def _logits(model, outputs: list[str], data, indices: np.ndarray) -> list[np.ndarray]:
+    """The model's `outputs` on the items `indices`, each flattened per item and joined: [items, values] (items
+    of several input shapes, a recogniser's widths, give outputs of several sizes: then one row of all values), in
     the order of `_order`."""
     from ..runtime.backends import engine_batch_size
 
     name = model.input_names[0]
-    outs = []
-    batch = min(BATCH_SIZE, engine_batch_size(model, data, [output]))
+    outs: list[list[np.ndarray]] = [[] for _ in outputs]
+    batch = min(BATCH_SIZE, engine_batch_size(model, data, outputs))
     for chosen in _groups(data, indices):
         for start in range(0, len(chosen), batch):
             x, _ = data.batch(chosen[start:start + batch])
-            outs.append(model.forward({name: x}, training=False, outputs=[output])[0])
+            for joined, value in zip(outs, model.forward({name: x}, training=False, outputs=outputs)):
+                joined.append(value)
+    return [_joined(o) for o in outs]
+
+
+def _joined(outs: list[np.ndarray]) -> np.ndarray:
     if len({o.shape[1:] for o in outs}) == 1:
         return np.concatenate(outs).reshape(sum(len(o) for o in outs), -1)
     return np.concatenate([o.ravel() for o in outs])[None]
+
+
+def compared_outputs(graph, labelled: bool) -> list[str]:
+    """The tensors a layer's cost is measured on: the logits of a classifier with labels (`logits_tensor`),
+    else every graph output, each before its Softmax if it has one."""
+    from ..tasks.base import pre_softmax
+    from ..tasks.heads import LOGITS_KEY, logits_tensor
+
+    if labelled or graph.metadata.get(LOGITS_KEY) or len(graph.output_names) == 1:
+        return [logits_tensor(graph)]
+    return [pre_softmax(graph, o) or o for o in graph.output_names]
+
+
+def outputs_sqnr_db(references: list[np.ndarray], tests: list[np.ndarray]) -> float:
+    """The mean over the outputs of each one's SQNR in dB."""
+    return float(np.mean([sqnr_db(r, t) for r, t in zip(references, tests)]))
 
 
 def _groups(data, indices: np.ndarray) -> list[np.ndarray]:
@@ -104,7 +127,6 @@ def layer_sensitivity(float_graph, data, quant: QuantConfig | None = None, image
     (`exclude`). `images` / `calibration_images`: seeded random subsets measured on / calibrated on (None: all).
     Returns the report without the file names (see `qatool.api.sensitivity`)."""
     from ..engine.model import Model
-    from ..tasks.heads import logits_tensor
 
     say = echo or (lambda s: None)
     quant = quant or QuantConfig(weight_bits=DEFAULT_BITS)
@@ -112,13 +134,14 @@ def layer_sensitivity(float_graph, data, quant: QuantConfig | None = None, image
     if not layers:
         raise ModelError("no Conv, Gemm or MatMul of the model can be quantized (check --exclude, and that weights "
                          "are initializers)")
-    output = logits_tensor(float_graph)
+    outputs = compared_outputs(float_graph, labelled and getattr(data, "labels", None) is not None)
     eval_idx = calibration_indices(len(data), images, seed)
-    labels = np.asarray(data.labels)[_order(data, eval_idx)] if labelled and data.labels is not None else None
+    labels = np.asarray(data.labels)[_order(data, eval_idx)] \
+        if labelled and getattr(data, "labels", None) is not None else None
     float_model = Model(copy.deepcopy(float_graph))
-    ref = _logits(float_model, output, data, eval_idx)
+    ref = _logits(float_model, outputs, data, eval_idx)
     del float_model
-    float_top1 = _top1(ref, labels)
+    float_top1 = _top1(ref[0], labels)
 
     configs = [(layer, single_layer_config(float_graph, layer, quant)) for layer in layers]
     tensors = list(dict.fromkeys(t for _, cfg in configs for t in mark(float_graph, cfg).quantized))
@@ -136,13 +159,13 @@ def layer_sensitivity(float_graph, data, quant: QuantConfig | None = None, image
             skipped.append({"node": node.name, "reason": "the layer could not be quantized on its own"})
             continue
         apply_ranges(quantized, ranges)
-        out = _logits(quantized.model, logits_tensor(quantized.model.graph), data, eval_idx)
-        top1 = _top1(out, labels)
+        out = _logits(quantized.model, outputs, data, eval_idx)
+        top1 = _top1(out[0], labels)
         row = {
             "node": node.name,
             "op_type": node.op_type,
             "params": int(float_graph.initializers[node.input(1)].size),
-            "sqnr_db": round(sqnr_db(ref, out), 4),
+            "sqnr_db": round(outputs_sqnr_db(ref, out), 4),
             "top1": top1,
             "top1_drop": None if top1 is None else round(float_top1 - top1, 6),
         }
@@ -161,7 +184,7 @@ def layer_sensitivity(float_graph, data, quant: QuantConfig | None = None, image
         "activation_bits": quant.activation_bits,
         "per_channel": quant.per_channel,
         "symmetric_activations": quant.symmetric_activations,
-        "output": output,
+        "output": ", ".join(outputs),
         "float_top1": float_top1,
         "total_params": total_params,
         "float_weight_bytes": total_params * 4,

@@ -109,6 +109,10 @@ class TrainConfig:
             raise ConfigError(f"init_method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.init_method!r}")
         if self.update_scale is not None and self.update_scale not in UPDATE_SCALES:
             raise ConfigError(f"update_scale must be one of {', '.join(UPDATE_SCALES)}, got {self.update_scale!r}")
+        if self.mixed_precision is not None:
+            from ..quant.mixed import check_size
+
+            check_size(self.mixed_precision)
         if self.keep not in ("best", "last"):
             raise ConfigError(f"keep must be best or last, got {self.keep!r}")
         if self.validate_every is not None and self.validate_every < 1:
