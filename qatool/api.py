@@ -623,7 +623,7 @@ def _measure_start_any(run: _Run) -> None:
 def _qat_steps(run: _Run) -> str:
     """The run's steps, batch, optimizer and lr, as the run announces them."""
     cfg = run.train_cfg
-    per_tensor = " x each tensor's RMS" if cfg.update_scale == "tensor" else ""
+    per_tensor = {"tensor": " x each tensor's RMS", "step": " x each weight's quantization step"}.get(cfg.update_scale, "")
     scale_lr = f" (step sizes {cfg.scale_lr})" if cfg.scale_lr is not None else ""
     return (f"QAT: steps {run.start}..{run.total}, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr}{per_tensor}"
             f"{scale_lr}")

@@ -96,7 +96,9 @@ def convert(model: str, output: str, for_training: bool) -> None:
 @click.option("--update-scale", type=click.Choice(UPDATE_SCALES),
               help="absolute (default): an optimizer step moves every parameter by about --lr (adam); tensor: each "
                    "parameter tensor's lr is also multiplied by its RMS at the start, so a step moves every tensor "
-                   "by about the same fraction of its size.")
+                   "by about the same fraction of its size; step: each quantized weight's lr is multiplied by its "
+                   "quantization step at the start (median over channels; the other parameters take the median), "
+                   "so --lr is the fraction of a step one update moves a weight by.")
 @click.option("--init", "init", type=click.Choice(["observe", "calibrate"]),
               help="calibrate (default): activation ranges start from post-training calibration on the training "
                    "images, and the run measures that start's int8 accuracy; observe: from the first batches.")

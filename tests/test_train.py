@@ -310,6 +310,48 @@ def test_update_scale_tensor_moves_each_tensor_by_lr_times_its_rms(lenet, digits
         np.testing.assert_allclose(step[k][hit] / plain[k][hit], rms, rtol=1e-3, err_msg=k)
 
 
+def test_update_scale_step_moves_each_weight_by_lr_times_its_quantization_step(lenet, digits):
+    """With update_scale step, Adam's first step moves a quantized weight by about lr times its quantization step
+    (max|w| / qmax of each channel at these bits, the median over channels) and every other parameter by lr times
+    the median of those steps."""
+    from qatool.convert import normalize_proto
+    from qatool.data.images import ImageDataset
+    from qatool.data.preprocess import resolve_preprocess
+    from qatool.ir.io import load_proto
+    from qatool.train.loop import Phases, train
+    from qatool.train.session import QatSession
+
+    graph = normalize_proto(load_proto(lenet), for_training=True).graph
+    images = ImageDataset.open(digits[0]).load(resolve_preprocess(graph))
+
+    def moved(scale):
+        session = QatSession.create(graph, QuantConfig(weight_bits=6))
+        before = {k: v.copy() for k, v in session.model.params.items()}
+        # lr 1: a step-scaled move (~1e-3) stays far above float32's rounding of the weights it is added to
+        train(session, images, TrainConfig(steps=1, batch_size=16, optimizer="adam", lr=1.0, update_scale=scale),
+              Phases(1, 1), 0, 1, None, lambda step, arrays: None, quiet=True)
+        return session, before, {k: np.abs(session.model.params[k] - before[k]) for k in before}
+
+    session, before, step = moved("step")
+    _, _, plain = moved("absolute")
+    expected = {}
+    for n in session.model.graph.nodes:
+        if n.op_type == "WeightQuant" and n.input(0) in before:
+            assert n.attrs["bits"] == 6
+            w = before[n.input(0)]
+            per_channel = np.abs(w).reshape(w.shape[0], -1).max(axis=1) if n.attrs.get("axis", 0) == 0 else \
+                np.abs(w).max(axis=0)
+            expected[n.input(0)] = np.median(per_channel) / 31
+    assert len(expected) >= 3
+    median = np.median(list(expected.values()))
+    trained = [k for k in step if plain[k].any()]
+    assert set(expected) <= set(trained) and set(trained) - set(expected)  # weights, and biases too
+    for k in trained:
+        hit = plain[k] > 0.5  # ~lr; not where |g| is near Adam's eps
+        assert hit.mean() > 0.5, k
+        np.testing.assert_allclose(step[k][hit] / plain[k][hit], expected.get(k, median), rtol=1e-3, err_msg=k)
+
+
 def test_scale_lr_flag(lenet, digits, tmp_path):
     from click.testing import CliRunner
 

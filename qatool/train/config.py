@@ -24,7 +24,7 @@ class Recipe(NamedTuple):
     lr: float | None
     init_method: str | None = None
     retreat: bool | None = None  # qatool.train.retreat: back to the best state, lr x0.1, below the start
-    update_scale: str = "absolute"  # UPDATE_SCALES: an optimizer step of lr, or of lr times each tensor's RMS
+    update_scale: str = "absolute"  # UPDATE_SCALES: a step of lr, of lr x each tensor's RMS, or x its quantization step
     # the calibrated start's weight rounding at quant.config.LOW_BITS bits and below (QuantConfig.with_rounding)
     low_bit_rounding: str = "nearest"
     # ... and whether the float model's channels are equalised first (QuantConfig.equalize, qatool.quant.equalize)
@@ -49,8 +49,10 @@ CLASSIFIER_RECIPE = Recipe("sgd", 1e-3, "minmax", False)
 DISTILL_RECIPE = Recipe("adam", 1e-4, "average", True, low_bit_rounding="gptq")
 # absolute: every parameter's step is about lr (Adam) or lr times its gradient (SGD); tensor: each parameter
 # tensor's lr is also multiplied by that tensor's RMS at the start of the run, so one step moves every tensor by
-# about the same fraction of its size, whatever the size
-UPDATE_SCALES = ("absolute", "tensor")
+# about the same fraction of its size, whatever the size; step: each quantized weight's lr is multiplied by its
+# quantization step at the start (the median over its channels; other parameters take the median of those), so lr
+# is the fraction of a step one update moves a weight by, at any bit width and weight size
+UPDATE_SCALES = ("absolute", "tensor", "step")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from ..errors import DivergedError, QatoolError
 from .config import TrainConfig
 from ..data.images import batch_indices
 from . import footprint
-from .optim import learning_rate, make_optimizer, tensor_sizes
+from .optim import learning_rate, make_optimizer, step_sizes, tensor_sizes
 from .progress import Progress
 from .session import QatSession
 
@@ -107,8 +107,11 @@ def train(session: QatSession, data, cfg: TrainConfig, phases: Phases, start: in
     # --scale-lr: the LSQ step sizes get their own learning rate, scheduled as lr is; under Adam it is relative
     # (a step moves a step size by about that fraction of itself)
     multipliers = {k: cfg.scale_lr / cfg.lr for k in session.learned_scales} if cfg.scale_lr is not None else {}
+    trained = {k: v for k, v in model.params.items() if k not in session.learned_scales}
     if cfg.update_scale == "tensor":
-        multipliers.update(tensor_sizes({k: v for k, v in model.params.items() if k not in session.learned_scales}))
+        multipliers.update(tensor_sizes(trained))
+    elif cfg.update_scale == "step":
+        multipliers.update(step_sizes(trained, session.weight_steps()))
 
     def fresh_optimizer():
         return make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.momentum, cfg.weight_decay, multipliers,

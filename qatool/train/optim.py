@@ -122,6 +122,14 @@ def tensor_sizes(params: dict[str, np.ndarray]) -> dict[str, float]:
     return {k: r if r > 0 else fallback for k, r in rms.items()}
 
 
+def step_sizes(params: dict[str, np.ndarray], weight_steps: dict[str, float]) -> dict[str, float]:
+    """Each parameter's lr multiplier under `--update-scale step`: a quantized weight's quantization step (the
+    median over its channels, `weight_steps`), so that lr is a fraction of a step; every other parameter (biases,
+    norms, float layers) takes the median of those."""
+    fallback = float(np.median(list(weight_steps.values()))) if weight_steps else 1.0
+    return {k: weight_steps.get(k, fallback) for k in params}
+
+
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 

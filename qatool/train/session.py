@@ -68,6 +68,24 @@ class QatSession(QuantizedModel):
         return [n.input(3) for n in self.model.graph.nodes
                 if n.op_type == "WeightQuant" and n.input(3) and n.input(3) in self.model.state]
 
+    def weight_steps(self) -> dict[str, float]:
+        """{weight parameter: the median over its channels of its quantization step} as the weight's quantizer
+        computes it from the parameter now (qatool.quant.qparams.weight_scales at the layer's bits; BatchNorm
+        scales a channel's weights and its step alike, so the raw parameter's step is the folded one's divided
+        by the same factor)."""
+        from ..quant.ops import WeightQuant, weight_axis
+        from ..quant.qparams import weight_grid, weight_scales
+
+        steps = {}
+        for n in self.model.graph.nodes:
+            w = self.model.params.get(n.input(0)) if n.op_type == "WeightQuant" else None
+            if w is None:
+                continue
+            attrs = {**WeightQuant.attrs, **n.attrs}
+            axis = weight_axis(attrs["axis"]) if attrs["per_channel"] else None
+            steps[n.input(0)] = float(np.median(weight_scales(w, axis, weight_grid(int(attrs["bits"])))))
+        return steps
+
     def nonpositive_scale(self) -> tuple[str, float] | None:
         """The first learned step size that an update pushed to zero or below, with its smallest value: the
         quantizer is then meaningless (the simulation would floor it to MIN_SCALE and output zeros)."""
