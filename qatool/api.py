@@ -623,7 +623,8 @@ def _measure_start_any(run: _Run) -> None:
 def _qat_steps(run: _Run) -> str:
     """The run's steps, batch, optimizer and lr, as the run announces them."""
     cfg = run.train_cfg
-    per_tensor = {"tensor": " x each tensor's RMS", "step": " x each weight's quantization step"}.get(cfg.update_scale, "")
+    per_tensor = {"tensor": " x each tensor's RMS",
+                  "step": " x each weight's quantization step"}.get(cfg.update_scale, "")
     scale_lr = f" (step sizes {cfg.scale_lr})" if cfg.scale_lr is not None else ""
     return (f"QAT: steps {run.start}..{run.total}, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr}{per_tensor}"
             f"{scale_lr}")
@@ -1035,17 +1036,17 @@ def calibrate(model_path, data, output, method: str | None = None, quant=None,
     if method is not None and method not in METHODS:
         raise UsageError(f"the calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     quant = quant or QuantConfig()
-    mixed = None
+    mixed, mixed_low = None, None
     if mixed_precision is not None:
         check_size(mixed_precision)
-        mixed = (mixed_precision, mixed_low_bits)
+        mixed, mixed_low = (mixed_precision, mixed_low_bits), mixed_low_bits
     float_graph = normalize_proto(load_proto(model_path), for_training=True, free_batch=True).graph
     if not is_labelled_classifier(float_graph, data):
         return _calibrate_any(model_path, float_graph, data, output, method or DISTILL_RECIPE.init_method,
-                              _with_rounding(quant, DISTILL_RECIPE, "calibrate", say, mixed and mixed_low_bits),
+                              _with_rounding(quant, DISTILL_RECIPE, "calibrate", say, mixed_low),
                               images, preprocess, verify, val_data, percentile, bins, seed, say, mixed)
     method = method or CLASSIFIER_RECIPE.init_method
-    quant = _with_rounding(quant, CLASSIFIER_RECIPE, "calibrate", say, mixed and mixed_low_bits)
+    quant = _with_rounding(quant, CLASSIFIER_RECIPE, "calibrate", say, mixed_low)
     pre = resolve_preprocess(float_graph, preprocess)
     float_graph.metadata[METADATA_KEY] = pre.to_json()
     session = QatSession.create(float_graph, quant)  # a model the engine cannot run fails before any image is read
