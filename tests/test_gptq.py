@@ -321,3 +321,34 @@ def test_gptq_is_the_default_at_4_bits_without_labels_only(lenet, digits, tmp_pa
     assert report["config"]["quant"]["weight_rounding"] == "nearest" and report["gptq"] is None
     report = api.train_quant(lenet, digits[0], tmp_path / "cls", train=TrainConfig(steps=1), quant=w4, quiet=True)
     assert report["config"]["quant"]["weight_rounding"] == "nearest"
+
+
+def test_grams_are_summed_in_chunks_and_batches_shrink_for_large_inputs(lenet, digits):
+    """add_gram holds only `chunk` positions in float64 at a time and sums to X X^T; collect_grams gives the same
+    H whatever its batch (a large input takes fewer a pass: all the layers' inputs of a pass are held at once)."""
+    from qatool.convert import normalize_proto
+    from qatool.data.images import ImageDataset
+    from qatool.data.preprocess import resolve_preprocess
+    from qatool.ir.io import load_proto
+    from qatool.quant.config import QuantConfig
+    from qatool.quant.gptq import GPTQ_BATCH, GPTQ_BATCH_ELEMENTS, add_gram, collect_grams, gptq_batch
+    from qatool.quant.prepare import mark
+
+    X = np.random.default_rng(0).standard_normal((2, 5, 23)).astype(np.float32)
+    whole = np.matmul(X.astype(np.float64), np.swapaxes(X.astype(np.float64), 1, 2))
+    np.testing.assert_allclose(add_gram(None, X, chunk=4), whole, rtol=1e-12)
+    np.testing.assert_allclose(add_gram(whole.copy(), X, chunk=7), 2 * whole, rtol=1e-12)
+
+    graph = normalize_proto(load_proto(lenet), for_training=True, free_batch=True).graph
+    images = ImageDataset.open(digits[0]).load(resolve_preprocess(graph))
+    idx = np.arange(20)
+    assert gptq_batch(images, idx) == GPTQ_BATCH  # 28x28 digits
+
+    class _Large:  # the same items, said to be 800x608 pages
+        groups, item_shape = images.groups, staticmethod(lambda i: (3, 800, 608))
+    assert gptq_batch(_Large, idx) == max(1, GPTQ_BATCH_ELEMENTS // (3 * 800 * 608)) < GPTQ_BATCH
+
+    layers = mark(graph, QuantConfig(weight_bits=4)).layers
+    one, eight = (collect_grams(graph, layers, images, idx, batch) for batch in (1, 8))
+    for name in one:
+        np.testing.assert_allclose(one[name], eight[name], rtol=1e-5, atol=1e-6 * np.abs(eight[name]).max())

@@ -43,7 +43,11 @@ from .qparams import Grid, channel_shape
 
 DAMP = 0.01  # of the mean diagonal of H, added to it before inversion
 GPTQ_IMAGES = 128  # calibration inputs that H is collected on (default)
-GPTQ_BATCH = 8
+GPTQ_BATCH = 8  # inputs per forward pass, at most; fewer where one input is large (gptq_batch)
+GPTQ_BATCH_ELEMENTS = 1 << 21  # input elements per forward pass: every layer's input of the batch is held at once
+# positions per float64 block of a layer's Gram matrix: a whole 8-image im2col of a 3x3 conv at 400x304 was
+# 2.2 GB in float64 on the layout detector
+GRAM_CHUNK = 1 << 15
 
 
 # ---- the algorithm ----------------------------------------------------------------------------------------------
@@ -136,11 +140,15 @@ def conv_columns(x: np.ndarray, w_shape: tuple[int, ...], attrs: dict) -> np.nda
     return cols.reshape(g, cin_g * kh * kw, n * ho * wo)
 
 
-def add_gram(H: np.ndarray | None, X: np.ndarray) -> np.ndarray:
-    """H + X X^T per group (float64), X [G, K, P]."""
-    X = X.astype(np.float64)
-    G = np.matmul(X, np.swapaxes(X, 1, 2))
-    return G if H is None else H + G
+def add_gram(H: np.ndarray | None, X: np.ndarray, chunk: int = GRAM_CHUNK) -> np.ndarray:
+    """H + X X^T per group (float64), X [G, K, P]; summed over `chunk` positions at a time, so that only a
+    chunk is ever held in float64 (H is added to in place)."""
+    G, K, P = X.shape
+    H = np.zeros((G, K, K)) if H is None else H
+    for s in range(0, P, chunk):
+        part = X[:, :, s:s + chunk].astype(np.float64)
+        H += np.matmul(part, np.swapaxes(part, 1, 2))
+    return H
 
 
 # ---- a session's layers -----------------------------------------------------------------------------------------
@@ -173,11 +181,19 @@ def stored_weight_scale(qat_graph: Graph, node_name: str) -> tuple[Node, str]:
     return wq, wq.input(3)
 
 
+def gptq_batch(data, indices: np.ndarray) -> int:
+    """Inputs per forward pass of `collect_grams`: GPTQ_BATCH, or fewer so that a pass reads at most
+    GPTQ_BATCH_ELEMENTS input elements (the layout detector's 800x608 pages: 1 a pass, where 8 held 2.4 GB of
+    layer inputs)."""
+    largest = max((int(np.prod(data.item_shape(int(i)))) for i in indices), default=1)
+    return int(max(1, min(GPTQ_BATCH, GPTQ_BATCH_ELEMENTS // max(largest, 1))))
+
+
 def collect_grams(float_graph: Graph, layers: list, data, indices: np.ndarray,
-                  batch_size: int = GPTQ_BATCH) -> dict[str, np.ndarray]:
+                  batch_size: int | None = None) -> dict[str, np.ndarray]:
     """{layer name: H [G, K, K]} from the float model's inputs to each layer (`layers`: the plan's, looked up
-    by node name) on the inputs `indices` of `data`, in eval mode on qatool's engine; only the part of the graph
-    that computes those inputs runs."""
+    by node name) on the inputs `indices` of `data`, in eval mode on qatool's engine, `batch_size` inputs a pass
+    (default `gptq_batch`); only the part of the graph that computes those inputs runs."""
     from ..engine.model import Model
     from ..ir.graph import ValueInfo
     from .calibrate import _batches
@@ -192,15 +208,17 @@ def collect_grams(float_graph: Graph, layers: list, data, indices: np.ndarray,
     model = Model(g)
     grams: dict[str, np.ndarray | None] = {n.name: None for n in nodes}
     name = model.input_names[0]
-    for x in _batches(data, indices, batch_size):
+    for x in _batches(data, indices, batch_size or gptq_batch(data, indices)):
         values = dict(zip(inputs, model.forward({name: x}, training=False, outputs=inputs)))
-        for n in nodes:
-            grams[n.name] = add_gram(grams[n.name], layer_columns(n, values[n.input(0)], shapes[n.name]))
+        for n in nodes:  # a Conv's im2col one input at a time: a batch's at 800x608 is gigabytes
+            x_n = values[n.input(0)]
+            for part in np.split(x_n, len(x_n)) if n.op_type == "Conv" else [x_n]:
+                grams[n.name] = add_gram(grams[n.name], layer_columns(n, part, shapes[n.name]))
     return grams
 
 
 def round_session(session, data, max_images: int | None = GPTQ_IMAGES, seed: int = 0, damp: float = DAMP,
-                  act_order: bool = True, batch_size: int = GPTQ_BATCH, sequential: bool = False,
+                  act_order: bool = True, batch_size: int | None = None, sequential: bool = False,
                   progress=None) -> GptqReport:
     """GPTQ-round every quantized layer's weight of a session whose WeightQuants have stored scales: the
     session's weights become q s / k (q GPTQ's integers), its scales stay. H comes from the float model's inputs
