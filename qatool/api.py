@@ -189,6 +189,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     (`_export_and_choose`, `_echo_export`), report (`_classifier_val` / `_any_val`, `_write_report`).
     """
     from .runtime.backends import top1
+    from .quant.config import LOW_BITS
     from .tasks.choose import recipe_reason
     from .train.config import CLASSIFIER_RECIPE, DISTILL_RECIPE, Recipe, TrainConfig
 
@@ -207,6 +208,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         raise UsageError(f"--weight-rounding {quant_cfg.rounding} rounds the calibrated start's weights: it "
                          "needs --init calibrate")
     mixed_low = train_cfg.mixed_low_bits if train_cfg.mixed_precision and ckpt is None else None
+    low_bits = quant_cfg.has_low_bits or (mixed_low is not None and mixed_low <= LOW_BITS)
     labelled, why = recipe_reason(float_graph, train_data)
     if not labelled or distill_outputs or metric:
         option = "--metric" if metric else "--distill-outputs"
@@ -217,7 +219,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
                              "labels the float model itself is the teacher")
         return _train_quant_any(model_path, float_graph, ckpt,
                                 _with_rounding(quant_cfg, DISTILL_RECIPE, train_cfg.init, echo, mixed_low),
-                                train_cfg.with_recipe(DISTILL_RECIPE),
+                                _with_low_bit_update(train_cfg, DISTILL_RECIPE, low_bits, echo),
                                 train_data, out, val_data, preprocess, quiet, echo, distill_outputs, metric)
     echo(f"classifier QAT with labels (cross-entropy, top-1), because {why}")
     run = _prepare_classifier(model_path, float_graph, ckpt,
@@ -460,6 +462,18 @@ def _calibrated_start(run: _Run, what: str) -> bool:
     if gptq is not None:
         run.info["gptq"] = gptq
     return True
+
+
+def _with_low_bit_update(train_cfg, recipe, low_bits: bool, say):
+    """`train_cfg` with the recipe's settings where it leaves them unset, saying so when the recipe's low-bit
+    update scale and lr are taken."""
+    resolved = train_cfg.with_recipe(recipe, low_bits)
+    if low_bits and train_cfg.lr is None and (resolved.update_scale, resolved.lr) == recipe.low_bit_update:
+        from .quant.config import LOW_BITS
+
+        say(f"lr {resolved.lr:g} x each weight's quantization step (--update-scale {resolved.update_scale}): the "
+            f"default on this path at {LOW_BITS} bits and below (--lr alone sets an absolute lr)")
+    return resolved
 
 
 def _with_rounding(quant_cfg, recipe, init: str, say, mixed_low_bits: int | None = None):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from qatool import api
+from qatool.quant.config import QuantConfig
 from qatool.train.config import CLASSIFIER_RECIPE, DISTILL_RECIPE, TrainConfig
 from qatool.train.retreat import Retreat
 from test_anymodel import blob_images, map_model  # noqa: F401  (fixtures)
@@ -111,6 +112,35 @@ def test_the_recipes():
     assert DISTILL_RECIPE.retreat is True and CLASSIFIER_RECIPE.retreat is False
     assert TrainConfig().with_recipe(DISTILL_RECIPE).retreat is True
     assert TrainConfig(retreat=False).with_recipe(DISTILL_RECIPE).retreat is False
+
+
+def _update(cfg, recipe, low_bits):
+    resolved = cfg.with_recipe(recipe, low_bits)
+    return resolved.update_scale, resolved.lr
+
+
+def test_the_update_scale_and_lr_at_low_bits():
+    """Without labels at 4 bits and below: lr 5e-3 of each weight's quantization step; an lr given alone is
+    absolute; an update scale given alone takes the recipe's lr for it. Classifiers and 8 bits: unchanged."""
+    assert _update(TrainConfig(), DISTILL_RECIPE, True) == ("step", 5e-3)
+    assert _update(TrainConfig(), DISTILL_RECIPE, False) == ("absolute", 1e-4)
+    assert _update(TrainConfig(lr=1e-3), DISTILL_RECIPE, True) == ("absolute", 1e-3)
+    assert _update(TrainConfig(update_scale="absolute"), DISTILL_RECIPE, True) == ("absolute", 1e-4)
+    assert _update(TrainConfig(update_scale="step"), DISTILL_RECIPE, False) == ("step", 5e-3)
+    assert _update(TrainConfig(update_scale="tensor"), DISTILL_RECIPE, True) == ("tensor", 1e-4)
+    assert _update(TrainConfig(update_scale="step", lr=1e-2), DISTILL_RECIPE, True) == ("step", 1e-2)
+    assert _update(TrainConfig(), CLASSIFIER_RECIPE, True) == ("absolute", 1e-3)
+
+
+def test_a_label_free_run_at_4_bits_says_its_lr(map_model, blob_images, tmp_path):  # noqa: F811
+    train, _ = blob_images
+    lines = []
+    report = api.train_quant(map_model, train, tmp_path, quant=QuantConfig(weight_bits=4),
+                             train=TrainConfig(steps=1, batch_size=8), echo=lines.append, quiet=True)
+    assert report["config"]["train"]["update_scale"] == "step" and report["config"]["train"]["lr"] == 5e-3
+    assert any(ln.startswith("lr 0.005 x each weight's quantization step (--update-scale step): the default")
+               for ln in lines)
+    assert any("adam lr 0.005 x each weight's quantization step" in ln for ln in lines)
 
 
 def test_a_label_free_run_with_a_ruinous_lr_retreats(map_model, blob_images, tmp_path):  # noqa: F811
