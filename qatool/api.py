@@ -189,7 +189,6 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
     (`_export_and_choose`, `_echo_export`), report (`_classifier_val` / `_any_val`, `_write_report`).
     """
     from .runtime.backends import top1
-    from .quant.config import LOW_BITS
     from .tasks.choose import recipe_reason
     from .train.config import CLASSIFIER_RECIPE, DISTILL_RECIPE, Recipe, TrainConfig
 
@@ -208,7 +207,7 @@ def train_quant(model_path, train_data, out_dir, val_data=None, quant=None, trai
         raise UsageError(f"--weight-rounding {quant_cfg.rounding} rounds the calibrated start's weights: it "
                          "needs --init calibrate")
     mixed_low = train_cfg.mixed_low_bits if train_cfg.mixed_precision and ckpt is None else None
-    low_bits = quant_cfg.has_low_bits or (mixed_low is not None and mixed_low <= LOW_BITS)
+    low_bits = quant_cfg.low_bits_planned(mixed_low)
     labelled, why = recipe_reason(float_graph, train_data)
     if not labelled or distill_outputs or metric:
         option = "--metric" if metric else "--distill-outputs"

@@ -107,13 +107,17 @@ class QuantConfig:
         """Whether any layer's weights have LOW_BITS bits or fewer (the global setting or a layer's own)."""
         return min([self.weight_bits, *self.layer_weight_bits.values()]) <= LOW_BITS
 
+    def low_bits_planned(self, planned_bits: int | None) -> bool:
+        """`has_low_bits`, or `planned_bits` (the low bits mixed precision is yet to give some layers) that few."""
+        return self.has_low_bits or (planned_bits is not None and planned_bits <= LOW_BITS)
+
     def with_rounding(self, low_bit_rounding: str, low_bit_equalize: bool = False,
                       planned_bits: int | None = None) -> QuantConfig:
         """This config with its weight rounding and equalisation resolved: its own where set, else
         `low_bit_rounding` / `low_bit_equalize` when any layer's weights have LOW_BITS or fewer (or will have:
         `planned_bits`, the low bits mixed precision is yet to give some layers), else nearest and none (both were
         measured at 4 bits; an 8-bit step is 16 times finer)."""
-        low = self.has_low_bits or (planned_bits is not None and planned_bits <= LOW_BITS)
+        low = self.low_bits_planned(planned_bits)
         rounding = self.weight_rounding if self.weight_rounding is not None else \
             low_bit_rounding if low else "nearest"
         equalize = self.equalize if self.equalize is not None else low_bit_equalize and low
