@@ -845,69 +845,30 @@ def finetune(model_path, train_data, output, val_data=None, train=None, preproce
     with `freeze_backbone` only it, or `trainable`, trains). Writes `output` (a for-training model that
     train-quant takes as it is) with its optimiser state beside it (OUTPUT.state.npz), OUTPUT's .metrics.jsonl
     and .report.json, and with a new head its .labels.txt; returns the report. `resume`: a finetune output to
-    continue from (its head, frozen parameters and step; give the same steps). See qatool.train.transfer."""
+    continue from (its head, frozen parameters and step; give the same steps). See qatool.train.transfer.
+
+    The stages: check the options (`_check_finetune_options`), open the model or the run resumed
+    (`_finetune_graph`), load the data (`_finetune_data`), build the float session with its head and trained
+    parameters (`_finetune_session`), train, report (`_finetune_report`)."""
     import json
 
-    from .train.checkpoint import _save_npz_atomic, state_path
-
     from .runtime.backends import engine_logits, top1
-    from .ir.io import atomic_write_bytes, save_graph
+    from .train.checkpoint import _save_npz_atomic, state_path
+    from .ir.io import save_graph
     from .train.config import CLASSIFIER_RECIPE, TrainConfig
-    from .tasks.heads import check_logits, folder_class_names, store_class_names
     from .train.loop import Phases, train as run_train
-    from .data.preprocess import METADATA_KEY, resolve_preprocess
-    from .train.transfer import FloatSession, feature_shape, find_features, replace_head, trainable_names
 
     out = Path(output)
-    if out.resolve() == Path(model_path).resolve():
-        raise UsageError(f"the output {out} is the input file; choose another output path")
-    if freeze_backbone and not (new_head or trainable):
-        raise UsageError("--freeze-backbone trains only the new head or the --trainable parameters: give --new-head "
-                         "or --trainable")
-    if features and not new_head:
-        raise UsageError("--features chooses where the new head goes: it needs --new-head")
+    _check_finetune_options(model_path, out, new_head, features, freeze_backbone, trainable)
     train_cfg = (train or TrainConfig()).with_recipe(CLASSIFIER_RECIPE)
-    run_info: dict = {}
-    if resume is not None:
-        graph = normalize_proto(load_proto(resume), for_training=True).graph
-        if FINETUNE_KEY not in graph.metadata:
-            raise UsageError(f"--resume {resume} is not a finetune output (no {FINETUNE_KEY} metadata)")
-        run_info = json.loads(graph.metadata[FINETUNE_KEY])
-        new_head, features = False, run_info["features"]  # the head is in the file already
+    graph, run_info = _finetune_graph(model_path, resume)
+    if run_info:  # the head, its features and what trains are in the file already
+        new_head, features, labels = False, run_info["features"], None
         freeze_backbone, trainable = run_info["frozen_backbone"], run_info["trainable"]
-        labels = None
-    else:
-        graph = normalize_proto(load_proto(model_path), for_training=True).graph
-    pre = resolve_preprocess(graph, preprocess)
-    graph.metadata[METADATA_KEY] = pre.to_json()
-    names = None if new_head else folder_class_names(graph, train_data, labels, echo)
-    if new_head and labels:
-        names = [ln.strip() for ln in Path(labels).read_text().splitlines() if ln.strip()]
-    train_set, val_set = _open_data(train_data, val_data, names, None if new_head else graph.output_classes(),
-                                    model_path)
-    if train_set.num_classes < 2:
-        raise DataError(f"{train_set.source} has {train_set.num_classes} class: a classifier needs at least two")
-    classes = train_set.classes
-    train_images, val_images = _load_data(train_set, val_set, pre, echo)
-    sample = train_images.batch(np.arange(min(2, len(train_images))))[0]
-    head: list[str] = []
-    if new_head:
-        features = features or find_features(graph)
-        shape = feature_shape(graph, features, sample)
-        head = replace_head(graph, features, int(np.prod(shape[1:])), classes, train_cfg.seed)
-        echo(f"new head: {features} {tuple(shape[1:])} -> Gemm {int(np.prod(shape[1:]))} x {len(classes)} "
-             f"({', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''})")
-    else:
-        store_class_names(graph, classes)
-    chosen = trainable_names(graph, trainable) if trainable else head
-    if freeze_backbone:
-        session = FloatSession.frozen(graph, chosen, train_cfg.seed)
-        echo(f"frozen backbone: {len(chosen)} parameter tensors train "
-             f"({sum(graph.initializers[k].size for k in chosen):,} values); the rest runs in eval mode")
-    else:
-        session = FloatSession.full(graph, train_cfg.seed)
-    check_logits(session.model.forward({session.input_name: sample}, outputs=[session.logits])[0], graph,
-                 session.logits)
+    classes, train_images, val_images = _finetune_data(graph, model_path, train_data, val_data, preprocess,
+                                                       labels, new_head, echo)
+    session, chosen, features = _finetune_session(graph, train_images, classes, new_head, features,
+                                                  freeze_backbone, trainable, train_cfg.seed, echo)
     train_cfg, _ = _resolve_batch(train_cfg, session, train_images, [session.logits], None, echo)
 
     def val_top1() -> float | None:
@@ -946,18 +907,101 @@ def finetune(model_path, train_data, output, val_data=None, train=None, preproce
          f"{train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr}")
     result = run_train(session, train_images, train_cfg, phases, start, total, optim_state, save, metrics, quiet)
     final_top1 = val_top1()
-    report = {"model": str(model_path), "output": str(out), "classes": classes, "new_head": info["new_head"],
-              "features": features, "frozen_backbone": bool(freeze_backbone), "trainable": chosen or None,
-              "steps": result.steps, "ms_per_step": result.ms_per_step, "final_loss": result.final_loss,
-              "val": {"top1_float_start": start_top1, "top1_float": final_top1,
-                      "images": len(val_images) if val_images is not None else 0},
-              "config": {"train": train_cfg.to_dict()}, "peak_rss_mb": peak_rss_mb()}
-    atomic_write_bytes(out.with_suffix(".report.json"), json.dumps(report, indent=2).encode())
-    if info["new_head"]:
-        atomic_write_bytes(out.with_suffix(".labels.txt"), ("\n".join(classes) + "\n").encode())
+    report = _finetune_report(model_path, out, info, result, train_cfg, start_top1, final_top1,
+                              len(val_images) if val_images is not None else 0)
     if final_top1 is not None:
         echo(f"float val top-1: {final_top1:.4f} (start {start_top1:.4f}); {result.ms_per_step:.0f} ms/step")
     echo(f"wrote {out} (a for-training model: train-quant takes it as it is)")
+    return report
+
+
+def _check_finetune_options(model_path, out: Path, new_head, features, freeze_backbone, trainable) -> None:
+    if out.resolve() == Path(model_path).resolve():
+        raise UsageError(f"the output {out} is the input file; choose another output path")
+    if freeze_backbone and not (new_head or trainable):
+        raise UsageError("--freeze-backbone trains only the new head or the --trainable parameters: give --new-head "
+                         "or --trainable")
+    if features and not new_head:
+        raise UsageError("--features chooses where the new head goes: it needs --new-head")
+
+
+def _finetune_graph(model_path, resume):
+    """(the for-training graph, the resumed run's record or {}): `resume` is a finetune output, which carries
+    its head, trained parameters and step in FINETUNE_KEY."""
+    import json
+
+    if resume is None:
+        return normalize_proto(load_proto(model_path), for_training=True).graph, {}
+    graph = normalize_proto(load_proto(resume), for_training=True).graph
+    if FINETUNE_KEY not in graph.metadata:
+        raise UsageError(f"--resume {resume} is not a finetune output (no {FINETUNE_KEY} metadata)")
+    return graph, json.loads(graph.metadata[FINETUNE_KEY])
+
+
+def _finetune_data(graph, model_path, train_data, val_data, preprocess, labels, new_head, echo):
+    """(class names, training images, validation images or None), with the preprocessing stored in `graph`. A
+    new head takes the data's classes (or `labels`'); otherwise they must match the model's outputs."""
+    from .data.preprocess import METADATA_KEY, resolve_preprocess
+    from .tasks.heads import folder_class_names
+
+    pre = resolve_preprocess(graph, preprocess)
+    graph.metadata[METADATA_KEY] = pre.to_json()
+    names = None if new_head else folder_class_names(graph, train_data, labels, echo)
+    if new_head and labels:
+        names = [ln.strip() for ln in Path(labels).read_text().splitlines() if ln.strip()]
+    train_set, val_set = _open_data(train_data, val_data, names, None if new_head else graph.output_classes(),
+                                    model_path)
+    if train_set.num_classes < 2:
+        raise DataError(f"{train_set.source} has {train_set.num_classes} class: a classifier needs at least two")
+    train_images, val_images = _load_data(train_set, val_set, pre, echo)
+    return train_set.classes, train_images, val_images
+
+
+def _finetune_session(graph, train_images, classes, new_head, features, freeze_backbone, trainable, seed, echo):
+    """(the FloatSession, the names of the parameters that train when not all do, the new head's features):
+    with `new_head` a fresh Gemm for `classes` replaces the classifier at `features` (found when not given);
+    otherwise the class names are stored in the model."""
+    from .tasks.heads import check_logits, store_class_names
+    from .train.transfer import FloatSession, feature_shape, find_features, replace_head, trainable_names
+
+    sample = train_images.batch(np.arange(min(2, len(train_images))))[0]
+    head: list[str] = []
+    if new_head:
+        features = features or find_features(graph)
+        shape = feature_shape(graph, features, sample)
+        head = replace_head(graph, features, int(np.prod(shape[1:])), classes, seed)
+        echo(f"new head: {features} {tuple(shape[1:])} -> Gemm {int(np.prod(shape[1:]))} x {len(classes)} "
+             f"({', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''})")
+    else:
+        store_class_names(graph, classes)
+    chosen = trainable_names(graph, trainable) if trainable else head
+    if freeze_backbone:
+        session = FloatSession.frozen(graph, chosen, seed)
+        echo(f"frozen backbone: {len(chosen)} parameter tensors train "
+             f"({sum(graph.initializers[k].size for k in chosen):,} values); the rest runs in eval mode")
+    else:
+        session = FloatSession.full(graph, seed)
+    check_logits(session.model.forward({session.input_name: sample}, outputs=[session.logits])[0], graph,
+                 session.logits)
+    return session, chosen, features
+
+
+def _finetune_report(model_path, out: Path, info: dict, result, train_cfg, start_top1, final_top1,
+                     val_count: int) -> dict:
+    """Writes OUTPUT's .report.json (and with a new head its .labels.txt) and returns the report."""
+    import json
+
+    from .ir.io import atomic_write_bytes
+
+    report = {"model": str(model_path), "output": str(out), "classes": info["classes"], "new_head": info["new_head"],
+              "features": info["features"], "frozen_backbone": info["frozen_backbone"],
+              "trainable": info["trainable"], "steps": result.steps, "ms_per_step": result.ms_per_step,
+              "final_loss": result.final_loss,
+              "val": {"top1_float_start": start_top1, "top1_float": final_top1, "images": val_count},
+              "config": {"train": train_cfg.to_dict()}, "peak_rss_mb": peak_rss_mb()}
+    atomic_write_bytes(out.with_suffix(".report.json"), json.dumps(report, indent=2).encode())
+    if info["new_head"]:
+        atomic_write_bytes(out.with_suffix(".labels.txt"), ("\n".join(info["classes"]) + "\n").encode())
     return report
 
 
