@@ -1076,16 +1076,11 @@ def calibrate(model_path, data, output, method: str | None = None, quant=None,
     data's labels fit the model's outputs. `method` None: the recipe's, as train-quant calibrates its start
     (minmax for a classifier with labels, average without). Returns the report dict.
     """
-    from .data.images import ImageDataset
-    from .data.preprocess import METADATA_KEY, resolve_preprocess
-    from .quant.calibrate import HEAVY_CLIP, METHODS
+    from .quant.calibrate import METHODS
     from .quant.config import QuantConfig
     from .quant.mixed import check_size
-    from .runtime.backends import float_outputs, top1
     from .tasks.choose import is_labelled_classifier
-    from .tasks.heads import check_class_order, folder_class_names, store_class_names
     from .train.config import CLASSIFIER_RECIPE, DISTILL_RECIPE
-    from .train.session import QatSession
 
     say = echo or (lambda s: None)
     if Path(output).resolve() == Path(model_path).resolve():
@@ -1102,8 +1097,21 @@ def calibrate(model_path, data, output, method: str | None = None, quant=None,
         return _calibrate_any(model_path, float_graph, data, output, method or DISTILL_RECIPE.init_method,
                               _with_rounding(quant, DISTILL_RECIPE, "calibrate", say, mixed_low),
                               images, preprocess, verify, val_data, percentile, bins, seed, say, mixed)
-    method = method or CLASSIFIER_RECIPE.init_method
-    quant = _with_rounding(quant, CLASSIFIER_RECIPE, "calibrate", say, mixed_low)
+    return _calibrate_classifier(model_path, float_graph, data, output, method or CLASSIFIER_RECIPE.init_method,
+                                 _with_rounding(quant, CLASSIFIER_RECIPE, "calibrate", say, mixed_low),
+                                 images, preprocess, verify, val_data, percentile, bins, seed, say, labels, mixed)
+
+
+def _calibrate_classifier(model_path, float_graph, data, output, method, quant, images, preprocess, verify,
+                          val_data, percentile, bins, seed, say, labels, mixed: tuple[str, int] | None) -> dict:
+    """`calibrate` of a classifier whose data has labels (class folders or a list file): top-1 of the float
+    model, the simulation and the int8 model on `val_data` (default `data`) when the labels fit the outputs."""
+    from .data.images import ImageDataset
+    from .data.preprocess import METADATA_KEY, resolve_preprocess
+    from .runtime.backends import float_outputs, top1
+    from .tasks.heads import check_class_order, folder_class_names, store_class_names
+    from .train.session import QatSession
+
     pre = resolve_preprocess(float_graph, preprocess)
     float_graph.metadata[METADATA_KEY] = pre.to_json()
     session = QatSession.create(float_graph, quant)  # a model the engine cannot run fails before any image is read
@@ -1124,13 +1132,7 @@ def calibrate(model_path, data, output, method: str | None = None, quant=None,
     session, n_calib, plan, ranges, start = _calibrated(session, calib_images, method, images, percentile, bins,
                                                         seed, f"images of {data}", say)
     store_class_names(session.model.graph, calib_set.classes)  # the int8 model names its classes
-    if method != "minmax":
-        say(f"{sum(r.clipped for r in ranges.values())} of {len(ranges)} ranges clipped inside the observed min/max")
-        for t, r in ranges.items():
-            kept = r.kept_fraction()
-            if kept < HEAVY_CLIP:
-                say(f"  note: {t} keeps {100 * kept:.0f}% of its observed range [{r.min:.4g}, {r.max:.4g}] "
-                    f"-> [{r.lo:.4g}, {r.hi:.4g}]")
+    _echo_clipped(ranges, method, say)
 
     labelled = eval_set.labels_fit(float_graph.output_classes()) and len(float_graph.outputs[0].shape or [0, 0]) == 2
     top1_float = None
@@ -1150,6 +1152,20 @@ def calibrate(model_path, data, output, method: str | None = None, quant=None,
             report["top1_sim"] = top1(exported.simulated, eval_images.labels)
             report["top1_int8"] = top1(exported.deployed, eval_images.labels)
     return report
+
+
+def _echo_clipped(ranges, method: str, say) -> None:
+    """How many ranges a clipping method narrowed, and a note for each that keeps little of what it saw."""
+    from .quant.calibrate import HEAVY_CLIP
+
+    if method == "minmax":
+        return
+    say(f"{sum(r.clipped for r in ranges.values())} of {len(ranges)} ranges clipped inside the observed min/max")
+    for t, r in ranges.items():
+        kept = r.kept_fraction()
+        if kept < HEAVY_CLIP:
+            say(f"  note: {t} keeps {100 * kept:.0f}% of its observed range [{r.min:.4g}, {r.max:.4g}] "
+                f"-> [{r.lo:.4g}, {r.hi:.4g}]")
 
 
 def _calibrate_any(model_path, float_graph, data, output, method, quant, images, preprocess, verify, val_data,
