@@ -4,6 +4,7 @@ and post-processing on rendered images with exact ground truth (data: bench/any_
     .venv/bin/python bench/any_model.py --rows float,ort                       # all five models, cheap rows
     .venv/bin/python bench/any_model.py --only rec --rows calibrate,qat --seeds 0,1,2 --bits 8,4
     .venv/bin/python bench/any_model.py --only det --rows float --limit 10     # smoke (rows marked limit=10)
+    .venv/bin/python bench/any_model.py --targets      # where issue 24's targets stand, from the results file
 
 Models and measures (on the TEST split, never used for any choice):
 - det    PP-OCRv4 DBNet text detector (rapidocr_onnxruntime 1.4.4, TextDetector + DBPostProcess): hmean (F1) of
@@ -518,6 +519,43 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+TARGET_DROP = {8: 0.005, 4: 0.02}  # issue 24: label-free QAT's mean of seeds 0-2 >= float - this (W8A8 also >= ort's)
+
+
+def targets(rows: list[dict]) -> str:
+    """Where issue 24's targets stand, one line per model and weight width: the QAT rows' mean over seeds 0-2
+    (how many there are), the target, and the int8 / float latency ratio of the slowest of those rows."""
+    by = {(r["model"], r["row"], r.get("bits"), r.get("seed")): r for r in rows if r.get("status") == "ok"
+          and not r.get("limit")}
+    hdr = (f"{'model':7} {'W':>1}  {'measure':8} {'float':>6} {'ort':>6} {'QAT seeds 0 / 1 / 2':>24} {'mean':>6} "
+           f"{'target':>6}  {'met':14} {'ratio':>5}")
+    out = [hdr, "-" * len(hdr)]
+    for model in D.MODELS:
+        m = MEASURE[model]
+        base = by.get((model, "float", None, None))
+        if base is None:
+            continue
+        for bits in (8, 4):
+            qat = [by.get((model, "qat", bits, s)) for s in (0, 1, 2)]
+            got = [r[m] for r in qat if r is not None]
+            ort = by.get((model, "ort", bits, None))
+            target = base[m] - TARGET_DROP[bits]
+            mean = sum(got) / len(got) if got else None
+            short = [] if mean is None else [name for name, bar in (("float", target), ("ort", ort and ort[m]))
+                                              if bar is not None and mean < bar and (name == "float" or bits == 8)]
+            met = "-" if mean is None else ("no: " + ", ".join(short) if short else "yes") + (
+                "" if len(got) == 3 else " ?")
+            seeds = " / ".join("  -   " if r is None else f"{r[m]:.4f}" for r in qat)
+            ratio = max((r["latency_ratio"] for r in qat if r is not None and "latency_ratio" in r), default=None)
+            out.append(f"{model:7} {bits:>1}  {m:8} {base[m]:6.4f} {'' if ort is None else f'{ort[m]:.4f}':>6} "
+                       f"{seeds:>24} {'' if mean is None else f'{mean:.4f}':>6} {target:6.4f}  {met:14} "
+                       f"{'' if ratio is None else f'{ratio:.2f}x':>5}")
+    out.append("met: the mean of the seeds run reaches float - 0.5 pp (target) and onnxruntime's (ort) at W8A8, "
+               "float - 2 pp at W4A8; '?': fewer than three seeds; ratio: the slowest seed's int8 / float latency at "
+               "batch 1")
+    return "\n".join(out)
+
+
 def git_state() -> dict:
     def g(*a):
         try:
@@ -543,7 +581,12 @@ def main(argv=None):
                     "default rows' files stay")
     ap.add_argument("--rejudge", action="store_true", help="calibrate / qat rows: judge the int8 file the row's "
                     "last run left on the current test split, without running it again")
+    ap.add_argument("--targets", action="store_true", help="print where issue 24's targets stand from --out's rows "
+                    "and run nothing")
     a = ap.parse_args(argv)
+    if a.targets:
+        print(targets(json.loads(a.out.read_text())["rows"] if a.out.exists() else []))
+        return
     models = [m for m in a.only.split(",") if m]
     rows = [r for r in a.rows.split(",") if r]
     bits = [int(b) for b in a.bits.split(",") if b]
