@@ -541,8 +541,11 @@ def targets(rows: list[dict]) -> str:
             ort = by.get((model, "ort", bits, None))
             target = base[m] - TARGET_DROP[bits]
             mean = sum(got) / len(got) if got else None
-            short = [] if mean is None else [name for name, bar in (("float", target), ("ort", ort and ort[m]))
-                                              if bar is not None and mean < bar and (name == "float" or bits == 8)]
+            short = []  # the bars the mean stays below
+            if mean is not None and mean < target:
+                short.append("float")
+            if mean is not None and bits == 8 and ort is not None and mean < ort[m]:
+                short.append("ort")
             met = "-" if mean is None else ("no: " + ", ".join(short) if short else "yes") + (
                 "" if len(got) == 3 else " ?")
             seeds = " / ".join("  -   " if r is None else f"{r[m]:.4f}" for r in qat)
