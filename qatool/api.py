@@ -916,8 +916,7 @@ def finetune(model_path, train_data, output, val_data=None, train=None, preproce
 
 
 def _check_finetune_options(model_path, out: Path, new_head, features, freeze_backbone, trainable) -> None:
-    if out.resolve() == Path(model_path).resolve():
-        raise UsageError(f"the output {out} is the input file; choose another output path")
+    _refuse_overwrite(model_path, out)
     if freeze_backbone and not (new_head or trainable):
         raise UsageError("--freeze-backbone trains only the new head or the --trainable parameters: give --new-head "
                          "or --trainable")
@@ -1083,8 +1082,7 @@ def calibrate(model_path, data, output, method: str | None = None, quant=None,
     from .train.config import CLASSIFIER_RECIPE, DISTILL_RECIPE
 
     say = echo or (lambda s: None)
-    if Path(output).resolve() == Path(model_path).resolve():
-        raise UsageError(f"the output {output} is the input file; choose another output path")
+    _refuse_overwrite(model_path, output)
     if method is not None and method not in METHODS:
         raise UsageError(f"the calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     quant = quant or QuantConfig()
