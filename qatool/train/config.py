@@ -51,7 +51,7 @@ class Recipe(NamedTuple):
 # (`update_scale` step): a 4-bit step is 16 times an 8-bit one, and PP-OCRv4 rec's weights are ~7 times the other
 # benchmark models', so one absolute lr cannot fit them all. On rec at W4A8, seed 1, it read 93.33 % of the test
 # lines where Adam 1e-4 read 87.67 % (float 93.67 %; session 21); on the other models 5e-3 of their median 4-bit
-# step is 1-3e-4, about the absolute default, but a tensor's step can be 25 times the median: ddddocr's recogniser
+# step is 1-3e-4, about the absolute default, but a tensor's step can be 24 times the median: ddddocr's recogniser
 # read 88.67 / 87.40 / 88.87 % (mean 88.31; float 89.80) where Adam 1e-4 read 88.80 / 89.27 / 88.87 (sessions 18-23).
 CLASSIFIER_RECIPE = Recipe("sgd", 1e-3, "minmax", False)
 DISTILL_RECIPE = Recipe("adam", 1e-4, "average", True, low_bit_rounding="gptq", low_bit_update=("step", 5e-3))
